@@ -1,0 +1,1 @@
+"""The mLSTM cell: references (recurrent, parallel, chunkwise) and Triton kernels."""

@@ -1,0 +1,1 @@
+"""The sLSTM cell: the recurrent reference and the fused Triton kernel."""

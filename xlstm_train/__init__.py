@@ -1,0 +1,3 @@
+"""xlstm-train: Megatron-style training for xLSTM language models."""
+
+__version__ = "0.1.0"
