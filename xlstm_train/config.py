@@ -13,6 +13,7 @@ import dataclasses
 import difflib
 import types
 import typing
+from dataclasses import MISSING
 from pathlib import Path
 from typing import Any, Literal, Union
 
@@ -148,10 +149,12 @@ def from_dict(cls: type, data: dict, *, prefix: str = "", where: str | None = No
             src = f" (in {where})" if where else ""
             raise ConfigError(f"unknown key '{key}'{src}{hint} Allowed keys here: {allowed}")
         kwargs[name] = _convert(value, hints[name], key, where)
-    try:
-        obj = cls(**kwargs)
-    except TypeError as e:  # a required field is missing
-        raise ConfigError(f"{prefix or cls.__name__}: {e}") from None
+    for name, f in fields.items():
+        if name not in kwargs and f.default is MISSING and f.default_factory is MISSING:
+            key = f"{prefix}.{name}" if prefix else name
+            src = f" (in {where})" if where else ""
+            raise ConfigError(f"missing required key '{key}'{src}: expected {_type_name(hints[name])}")
+    obj = cls(**kwargs)
     check = getattr(obj, "validate", None)
     if check is not None:
         check(prefix)
