@@ -1,9 +1,22 @@
-"""A compact Llama-style Transformer baseline (RMSNorm, RoPE, SwiGLU, SDPA)."""
+"""A compact Llama-style Transformer baseline (RMSNorm, RoPE, SwiGLU, SDPA).
+
+Module names follow torchtitan's Llama (``tok_embeddings``, ``layers.{i}.attention.wq`` ...,
+``norm``, ``output``), and so does the init (depth-scaled output projections). With
+``reset_at_document_boundaries`` and ``doc_ids`` the causal mask is block-diagonal: a token attends
+only to earlier tokens of its own document.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from xlstm_train.config import ConfigError
+from xlstm_train.models.layers import RMSNorm, round_up
 
 
 @dataclass
@@ -21,3 +34,163 @@ class LlamaConfig:
     max_seq_len: int = 4096
     tie_embeddings: bool = False
     reset_at_document_boundaries: bool = False  # mask attention across packed documents
+
+    @property
+    def head_dim(self) -> int:
+        return self.embedding_dim // self.num_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_heads
+
+    @property
+    def ffn_dim(self) -> int:
+        if self.ffn_hidden_dim is not None:
+            return self.ffn_hidden_dim
+        return round_up(8 * self.embedding_dim / 3, self.ffn_multiple_of)
+
+    def validate(self, prefix: str = "model") -> None:
+        def fail(field: str, allowed: str) -> None:
+            raise ConfigError(f"{prefix}.{field} = {getattr(self, field)!r}: {allowed}")
+
+        for name in ("vocab_size", "embedding_dim", "num_blocks", "num_heads", "ffn_multiple_of", "max_seq_len"):
+            if getattr(self, name) < 1:
+                fail(name, "must be a positive integer")
+        if self.embedding_dim % self.num_heads:
+            fail("num_heads", f"must divide embedding_dim = {self.embedding_dim}")
+        if self.head_dim % 2:
+            fail("num_heads", f"gives an odd head dim {self.head_dim}; RoPE needs an even one")
+        if self.num_kv_heads is not None and (self.num_kv_heads < 1 or self.num_heads % self.num_kv_heads):
+            fail("num_kv_heads", f"must be a positive divisor of num_heads = {self.num_heads}")
+        if self.ffn_hidden_dim is not None and self.ffn_hidden_dim < 1:
+            fail("ffn_hidden_dim", "must be a positive integer or null")
+        if self.rope_theta <= 0:
+            fail("rope_theta", "must be positive")
+
+
+def rope_tables(head_dim: int, max_seq_len: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin ``(max_seq_len, head_dim / 2)`` in fp32 for rotating adjacent pairs (Llama's layout)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim)
+    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32, device=device), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x ``(B, S, H, D)``; rotates each pair ``(x[2j], x[2j+1])`` by angle ``pos * theta^(-2j/D)``."""
+    xf = x.float().unflatten(-1, (-1, 2))
+    x0, x1 = xf[..., 0], xf[..., 1]
+    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    out = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)
+    return out.flatten(-2).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        E, D = cfg.embedding_dim, cfg.head_dim
+        self.head_dim = D
+        self.wq = nn.Linear(E, cfg.num_heads * D, bias=False)
+        self.wk = nn.Linear(E, cfg.kv_heads * D, bias=False)
+        self.wv = nn.Linear(E, cfg.kv_heads * D, bias=False)
+        self.wo = nn.Linear(cfg.num_heads * D, E, bias=False)
+
+    def forward(self, x, cos, sin, mask):
+        B, S, _ = x.shape
+        q = apply_rope(self.wq(x).view(B, S, -1, self.head_dim), cos, sin).transpose(1, 2)
+        k = apply_rope(self.wk(x).view(B, S, -1, self.head_dim), cos, sin).transpose(1, 2)
+        v = self.wv(x).view(B, S, -1, self.head_dim).transpose(1, 2)
+        gqa = q.shape[1] != k.shape[1]
+        if mask is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        return self.wo(out.transpose(1, 2).reshape(B, S, -1))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.w1 = nn.Linear(cfg.embedding_dim, cfg.ffn_dim, bias=False)
+        self.w2 = nn.Linear(cfg.ffn_dim, cfg.embedding_dim, bias=False)
+        self.w3 = nn.Linear(cfg.embedding_dim, cfg.ffn_dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.attention_norm = RMSNorm(cfg.embedding_dim, cfg.norm_eps)
+        self.attention = Attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.embedding_dim, cfg.norm_eps)
+        self.feed_forward = FeedForward(cfg)
+
+    def forward(self, x, cos, sin, mask):
+        x = x + self.attention(self.attention_norm(x), cos, sin, mask)
+        return x + self.feed_forward(self.ffn_norm(x))
+
+
+class Llama(nn.Module):
+    """``model(input_ids, doc_ids=None, state=None, return_state=False)`` -> logits.
+
+    Attention has no recurrent state: ``state`` is ignored and returned as None.
+    """
+
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.embedding_dim)
+        self.layers = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.num_blocks))
+        self.norm = RMSNorm(cfg.embedding_dim, cfg.norm_eps)
+        self.output = nn.Linear(cfg.embedding_dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        self._register_rope()
+
+    def _register_rope(self) -> None:
+        # Derived, not learned: kept out of the state dict and recomputed by init_weights, which is
+        # what fills buffers after materialising a meta-device model with to_empty.
+        cos, sin = rope_tables(self.cfg.head_dim, self.cfg.max_seq_len, self.cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """torchtitan's Llama init: embeddings N(0, 1), input projections truncated N(0, 0.02),
+        output projections of layer l truncated N(0, 0.02 / sqrt(2 (l + 1))), head N(0, E^-1/2)."""
+        cfg = self.cfg
+        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, device=self.rope_cos.device)
+        self.rope_cos.copy_(cos)
+        self.rope_sin.copy_(sin)
+        if cfg.tie_embeddings:
+            nn.init.normal_(self.tok_embeddings.weight, std=cfg.embedding_dim**-0.5)
+        else:
+            nn.init.normal_(self.tok_embeddings.weight)
+            std = cfg.embedding_dim**-0.5
+            nn.init.trunc_normal_(self.output.weight, std=std, a=-3 * std, b=3 * std)
+        for layer_id, layer in enumerate(self.layers):
+            depth_std = 0.02 / (2 * (layer_id + 1)) ** 0.5
+            attn, ffn = layer.attention, layer.feed_forward
+            for lin in (attn.wq, attn.wk, attn.wv, ffn.w1):
+                nn.init.trunc_normal_(lin.weight, std=0.02)
+            for lin in (attn.wo, ffn.w2, ffn.w3):
+                nn.init.trunc_normal_(lin.weight, std=depth_std)
+            layer.attention_norm.reset_parameters()
+            layer.ffn_norm.reset_parameters()
+        self.norm.reset_parameters()
+
+    def forward(self, input_ids, doc_ids=None, state=None, return_state=False):
+        B, S = input_ids.shape
+        if S > self.cfg.max_seq_len:
+            raise ValueError(f"llama: sequence length {S} exceeds model.max_seq_len = {self.cfg.max_seq_len}")
+        mask = None
+        if doc_ids is not None and self.cfg.reset_at_document_boundaries:
+            causal = torch.ones(S, S, dtype=torch.bool, device=input_ids.device).tril()
+            mask = (causal & (doc_ids[:, :, None] == doc_ids[:, None, :]))[:, None]  # (B, 1, S, S)
+        cos, sin = self.rope_cos[:S], self.rope_sin[:S]
+        x = self.tok_embeddings(input_ids)
+        for layer in self.layers:
+            x = layer(x, cos, sin, mask)
+        logits = self.output(self.norm(x))
+        return (logits, None) if return_state else logits
