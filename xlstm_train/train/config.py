@@ -33,6 +33,17 @@ class OptimConfig:
     eps: float = 1e-8
     clip_grad_norm: float = 1.0  # 0 disables clipping
 
+    def validate(self, prefix: str) -> None:
+        _check(prefix, "lr", self.lr, self.lr > 0, "a positive number")
+        _check(prefix, "min_lr_ratio", self.min_lr_ratio, 0 <= self.min_lr_ratio <= 1, "in [0, 1]")
+        _check(prefix, "warmup_steps", self.warmup_steps, self.warmup_steps >= 0, ">= 0")
+        _check(prefix, "decay_fraction", self.decay_fraction, 0 <= self.decay_fraction <= 1, "in [0, 1]")
+        _check(prefix, "weight_decay", self.weight_decay, self.weight_decay >= 0, ">= 0")
+        _check(prefix, "betas", self.betas, len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+               "two numbers in [0, 1)")
+        _check(prefix, "eps", self.eps, self.eps > 0, "a positive number")
+        _check(prefix, "clip_grad_norm", self.clip_grad_norm, self.clip_grad_norm >= 0, ">= 0 (0 disables clipping)")
+
 
 @dataclass
 class TrainConfig:
@@ -47,6 +58,19 @@ class TrainConfig:
     eval_batches: int = 8
     sample_tokens: int = 64  # tokens sampled per prompt when training ends (0: none)
     sample_prompts: list[str] = field(default_factory=lambda: ["The"])
+    sample_temperature: float = 0.8
+    sample_top_k: int | None = 50
+
+    def validate(self, prefix: str) -> None:
+        _check(prefix, "steps", self.steps, self.steps >= 1, "an integer >= 1")
+        _check(prefix, "micro_batch_size", self.micro_batch_size, self.micro_batch_size >= 1, "an integer >= 1")
+        _check(prefix, "grad_accum_steps", self.grad_accum_steps, self.grad_accum_steps >= 1, "an integer >= 1")
+        _check(prefix, "eval_interval", self.eval_interval, self.eval_interval >= 0, ">= 0 (0: evaluate at the end only)")
+        _check(prefix, "eval_batches", self.eval_batches, self.eval_batches >= 1, "an integer >= 1")
+        _check(prefix, "sample_tokens", self.sample_tokens, self.sample_tokens >= 0, ">= 0")
+        _check(prefix, "sample_temperature", self.sample_temperature, self.sample_temperature > 0, "> 0")
+        top_k = self.sample_top_k
+        _check(prefix, "sample_top_k", top_k, top_k is None or top_k >= 1, "null or an integer >= 1")
 
 
 @dataclass
@@ -56,6 +80,9 @@ class LoggingConfig:
     wandb_project: str = "xlstm-train"
     wandb_entity: str | None = None
 
+    def validate(self, prefix: str) -> None:
+        _check(prefix, "interval", self.interval, self.interval >= 1, "an integer >= 1")
+
 
 @dataclass
 class CheckpointConfig:
@@ -63,6 +90,10 @@ class CheckpointConfig:
     keep: int = 2  # most recent checkpoints kept
     resume: str = "auto"  # "auto": latest in the run directory; "never"; or a checkpoint path
     async_save: bool = False
+
+    def validate(self, prefix: str) -> None:
+        _check(prefix, "interval", self.interval, self.interval >= 0, ">= 0 (0: final checkpoint only)")
+        _check(prefix, "keep", self.keep, self.keep >= 1, "an integer >= 1")
 
 
 @dataclass
@@ -81,6 +112,26 @@ class Config:
     def run_path(self) -> Path:
         return Path(self.run_dir) if self.run_dir else Path("runs") / self.name
 
+    def validate(self, prefix: str) -> None:
+        """Checks that span sections (each section checks its own fields)."""
+        seq_len = self.data.seq_len
+        if seq_len < 1:
+            raise ConfigError(f"data.seq_len = {seq_len}: expected an integer >= 1")
+        max_seq_len = getattr(self.model, "max_seq_len", None)
+        if max_seq_len is not None and seq_len > max_seq_len:
+            raise ConfigError(
+                f"data.seq_len = {seq_len}: the {self.model.arch} model takes at most "
+                f"model.max_seq_len = {max_seq_len} tokens; lower data.seq_len or raise model.max_seq_len"
+            )
+        if not self.name or "/" in self.name:
+            raise ConfigError(f"name = {self.name!r}: expected a non-empty name without '/'")
+
+
+def _check(prefix: str, name: str, value, ok: bool, allowed: str) -> None:
+    if not ok:
+        key = f"{prefix}.{name}" if prefix else name
+        raise ConfigError(f"{key} = {value!r}: expected {allowed}")
+
 
 def load_config(recipe: str | Path | None = None, overrides: list[str] = ()) -> Config:
     """Read ``recipe`` (default: recipes/tiny.yaml), apply ``key.sub=value`` overrides, validate."""
@@ -90,6 +141,11 @@ def load_config(recipe: str | Path | None = None, overrides: list[str] = ()) -> 
     for override in overrides:  # validated one by one so that an error names its override
         apply_override(data, override)
         config = from_dict(Config, data, where=f"override '{override}'")
+    if config.data.source == "synthetic" and "vocab_size" not in (data.get("model") or {}):
+        # a synthetic task fixes its own vocabulary; the model follows unless the recipe says otherwise
+        from xlstm_train.data.synthetic import task_vocab_size
+
+        config.model.vocab_size = task_vocab_size(config.data)
     return config
 
 

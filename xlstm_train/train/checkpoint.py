@@ -1,0 +1,163 @@
+"""Checkpoints: ``torch.distributed.checkpoint`` directories that a killed save never corrupts.
+
+A checkpoint ``<run_dir>/step-0000100/`` holds
+
+- the model and optimizer state, written by DCP (``.metadata`` + ``__<rank>_0.distcp``). They are
+  taken with ``get_state_dict``/``set_state_dict``, which also understand FSDP2/TP-sharded models,
+  so the same code reshards on load when the parallel layout changes;
+- ``train_state.pt``: step, consumed samples, tokens seen, skipped steps, scheduler state and the
+  RNG states of torch/cuda/python/numpy;
+- ``config.yaml``: the resolved configuration of the run that wrote it.
+
+Everything is written into ``step-0000100.tmp/`` first and renamed when complete, so a directory
+without the ``.tmp`` suffix is always whole; leftover ``.tmp`` directories are ignored and replaced.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import re
+import shutil
+import warnings
+from concurrent.futures import Future
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed.checkpoint as dcp
+import yaml
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+TRAIN_STATE_FILE = "train_state.pt"
+CONFIG_FILE = "config.yaml"
+_NAME = re.compile(r"^step-(\d{7,})$")
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step-{step:07d}"
+
+
+def is_complete(path: Path) -> bool:
+    return (
+        _NAME.match(path.name) is not None
+        and (path / ".metadata").is_file()
+        and (path / TRAIN_STATE_FILE).is_file()
+    )
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints in ``run_dir``, oldest first."""
+    if not run_dir.is_dir():
+        return []
+    found = [p for p in run_dir.iterdir() if p.is_dir() and is_complete(p)]
+    return sorted(found, key=lambda p: int(_NAME.match(p.name).group(1)))
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+# ----------------------------------------------------------------------------------------------
+# RNG state
+
+
+def capture_rng_state() -> dict:
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        # numpy's state as plain values and a tensor, so that torch.load(weights_only=True) reads it
+        "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Save and load
+
+
+@contextlib.contextmanager
+def _single_process_ok():
+    """DCP warns when no process group exists; single-process save/load is intended here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"torch\.distributed is disabled")
+        yield
+
+
+class Checkpointer:
+    """Saves to and restores from one run directory, keeping the last ``keep`` checkpoints."""
+
+    def __init__(self, run_dir: Path, *, keep: int, async_save: bool = False):
+        self.run_dir = run_dir
+        self.keep = keep
+        self.async_save = async_save
+        self._pending: tuple[Future, Path, Path] | None = None
+
+    def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+             train_state: dict, config: dict) -> Path:
+        final = self.run_dir / checkpoint_name(step)
+        if final.exists():  # this step is already saved (e.g. the run ended right after resuming)
+            return final
+        self.wait()  # one save in flight at a time
+        tmp = final.with_name(final.name + ".tmp")
+        if tmp.exists():  # a save that was killed part-way
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        torch.save(train_state, tmp / TRAIN_STATE_FILE)
+        (tmp / CONFIG_FILE).write_text(yaml.safe_dump(config, sort_keys=False))
+        model_state, optim_state = get_state_dict(model, optimizer)
+        state = {"model": model_state, "optimizer": optim_state}
+        with _single_process_ok():
+            if self.async_save:
+                # the state is staged (copied) before async_save returns; the writes go on in a thread
+                self._pending = (dcp.async_save(state, checkpoint_id=tmp), tmp, final)
+                return final
+            dcp.save(state, checkpoint_id=tmp)
+        self._commit(tmp, final)
+        return final
+
+    def wait(self) -> None:
+        """Block until an asynchronous save in flight is written and committed."""
+        if self._pending is None:
+            return
+        future, tmp, final = self._pending
+        self._pending = None
+        future.result()
+        self._commit(tmp, final)
+
+    def _commit(self, tmp: Path, final: Path) -> None:
+        os.replace(tmp, final)
+        for old in list_checkpoints(self.run_dir)[: -self.keep]:
+            shutil.rmtree(old)
+
+    @staticmethod
+    def load(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+        """Restore model and optimizer in place from checkpoint ``path``; return its train state."""
+        model_state, optim_state = get_state_dict(model, optimizer)
+        state = {"model": model_state, "optimizer": optim_state}
+        with _single_process_ok():
+            dcp.load(state, checkpoint_id=path)
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+        return read_train_state(path)
+
+
+def read_train_state(path: Path) -> dict:
+    return torch.load(path / TRAIN_STATE_FILE, weights_only=True)
+
+
+def read_config(path: Path) -> dict:
+    return yaml.safe_load((path / CONFIG_FILE).read_text())

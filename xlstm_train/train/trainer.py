@@ -1,0 +1,394 @@
+"""The training loop: one process, on CPU or one GPU.
+
+``train(cfg)`` reads top to bottom: check the inputs (nothing is written before they pass), build
+(device, seed, model, optimizer, schedule, loaders, checkpoint restore, loggers), then loop:
+
+    accumulate micro-batches -> clip -> finite check -> optimizer step -> schedule
+    -> log -> evaluate -> checkpoint
+
+and finally sample a few lines of text from the trained model.
+
+The run directory (``cfg.run_path``) is never deleted or overwritten. A run whose directory holds a
+complete checkpoint continues from the latest one (``checkpoint.resume: auto``); a new run needs an
+absent or empty directory, otherwise it is refused with a message (pick another ``name`` or
+``run_dir``). ``checkpoint.resume: never`` always asks for an empty directory; a checkpoint path
+starts from that checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import yaml
+
+from xlstm_train.config import ConfigError, to_dict
+from xlstm_train.data import DataError, build_train_loader, build_val_loader, load_tokenizer
+from xlstm_train.models import build_model, count_params
+from xlstm_train.models.generate import generate
+from xlstm_train.train import checkpoint as ckpt
+from xlstm_train.train.config import Config
+from xlstm_train.train.flops import flops_per_token
+from xlstm_train.train.metrics import MetricsLogger, memory_gib, peak_flops, perplexity
+from xlstm_train.train.optim import build_optimizer, build_scheduler
+
+IGNORE_INDEX = -100
+
+
+class NonFiniteError(RuntimeError):
+    """The loss or gradient norm of a step was NaN or infinite and the recipe says to stop."""
+
+
+@dataclass
+class TrainState:
+    step: int = 0  # optimizer steps taken (skipped non-finite steps included)
+    consumed_samples: int = 0  # sequences drawn from the training data, over all ranks
+    tokens_seen: int = 0
+    skipped_steps: int = 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Checks that run before anything is written
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device = 'cuda': no CUDA device is available here; allowed: auto, cpu")
+    return torch.device(name)
+
+
+def check_data_paths(cfg: Config) -> None:
+    data = cfg.data
+    if data.source != "shards":
+        return
+    if not data.datasets:
+        raise ConfigError("data.datasets is empty: data.source 'shards' needs at least one prepared dataset")
+    for section in ("datasets", "validation"):
+        for n, spec in enumerate(getattr(data, section)):
+            if not Path(spec.path).is_dir():
+                raise DataError(
+                    f"data.{section}[{n}].path = '{spec.path}': no such directory; expected a "
+                    "directory written by `xlstm-train prepare-data` (holding manifest.json)"
+                )
+    if data.tokenizer is not None and not Path(data.tokenizer).exists():
+        raise DataError(
+            f"data.tokenizer = '{data.tokenizer}': no such file; expected a SentencePiece .model "
+            "or a Hugging Face tokenizer.json (or its directory)"
+        )
+
+
+def check_tokenizer_fits(tokenizer, cfg: Config) -> None:
+    if tokenizer is not None and tokenizer.vocab_size > cfg.model.vocab_size:
+        raise ConfigError(
+            f"model.vocab_size = {cfg.model.vocab_size} is smaller than the vocabulary of "
+            f"data.tokenizer = '{cfg.data.tokenizer}' ({tokenizer.vocab_size} tokens); "
+            f"set model.vocab_size >= {tokenizer.vocab_size}"
+        )
+
+
+def find_resume_checkpoint(cfg: Config) -> Path | None:
+    """The checkpoint this run continues from, or None for a new run (see the module docstring)."""
+    run_dir = cfg.run_path
+    resume = cfg.checkpoint.resume
+    occupied = run_dir.exists() and any(run_dir.iterdir())
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"run directory '{run_dir}' exists and is not a directory")
+    if resume not in ("auto", "never"):
+        path = Path(resume)
+        if not ckpt.is_complete(path):
+            raise ConfigError(
+                f"checkpoint.resume = '{resume}': not a complete checkpoint directory (step-NNNNNNN "
+                "holding .metadata and train_state.pt); allowed: auto, never, or such a path"
+            )
+        if occupied and path.resolve().parent != run_dir.resolve():
+            raise ConfigError(
+                f"run directory '{run_dir}' already holds files; starting it from another run's "
+                f"checkpoint '{resume}' would mix two runs. Choose a new name or run_dir"
+            )
+        return path
+    latest = ckpt.latest_checkpoint(run_dir) if resume == "auto" else None
+    if latest is None and occupied:
+        raise ConfigError(
+            f"run directory '{run_dir}' already holds files"
+            + (" and no complete checkpoint to resume from" if resume == "auto" else "")
+            + f" (checkpoint.resume = '{resume}'); it is left untouched. "
+            "Choose another name or run_dir, or remove the directory yourself"
+        )
+    return latest
+
+
+def check_checkpoint_matches(path: Path, cfg: Config) -> None:
+    """Resuming with another model (or sequence length) cannot be exact: refuse it by name."""
+    saved = ckpt.read_config(path)
+    now = to_dict(cfg)
+    differing = [
+        f"model.{k} = {v!r} (checkpoint: {saved['model'].get(k)!r})"
+        for k, v in now["model"].items()
+        if saved["model"].get(k) != v
+    ]
+    if saved["data"]["seq_len"] != cfg.data.seq_len:
+        differing.append(f"data.seq_len = {cfg.data.seq_len} (checkpoint: {saved['data']['seq_len']})")
+    if differing:
+        raise ConfigError(
+            f"the recipe differs from checkpoint '{path}' in: {'; '.join(differing)}. "
+            "Resume with the checkpoint's settings, or start a new run (another name or run_dir)"
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# One step's pieces (each will take a device mesh when the model is parallelised)
+
+
+def count_valid_tokens(micro_batches: list[dict]) -> torch.Tensor:
+    return sum((mb["labels"] != IGNORE_INDEX).sum() for mb in micro_batches)
+
+
+def loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed cross-entropy over the non-ignored tokens, computed in fp32."""
+    return F.cross_entropy(
+        logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+
+
+def forward_backward(model, micro_batches: list[dict], autocast) -> torch.Tensor:
+    """Accumulate the gradient of the step's mean token loss; return that loss.
+
+    Each micro-batch's summed loss is divided by the number of non-ignored tokens in the whole step,
+    so accumulating k micro-batches gives exactly the gradient of one batch k times larger.
+    """
+    num_tokens = count_valid_tokens(micro_batches).clamp(min=1)
+    total = torch.zeros((), device=micro_batches[0]["input_ids"].device)
+    for mb in micro_batches:
+        with autocast():
+            logits = model(mb["input_ids"], doc_ids=mb["doc_ids"])
+        loss = loss_sum(logits, mb["labels"]) / num_tokens
+        loss.backward()
+        total += loss.detach()
+    return total
+
+
+def clip_grad_norm(model, max_norm: float) -> torch.Tensor:
+    """The total gradient norm before clipping (clipping only when ``max_norm`` > 0)."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    return torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else math.inf)
+
+
+@torch.no_grad()
+def evaluate(model, val_loader, autocast) -> float:
+    """Mean token loss over the whole validation set."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for batch in val_loader:
+        with autocast():
+            logits = model(batch["input_ids"], doc_ids=batch["doc_ids"])
+        total += loss_sum(logits, batch["labels"]).item()
+        count += int((batch["labels"] != IGNORE_INDEX).sum())
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+@torch.no_grad()
+def sample_text(model, tokenizer, cfg: Config, device: torch.device, autocast) -> list[str]:
+    model.eval()
+    generator = torch.Generator(device=device).manual_seed(cfg.train.seed)
+    top_k = cfg.train.sample_top_k
+    texts = []
+    for prompt in cfg.train.sample_prompts:
+        ids = tokenizer.encode(prompt) or [tokenizer.eos_id]
+        prompt_ids = torch.tensor([ids], dtype=torch.long, device=device)
+        with autocast():
+            out = generate(
+                model, prompt_ids, cfg.train.sample_tokens, temperature=cfg.train.sample_temperature,
+                top_k=None if top_k is None else min(top_k, cfg.model.vocab_size), generator=generator,
+            )
+        texts.append(tokenizer.decode(out[0].tolist()))
+    return texts
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # all devices
+
+
+# ----------------------------------------------------------------------------------------------
+# The run
+
+
+def train(cfg: Config) -> dict:
+    """Train as ``cfg`` says; return a summary (final step, last validation loss, paths, samples)."""
+    # --- checks: every bad input ends here, before anything is written ---
+    device = resolve_device(cfg.train.device)
+    check_data_paths(cfg)
+    tokenizer = load_tokenizer(cfg.data)
+    check_tokenizer_fits(tokenizer, cfg)
+    resume_from = find_resume_checkpoint(cfg)
+    if resume_from is not None:
+        check_checkpoint_matches(resume_from, cfg)
+    saved_state = ckpt.read_train_state(resume_from) if resume_from is not None else {}
+    state = TrainState(**saved_state.get("progress", {}))
+
+    dp_size = 1
+    samples_per_step = cfg.train.micro_batch_size * cfg.train.grad_accum_steps * dp_size
+    train_loader = build_train_loader(
+        cfg.data, micro_batch_size=cfg.train.micro_batch_size, vocab_size=cfg.model.vocab_size,
+        consumed_samples=state.consumed_samples, device=str(device),
+    )
+    val_loader = build_val_loader(
+        cfg.data, micro_batch_size=cfg.train.micro_batch_size, vocab_size=cfg.model.vocab_size,
+        num_batches=cfg.train.eval_batches, device=str(device),
+    )
+
+    # --- build ---
+    seed_everything(cfg.train.seed)
+    model = build_model(cfg.model).to(device)
+    model.train()
+    optimizer = build_optimizer(model, cfg.optim)
+    scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
+    use_bf16 = device.type == "cuda" and cfg.train.dtype == "bf16"
+    autocast = (
+        (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
+    )
+    num_params = count_params(model)
+    flops_token = flops_per_token(cfg.model, cfg.data.seq_len)
+    peak = peak_flops(device)
+
+    run_dir = cfg.run_path
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config_dict = to_dict(cfg)
+    checkpointer = ckpt.Checkpointer(run_dir, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
+    if resume_from is not None:
+        ckpt.Checkpointer.load(resume_from, model, optimizer)
+        scheduler.load_state_dict(saved_state["scheduler"])
+        ckpt.restore_rng_state(saved_state["rng"])
+    else:
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(config_dict, sort_keys=False))
+    logger = MetricsLogger(
+        run_dir, total_steps=cfg.train.steps, wandb_mode=cfg.logging.wandb,
+        wandb_project=cfg.logging.wandb_project, wandb_entity=cfg.logging.wandb_entity,
+        run_name=cfg.name, config=config_dict, wandb_id=saved_state.get("wandb_id"),
+    )
+
+    def train_state() -> dict:
+        return {
+            "progress": asdict(state),
+            "scheduler": scheduler.state_dict(),
+            "rng": ckpt.capture_rng_state(),
+            "wandb_id": logger.wandb_id,
+        }
+
+    def save() -> Path:
+        return checkpointer.save(state.step, model, optimizer, train_state(), config_dict)
+
+    def run_eval() -> float:
+        val_loss = evaluate(model, val_loader, autocast)
+        logger.log_val({"step": state.step, "val_loss": val_loss, "val_ppl": perplexity(val_loss)})
+        return val_loss
+
+    print(
+        f"{cfg.name}: {cfg.model.arch}, {num_params / 1e6:.2f}M parameters, {device.type}, "
+        f"{samples_per_step} x {cfg.data.seq_len} tokens per step, run directory {run_dir}",
+        flush=True,
+    )
+    if resume_from is not None:
+        print(f"resumed from {resume_from} at step {state.step}", flush=True)
+        logger.log_event("resume", step=state.step, checkpoint=str(resume_from))
+    else:
+        logger.log_event("start", step=0, params=num_params)
+
+    val_loss = None
+    if state.step == 0 and cfg.train.eval_interval > 0:
+        val_loss = run_eval()  # the untrained baseline
+
+    # --- the loop ---
+    train_iter = iter(train_loader)
+    window_tokens, window_time = 0, 0.0
+    try:
+        while state.step < cfg.train.steps:
+            step_start = time.perf_counter()
+            rng_before_step = ckpt.capture_rng_state() if cfg.train.on_nonfinite == "stop" else None
+            micro_batches = [next(train_iter) for _ in range(cfg.train.grad_accum_steps)]
+            loss = forward_backward(model, micro_batches, autocast)
+            grad_norm = clip_grad_norm(model, cfg.optim.clip_grad_norm)
+            lr = scheduler.get_last_lr()[0]  # the rate this update uses
+            loss_value, grad_norm_value = loss.item(), grad_norm.item()
+
+            if not (math.isfinite(loss_value) and math.isfinite(grad_norm_value)):
+                optimizer.zero_grad(set_to_none=True)
+                if cfg.train.on_nonfinite == "stop":
+                    ckpt.restore_rng_state(rng_before_step)  # the state as it was before this step
+                    path = save()
+                    checkpointer.wait()
+                    raise NonFiniteError(
+                        f"non-finite loss {loss_value} or gradient norm {grad_norm_value} at step "
+                        f"{state.step + 1}; the optimizer step was not taken. The last good state is "
+                        f"saved in {path}. Lower optim.lr or raise optim.warmup_steps and resume, "
+                        "or set train.on_nonfinite=skip to skip such steps"
+                    )
+                state.skipped_steps += 1
+            else:
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            state.step += 1
+            state.consumed_samples += samples_per_step
+            step_tokens = sum(mb["input_ids"].numel() for mb in micro_batches)
+            state.tokens_seen += step_tokens
+            window_tokens += step_tokens
+            window_time += time.perf_counter() - step_start
+
+            last_step = state.step == cfg.train.steps
+            if state.step % cfg.logging.interval == 0 or last_step:
+                tokens_per_s = window_tokens / max(window_time, 1e-9)
+                logger.log_train({
+                    "step": state.step,
+                    "loss": loss_value,
+                    "ppl": perplexity(loss_value),
+                    "lr": lr,
+                    "grad_norm": grad_norm_value,
+                    "tokens_per_s": tokens_per_s,
+                    "mfu": flops_token * tokens_per_s / peak if peak else None,
+                    "memory_gib": memory_gib(device),
+                    "tokens_seen": state.tokens_seen,
+                    "skipped_steps": state.skipped_steps,
+                })
+                window_tokens, window_time = 0, 0.0
+            interval = cfg.train.eval_interval
+            if (interval > 0 and state.step % interval == 0) or last_step:
+                val_loss = run_eval()
+            interval = cfg.checkpoint.interval
+            if (interval > 0 and state.step % interval == 0) or last_step:
+                save()
+        checkpointer.wait()
+    finally:
+        logger.close()
+
+    final = ckpt.latest_checkpoint(run_dir)
+    if resume_from is not None and state.step == cfg.train.steps and val_loss is None:
+        print(f"the run is complete at step {state.step} (train.steps); raise train.steps to go on", flush=True)
+    print(f"checkpoint: {final}", flush=True)
+
+    samples = []
+    if tokenizer is not None and cfg.train.sample_tokens > 0 and cfg.train.sample_prompts:
+        samples = sample_text(model, tokenizer, cfg, device, autocast)
+        for n, text in enumerate(samples):
+            print(f"--- sample {n + 1} ---\n{text}", flush=True)
+    return {
+        "step": state.step,
+        "val_loss": val_loss,
+        "val_ppl": perplexity(val_loss) if val_loss is not None else None,
+        "skipped_steps": state.skipped_steps,
+        "run_dir": str(run_dir),
+        "checkpoint": str(final) if final else None,
+        "samples": samples,
+    }
