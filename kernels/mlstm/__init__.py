@@ -7,6 +7,7 @@ import torch
 from xlstm_kernels.mlstm.reference import (
     DEFAULT_CHUNK_SIZE,
     check_inputs,
+    check_step_inputs,
     mlstm_chunkwise,
     mlstm_step_reference,
 )
@@ -75,7 +76,17 @@ def mlstm(
 
 def mlstm_step(q, k, v, i, f, c, n, m, *, input_gate: str = "exp", eps: float = 1e-6, impl: str = "auto"):
     """One token: q, k ``(B, NH, DQK)``, v ``(B, NH, DV)``, i, f ``(B, NH)``, state (c, n, m) (Nones
-    for the zero state). Returns ``(h (B, NH, DV), (c, n, m))`` with fp32 states."""
+    for the zero state). Returns ``(h (B, NH, DV), (c, n, m))`` with fp32 states.
+
+    The Triton step is for generation and has no backward: ``auto`` uses it on CUDA only when no
+    input needs a gradient.
+    """
+    check_step_inputs(q, k, v, i, f, c, n, m, input_gate)
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (q, k, v, i, f, c, n, m)
+    )
+    if impl == "auto" and needs_grad:
+        impl = "reference"
     impl = _resolve_impl(impl, q.device)
     if impl == "triton":
         from xlstm_kernels.mlstm.triton_step import mlstm_step_triton

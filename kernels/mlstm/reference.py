@@ -66,6 +66,28 @@ def check_inputs(q, k, v, i, f, c0, n0, m0, input_gate: str, doc_ids=None) -> No
             raise ValueError(f"mlstm: doc_ids must be an integer tensor, got {doc_ids.dtype}")
 
 
+def check_step_inputs(q, k, v, i, f, c, n, m, input_gate: str) -> None:
+    """Validates a one-token call; raises ValueError naming the bad argument."""
+    if input_gate not in INPUT_GATES:
+        raise ValueError(f"mlstm_step: input_gate must be one of {INPUT_GATES}, got {input_gate!r}")
+    if q.dim() != 3 or v.dim() != 3:
+        raise ValueError(
+            f"mlstm_step: q, k must have shape (B, NH, DQK) and v (B, NH, DV), got q {tuple(q.shape)}, "
+            f"v {tuple(v.shape)}"
+        )
+    B, NH, DQK = q.shape
+    DV = v.shape[-1]
+    _expect_shape("k", k, (B, NH, DQK))
+    _expect_shape("v", v, (B, NH, DV))
+    _expect_shape("i", i, (B, NH))
+    _expect_shape("f", f, (B, NH))
+    _expect_shape("c", c, (B, NH, DQK, DV))
+    _expect_shape("n", n, (B, NH, DQK))
+    _expect_shape("m", m, (B, NH, 1))
+    if input_gate == "sigmoid" and m is not None:
+        raise ValueError("mlstm_step: m must be None with input_gate='sigmoid'")
+
+
 def document_resets(doc_ids: torch.Tensor | None, B: int, S: int, device) -> torch.Tensor:
     """(B, S) bool: True where the state is reset before the token (the doc id differs from t-1)."""
     reset = torch.zeros(B, S, dtype=torch.bool, device=device)
@@ -92,24 +114,9 @@ def mlstm_step_reference(q, k, v, i, f, c, n, m, *, input_gate: str = "exp", eps
 
     Returns ``(h (B, NH, DV) in q's dtype, (c, n, m))`` with states in fp32 (fp64 for fp64 inputs).
     """
-    if input_gate not in INPUT_GATES:
-        raise ValueError(f"mlstm_step: input_gate must be one of {INPUT_GATES}, got {input_gate!r}")
-    if q.dim() != 3 or v.dim() != 3:
-        raise ValueError(
-            f"mlstm_step: q, k must have shape (B, NH, DQK) and v (B, NH, DV), got q {tuple(q.shape)}, "
-            f"v {tuple(v.shape)}"
-        )
+    check_step_inputs(q, k, v, i, f, c, n, m, input_gate)
     B, NH, DQK = q.shape
     DV = v.shape[-1]
-    _expect_shape("k", k, (B, NH, DQK))
-    _expect_shape("v", v, (B, NH, DV))
-    _expect_shape("i", i, (B, NH))
-    _expect_shape("f", f, (B, NH))
-    _expect_shape("c", c, (B, NH, DQK, DV))
-    _expect_shape("n", n, (B, NH, DQK))
-    _expect_shape("m", m, (B, NH, 1))
-    if input_gate == "sigmoid" and m is not None:
-        raise ValueError("mlstm_step: m must be None with input_gate='sigmoid'")
     dtype = compute_dtype(q, k, v, i, f, c, n, m)
     c, n, m = _initial_state(B, NH, DQK, DV, c, n, m, input_gate, dtype, q.device)
     h, state = _step(q.to(dtype), k.to(dtype), v.to(dtype), i.to(dtype), f.to(dtype), c, n, m, input_gate, eps)

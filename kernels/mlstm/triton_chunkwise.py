@@ -1,0 +1,569 @@
+"""Chunkwise mLSTM in Triton: forward and backward, exp and sigmoid input gates, document resets.
+
+The sequence is cut into chunks of L tokens (default 128). Four kernels:
+
+* ``_fwd_states_kernel``: the inter-chunk recurrence. One program per (head, DQK tile, DV tile) walks
+  the chunks in order and writes the fp32 state (C, n, m) before every chunk and the final state.
+* ``_fwd_output_kernel``: one program per (chunk, head): the intra-chunk causal part as an L x L
+  matrix, plus the contribution of the state before the chunk; writes h and, per token, the
+  stabiliser m and the signed normaliser q.n (the backward's only per-token extras).
+* ``_bwd_states_kernel``: the reverse recurrence for dC, dn, written before every chunk.
+* ``_bwd_grads_kernel``: one program per (chunk, head): dq, dk, dv of the chunk.
+
+Gate gradients follow from dq and dk without any L x L gate matrix: with the stabilisers held
+fixed, every term's log-weight is ``B_query - B_source + log_i_source`` (B the cumulative log forget
+gate), so ``dL/dB_t = q_t.dq_t - k_t.dk_t`` and ``dL/dlog_i_t = k_t.dk_t``. The stabilisers matter
+only through eps: the per-token m is the max-plus scan ``m_t = max(log f_t + m_{t-1}, log i_t)``
+and its gradient is routed back through that scan's argmax (``_stabiliser_scan_backward``).
+
+Document resets are exact: inside a chunk the tokens form segments split at resets; a token sees
+only keys of its own segment and, in the first segment only, the state before the chunk. Later
+segments start from the zero state with m = 0, whose only effect is on the stabiliser.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from xlstm_kernels.mlstm.reference import document_resets
+
+DEFAULT_CHUNK_SIZE = 128
+
+
+@triton.jit
+def _log_sigmoid(x):
+    return tl.minimum(x, 0.0) - tl.log(1.0 + tl.exp(-tl.abs(x)))
+
+
+@triton.jit
+def _chunk_gates(I, F, RESET, gate_base, reset_base, t, valid, IS_EXP: tl.constexpr):
+    """Per-token log gates of one chunk, their inclusive cumsum and segment ids (split at resets).
+    Tokens past the end get log f = 0 and log i = -inf: they change nothing."""
+    f = tl.load(F + gate_base + t, mask=valid, other=0.0).to(tl.float32)
+    i = tl.load(I + gate_base + t, mask=valid, other=0.0).to(tl.float32)
+    log_f = tl.where(valid, _log_sigmoid(f), 0.0)
+    if IS_EXP:
+        log_i = i
+    else:
+        log_i = _log_sigmoid(i)
+    log_i = tl.where(valid, log_i, float("-inf"))
+    reset = tl.load(RESET + reset_base + t, mask=valid, other=0).to(tl.int32)
+    segment = tl.cumsum(reset, 0)
+    cum_log_f = tl.cumsum(log_f, 0)
+    return log_f, log_i, segment, cum_log_f
+
+
+@triton.jit
+def _intra_weights(log_f, log_i, segment, cum_log_f, tau, m_prev):
+    """Log-weights inside a chunk: log_d[t, s] for keys s of t's segment (-inf elsewhere) and the
+    log-weight of t's origin state (the chunk's incoming state in segment 0, the zero state with
+    m = 0 after a reset)."""
+    visible = (segment[:, None] == segment[None, :]) & (tau[:, None] >= tau[None, :])
+    log_d = tl.where(visible, cum_log_f[:, None] - cum_log_f[None, :] + log_i[None, :], float("-inf"))
+    # cumulative log f before the segment start: the exclusive cumsum is non-increasing, so the
+    # segment's first token has the largest value among the visible keys
+    excl = cum_log_f - log_f
+    before_segment = tl.max(tl.where(visible, excl[None, :], float("-inf")), 1)
+    log_origin = cum_log_f - before_segment + tl.where(segment == 0, m_prev, 0.0)
+    return log_d, log_origin
+
+
+@triton.jit
+def _state_weights(log_f, log_i, segment, cum_log_f, m_prev, IS_EXP: tl.constexpr):
+    """Weights of the state update over one chunk: C_next = carry * C_prev + sum_s w_s k_s v_s^T.
+    Only the chunk's last segment reaches the next state; after a reset the carried state is dropped."""
+    last_segment = tl.max(segment, 0)
+    in_last = segment == last_segment
+    total = tl.sum(log_f, 0)
+    excl = cum_log_f - log_f
+    decay = total - tl.max(tl.where(in_last, excl, float("-inf")), 0)  # log f summed over the last segment
+    log_w = tl.where(in_last, total - cum_log_f + log_i, float("-inf"))
+    m_origin = tl.where(last_segment > 0, 0.0, m_prev)
+    if IS_EXP:
+        m_next = tl.maximum(decay + m_origin, tl.max(log_w, 0))
+    else:
+        m_next = m_origin
+    carry = tl.where(last_segment > 0, 0.0, tl.exp(decay + m_prev - m_next))
+    w = tl.exp(log_w - m_next)
+    return carry, w, m_next
+
+
+@triton.jit
+def _fwd_states_kernel(
+    K, V, I, F, RESET, C0, N0, M0, C_STATES, N_STATES, M_STATES,
+    S, NH, DQK, DV, NC,
+    HAS_INIT: tl.constexpr, IS_EXP: tl.constexpr, L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    pid_bh = tl.program_id(0).to(tl.int64)
+    pid_k = tl.program_id(1)
+    pid_v = tl.program_id(2)
+    batch = pid_bh // NH
+    offs_k = pid_k * BK + tl.arange(0, BK)
+    offs_v = pid_v * BV + tl.arange(0, BV)
+    mask_k = offs_k < DQK
+    mask_v = offs_v < DV
+    mask_kv = mask_k[:, None] & mask_v[None, :]
+    tau = tl.arange(0, L)
+    tile_kv = offs_k[:, None] * DV + offs_v[None, :]
+
+    m = tl.load(M0 + pid_bh).to(tl.float32)
+    if HAS_INIT:
+        c = tl.load(C0 + pid_bh * DQK * DV + tile_kv, mask=mask_kv, other=0.0).to(tl.float32)
+        n = tl.load(N0 + pid_bh * DQK + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+    else:
+        c = tl.zeros([BK, BV], dtype=tl.float32)
+        n = tl.zeros([BK], dtype=tl.float32)
+
+    for chunk in range(NC):
+        state_index = pid_bh * (NC + 1) + chunk
+        tl.store(C_STATES + state_index * DQK * DV + tile_kv, c, mask=mask_kv)
+        if pid_v == 0:
+            tl.store(N_STATES + state_index * DQK + offs_k, n, mask=mask_k)
+            if pid_k == 0:
+                tl.store(M_STATES + state_index, m)
+        t = chunk * L + tau
+        valid = t < S
+        log_f, log_i, segment, cum_log_f = _chunk_gates(I, F, RESET, pid_bh * S, batch * S, t, valid, IS_EXP)
+        carry, w, m = _state_weights(log_f, log_i, segment, cum_log_f, m, IS_EXP)
+        rows = pid_bh * S + t
+        k_chunk = tl.load(K + rows[:, None] * DQK + offs_k[None, :], mask=valid[:, None] & mask_k[None, :], other=0.0)
+        v_chunk = tl.load(V + rows[:, None] * DV + offs_v[None, :], mask=valid[:, None] & mask_v[None, :], other=0.0)
+        v_weighted = (v_chunk.to(tl.float32) * w[:, None]).to(v_chunk.dtype)
+        c = carry * c + tl.dot(tl.trans(k_chunk), v_weighted, input_precision=DOT_PRECISION)
+        n = carry * n + tl.sum(k_chunk.to(tl.float32) * w[:, None], 0)
+
+    state_index = pid_bh * (NC + 1) + NC
+    tl.store(C_STATES + state_index * DQK * DV + tile_kv, c, mask=mask_kv)
+    if pid_v == 0:
+        tl.store(N_STATES + state_index * DQK + offs_k, n, mask=mask_k)
+        if pid_k == 0:
+            tl.store(M_STATES + state_index, m)
+
+
+@triton.jit
+def _fwd_output_kernel(
+    Q, K, V, I, F, RESET, C_STATES, N_STATES, M_STATES, H, M_TOKENS, QN_TOKENS,
+    S, NH, DQK, DV, NC, scale, eps,
+    IS_EXP: tl.constexpr, L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    chunk = tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    batch = pid_bh // NH
+    tau = tl.arange(0, L)
+    t = chunk * L + tau
+    valid = t < S
+    rows = pid_bh * S + t
+    state_index = pid_bh * (NC + 1) + chunk
+
+    m_prev = tl.load(M_STATES + state_index)
+    log_f, log_i, segment, cum_log_f = _chunk_gates(I, F, RESET, pid_bh * S, batch * S, t, valid, IS_EXP)
+    log_d, log_origin = _intra_weights(log_f, log_i, segment, cum_log_f, tau, m_prev)
+
+    scores = tl.zeros([L, L], dtype=tl.float32)
+    q_n = tl.zeros([L], dtype=tl.float32)
+    for k0 in range(0, DQK, BK):
+        offs_k = k0 + tl.arange(0, BK)
+        mask_k = offs_k < DQK
+        q_tile = tl.load(Q + rows[:, None] * DQK + offs_k[None, :], mask=valid[:, None] & mask_k[None, :], other=0.0)
+        k_tile = tl.load(K + rows[:, None] * DQK + offs_k[None, :], mask=valid[:, None] & mask_k[None, :], other=0.0)
+        scores += tl.dot(q_tile, tl.trans(k_tile), input_precision=DOT_PRECISION)
+        n_tile = tl.load(N_STATES + state_index * DQK + offs_k, mask=mask_k, other=0.0)
+        q_n += tl.sum(q_tile.to(tl.float32) * n_tile[None, :], 1)
+    scores *= scale
+    q_n *= scale
+
+    if IS_EXP:
+        m = tl.maximum(log_origin, tl.max(log_d, 1))
+        lower = tl.exp(-m)
+    else:
+        m = tl.zeros([L], dtype=tl.float32)
+        lower = tl.full([L], 1.0, dtype=tl.float32)
+    d = tl.exp(log_d - m[:, None])
+    w_origin = tl.where(segment == 0, tl.exp(log_origin - m), 0.0)
+    p = scores * d
+    q_n = w_origin * q_n + tl.sum(p, 1)
+    den = tl.maximum(tl.abs(q_n), lower) + eps
+    tl.store(M_TOKENS + rows, m, mask=valid)
+    tl.store(QN_TOKENS + rows, q_n, mask=valid)
+
+    p = p.to(Q.dtype.element_ty)
+    q_coef = w_origin * scale
+    for v0 in range(0, DV, BV):
+        offs_v = v0 + tl.arange(0, BV)
+        mask_v = offs_v < DV
+        v_tile = tl.load(V + rows[:, None] * DV + offs_v[None, :], mask=valid[:, None] & mask_v[None, :], other=0.0)
+        acc = tl.dot(p, v_tile, input_precision=DOT_PRECISION)
+        for k0 in range(0, DQK, BK):
+            offs_k = k0 + tl.arange(0, BK)
+            mask_k = offs_k < DQK
+            q_tile = tl.load(
+                Q + rows[:, None] * DQK + offs_k[None, :], mask=valid[:, None] & mask_k[None, :], other=0.0
+            )
+            c_tile = tl.load(
+                C_STATES + state_index * DQK * DV + offs_k[:, None] * DV + offs_v[None, :],
+                mask=mask_k[:, None] & mask_v[None, :],
+                other=0.0,
+            )
+            q_weighted = (q_tile.to(tl.float32) * q_coef[:, None]).to(q_tile.dtype)
+            acc += tl.dot(q_weighted, c_tile.to(q_tile.dtype), input_precision=DOT_PRECISION)
+        h = acc / den[:, None]
+        tl.store(H + rows[:, None] * DV + offs_v[None, :], h.to(H.dtype.element_ty), mask=valid[:, None] & mask_v[None, :])
+
+
+@triton.jit
+def _bwd_states_kernel(
+    Q, DH, I, F, RESET, M_TOKENS, DEN, DQN, M_STATES, DC_LAST, DN_LAST, DC_STATES, DN_STATES,
+    S, NH, DQK, DV, NC, scale,
+    HAS_DLAST: tl.constexpr, IS_EXP: tl.constexpr, L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    pid_bh = tl.program_id(0).to(tl.int64)
+    pid_k = tl.program_id(1)
+    pid_v = tl.program_id(2)
+    batch = pid_bh // NH
+    offs_k = pid_k * BK + tl.arange(0, BK)
+    offs_v = pid_v * BV + tl.arange(0, BV)
+    mask_k = offs_k < DQK
+    mask_v = offs_v < DV
+    mask_kv = mask_k[:, None] & mask_v[None, :]
+    tau = tl.arange(0, L)
+    tile_kv = offs_k[:, None] * DV + offs_v[None, :]
+
+    if HAS_DLAST:
+        dc = tl.load(DC_LAST + pid_bh * DQK * DV + tile_kv, mask=mask_kv, other=0.0).to(tl.float32)
+        dn = tl.load(DN_LAST + pid_bh * DQK + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+    else:
+        dc = tl.zeros([BK, BV], dtype=tl.float32)
+        dn = tl.zeros([BK], dtype=tl.float32)
+
+    for step in range(NC):
+        chunk = NC - 1 - step
+        state_index = pid_bh * (NC + 1) + chunk
+        tl.store(DC_STATES + (state_index + 1) * DQK * DV + tile_kv, dc, mask=mask_kv)
+        if pid_v == 0:
+            tl.store(DN_STATES + (state_index + 1) * DQK + offs_k, dn, mask=mask_k)
+        t = chunk * L + tau
+        valid = t < S
+        rows = pid_bh * S + t
+        m_prev = tl.load(M_STATES + state_index)
+        log_f, log_i, segment, cum_log_f = _chunk_gates(I, F, RESET, pid_bh * S, batch * S, t, valid, IS_EXP)
+        carry, w, m_next = _state_weights(log_f, log_i, segment, cum_log_f, m_prev, IS_EXP)
+        _, log_origin = _intra_weights(log_f, log_i, segment, cum_log_f, tau, m_prev)
+        m = tl.load(M_TOKENS + rows, mask=valid, other=0.0)
+        den = tl.load(DEN + rows, mask=valid, other=1.0)
+        dqn = tl.load(DQN + rows, mask=valid, other=0.0)
+        w_origin = tl.where((segment == 0) & valid, tl.exp(log_origin - m), 0.0)
+
+        q_tile = tl.load(Q + rows[:, None] * DQK + offs_k[None, :], mask=valid[:, None] & mask_k[None, :], other=0.0)
+        dh_tile = tl.load(DH + rows[:, None] * DV + offs_v[None, :], mask=valid[:, None] & mask_v[None, :], other=0.0)
+        dh_weighted = (dh_tile.to(tl.float32) * (w_origin * scale / den)[:, None]).to(q_tile.dtype)
+        dc = carry * dc + tl.dot(tl.trans(q_tile), dh_weighted, input_precision=DOT_PRECISION)
+        dn = carry * dn + tl.sum(q_tile.to(tl.float32) * (w_origin * scale * dqn)[:, None], 0)
+
+    state_index = pid_bh * (NC + 1)
+    tl.store(DC_STATES + state_index * DQK * DV + tile_kv, dc, mask=mask_kv)
+    if pid_v == 0:
+        tl.store(DN_STATES + state_index * DQK + offs_k, dn, mask=mask_k)
+
+
+@triton.jit
+def _bwd_grads_kernel(
+    Q, K, V, I, F, RESET, DH, M_TOKENS, DEN, DQN, C_STATES, N_STATES, M_STATES, DC_STATES, DN_STATES,
+    DQ, DK, DV_OUT,
+    S, NH, DQK, DV, NC, scale,
+    IS_EXP: tl.constexpr, L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    chunk = tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    batch = pid_bh // NH
+    tau = tl.arange(0, L)
+    t = chunk * L + tau
+    valid = t < S
+    rows = pid_bh * S + t
+    state_index = pid_bh * (NC + 1) + chunk  # the state before this chunk
+    next_index = state_index + 1  # and after it
+
+    m_prev = tl.load(M_STATES + state_index)
+    log_f, log_i, segment, cum_log_f = _chunk_gates(I, F, RESET, pid_bh * S, batch * S, t, valid, IS_EXP)
+    log_d, log_origin = _intra_weights(log_f, log_i, segment, cum_log_f, tau, m_prev)
+    _, w, _ = _state_weights(log_f, log_i, segment, cum_log_f, m_prev, IS_EXP)
+    m = tl.load(M_TOKENS + rows, mask=valid, other=0.0)
+    den = tl.load(DEN + rows, mask=valid, other=1.0)
+    dqn = tl.load(DQN + rows, mask=valid, other=0.0)
+    # rows past the end have no stabiliser: keep their weights at zero, not exp(large)
+    d = tl.where(valid[:, None], tl.exp(log_d - m[:, None]), 0.0)
+    w_origin = tl.where((segment == 0) & valid, tl.exp(log_origin - m), 0.0)
+
+    scores = tl.zeros([L, L], dtype=tl.float32)
+    for k0 in range(0, DQK, BK):
+        offs_k = k0 + tl.arange(0, BK)
+        mask_k = valid[:, None] & (offs_k < DQK)[None, :]
+        q_tile = tl.load(Q + rows[:, None] * DQK + offs_k[None, :], mask=mask_k, other=0.0)
+        k_tile = tl.load(K + rows[:, None] * DQK + offs_k[None, :], mask=mask_k, other=0.0)
+        scores += tl.dot(q_tile, tl.trans(k_tile), input_precision=DOT_PRECISION)
+    d_scores = tl.zeros([L, L], dtype=tl.float32)
+    for v0 in range(0, DV, BV):
+        offs_v = v0 + tl.arange(0, BV)
+        mask_v = valid[:, None] & (offs_v < DV)[None, :]
+        dh_tile = tl.load(DH + rows[:, None] * DV + offs_v[None, :], mask=mask_v, other=0.0)
+        v_tile = tl.load(V + rows[:, None] * DV + offs_v[None, :], mask=mask_v, other=0.0)
+        d_scores += tl.dot(dh_tile, tl.trans(v_tile), input_precision=DOT_PRECISION)
+    # d(q.k) = dP * D with dP = dh.v / den + dqn (the normaliser sums the same weighted scores)
+    p = (scores * scale * d).to(Q.dtype.element_ty)
+    d_scores = ((d_scores / den[:, None] + dqn[:, None]) * d).to(Q.dtype.element_ty)
+
+    for k0 in range(0, DQK, BK):
+        offs_k = k0 + tl.arange(0, BK)
+        mask_k = offs_k < DQK
+        mask_tk = valid[:, None] & mask_k[None, :]
+        q_tile = tl.load(Q + rows[:, None] * DQK + offs_k[None, :], mask=mask_tk, other=0.0)
+        k_tile = tl.load(K + rows[:, None] * DQK + offs_k[None, :], mask=mask_tk, other=0.0)
+        dq = tl.dot(d_scores, k_tile, input_precision=DOT_PRECISION)
+        dk = tl.dot(tl.trans(d_scores), q_tile, input_precision=DOT_PRECISION) * scale
+        for v0 in range(0, DV, BV):
+            offs_v = v0 + tl.arange(0, BV)
+            mask_v = offs_v < DV
+            mask_tv = valid[:, None] & mask_v[None, :]
+            tile_kv = offs_k[:, None] * DV + offs_v[None, :]
+            mask_kv = mask_k[:, None] & mask_v[None, :]
+            dh_tile = tl.load(DH + rows[:, None] * DV + offs_v[None, :], mask=mask_tv, other=0.0)
+            v_tile = tl.load(V + rows[:, None] * DV + offs_v[None, :], mask=mask_tv, other=0.0)
+            c_tile = tl.load(C_STATES + state_index * DQK * DV + tile_kv, mask=mask_kv, other=0.0)
+            dc_tile = tl.load(DC_STATES + next_index * DQK * DV + tile_kv, mask=mask_kv, other=0.0)
+            dh_weighted = (dh_tile.to(tl.float32) * (w_origin / den)[:, None]).to(q_tile.dtype)
+            v_weighted = (v_tile.to(tl.float32) * w[:, None]).to(q_tile.dtype)
+            dq += tl.dot(dh_weighted, tl.trans(c_tile.to(q_tile.dtype)), input_precision=DOT_PRECISION)
+            dk += tl.dot(v_weighted, tl.trans(dc_tile.to(q_tile.dtype)), input_precision=DOT_PRECISION)
+        n_tile = tl.load(N_STATES + state_index * DQK + offs_k, mask=mask_k, other=0.0)
+        dn_tile = tl.load(DN_STATES + next_index * DQK + offs_k, mask=mask_k, other=0.0)
+        dq += (w_origin * dqn)[:, None] * n_tile[None, :]
+        dk += w[:, None] * dn_tile[None, :]
+        tl.store(DQ + rows[:, None] * DQK + offs_k[None, :], (dq * scale).to(DQ.dtype.element_ty), mask=mask_tk)
+        tl.store(DK + rows[:, None] * DQK + offs_k[None, :], dk.to(DK.dtype.element_ty), mask=mask_tk)
+
+    for v0 in range(0, DV, BV):
+        offs_v = v0 + tl.arange(0, BV)
+        mask_v = offs_v < DV
+        mask_tv = valid[:, None] & mask_v[None, :]
+        dh_tile = tl.load(DH + rows[:, None] * DV + offs_v[None, :], mask=mask_tv, other=0.0)
+        dh_scaled = (dh_tile.to(tl.float32) / den[:, None]).to(dh_tile.dtype)
+        dv = tl.dot(tl.trans(p), dh_scaled, input_precision=DOT_PRECISION)
+        for k0 in range(0, DQK, BK):
+            offs_k = k0 + tl.arange(0, BK)
+            mask_k = offs_k < DQK
+            k_tile = tl.load(
+                K + rows[:, None] * DQK + offs_k[None, :], mask=valid[:, None] & mask_k[None, :], other=0.0
+            )
+            dc_tile = tl.load(
+                DC_STATES + next_index * DQK * DV + offs_k[:, None] * DV + offs_v[None, :],
+                mask=mask_k[:, None] & mask_v[None, :],
+                other=0.0,
+            )
+            k_weighted = (k_tile.to(tl.float32) * w[:, None]).to(k_tile.dtype)
+            dv += tl.dot(k_weighted, dc_tile.to(k_tile.dtype), input_precision=DOT_PRECISION)
+        tl.store(DV_OUT + rows[:, None] * DV + offs_v[None, :], dv.to(DV_OUT.dtype.element_ty), mask=mask_tv)
+
+
+# --------------------------------------------------------------------------------------------------
+# Host side
+
+
+def _tile(dim: int, cap: int) -> int:
+    """Head-dim tile: a power of two, at least 16 (tl.dot's minimum) and at most ``cap``."""
+    return max(16, min(cap, triton.next_power_of_2(dim)))
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 inputs get true fp32 products; bf16/fp16 inputs are exact in any mode
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+class _Config:
+    def __init__(self, q, v, chunk_size, input_gate, eps):
+        self.B, self.NH, self.S, self.DQK = q.shape
+        self.DV = v.shape[-1]
+        self.L = chunk_size
+        self.NC = triton.cdiv(self.S, chunk_size)
+        self.is_exp = input_gate == "exp"
+        self.eps = eps
+        self.scale = self.DQK**-0.5
+        self.dot_precision = _dot_precision(q.dtype)
+        # state kernels: one program per (head, DQK tile, DV tile); chunk kernels loop over tiles
+        self.state_bk = _tile(self.DQK, 64)
+        self.state_bv = _tile(self.DV, 128)
+        self.chunk_bk = _tile(self.DQK, 64)
+        self.chunk_bv = _tile(self.DV, 64 if chunk_size > 64 else 128)
+        self.num_warps = 8 if chunk_size >= 128 else 4
+
+
+def _forward(q, k, v, i, f, reset, c0, n0, m0, cfg: _Config):
+    BH = cfg.B * cfg.NH
+    dev = q.device
+    c_states = torch.empty(BH, cfg.NC + 1, cfg.DQK, cfg.DV, device=dev, dtype=torch.float32)
+    n_states = torch.empty(BH, cfg.NC + 1, cfg.DQK, device=dev, dtype=torch.float32)
+    m_states = torch.empty(BH, cfg.NC + 1, device=dev, dtype=torch.float32)
+    has_init = c0 is not None
+    m0_flat = m0.reshape(BH).float().contiguous() if m0 is not None else torch.zeros(BH, device=dev)
+    c0_arg = c0.float().contiguous() if has_init else c_states
+    n0_arg = n0.float().contiguous() if has_init else n_states
+    grid = (BH, triton.cdiv(cfg.DQK, cfg.state_bk), triton.cdiv(cfg.DV, cfg.state_bv))
+    _fwd_states_kernel[grid](
+        k, v, i, f, reset, c0_arg, n0_arg, m0_flat, c_states, n_states, m_states,
+        cfg.S, cfg.NH, cfg.DQK, cfg.DV, cfg.NC,
+        HAS_INIT=has_init, IS_EXP=cfg.is_exp, L=cfg.L, BK=cfg.state_bk, BV=cfg.state_bv,
+        DOT_PRECISION=cfg.dot_precision, num_warps=4,
+    )  # fmt: skip
+    h = torch.empty(cfg.B, cfg.NH, cfg.S, cfg.DV, device=dev, dtype=q.dtype)
+    m_tokens = torch.empty(cfg.B, cfg.NH, cfg.S, device=dev, dtype=torch.float32)
+    qn_tokens = torch.empty(cfg.B, cfg.NH, cfg.S, device=dev, dtype=torch.float32)
+    _fwd_output_kernel[(cfg.NC, BH)](
+        q, k, v, i, f, reset, c_states, n_states, m_states, h, m_tokens, qn_tokens,
+        cfg.S, cfg.NH, cfg.DQK, cfg.DV, cfg.NC, cfg.scale, cfg.eps,
+        IS_EXP=cfg.is_exp, L=cfg.L, BK=cfg.chunk_bk, BV=cfg.chunk_bv, DOT_PRECISION=cfg.dot_precision,
+        num_warps=cfg.num_warps,
+    )  # fmt: skip
+    return h, c_states, n_states, m_states, m_tokens, qn_tokens
+
+
+def _stabiliser_scan_backward(grad_m, log_f, log_i, m_tokens, m0, reset):
+    """Backward of m_t = max(log_f_t + m_{t-1}, log_i_t) (m_{-1} = m0; 0 after a reset).
+
+    ``grad_m`` (B, NH, S) is dL/dm_t with m_t as a free variable. A max routes its gradient to the
+    winner, so the gradient reaching m_t through later steps is a suffix sum of grad_m up to the next
+    step where the input gate won. Returns the extra gradients of log_f, log_i and m0 (fp64).
+    """
+    B, NH, S = grad_m.shape
+    m_before = torch.cat([m0.reshape(B, NH, 1).to(m_tokens.dtype), m_tokens[..., :-1]], dim=-1)
+    m_before = torch.where(reset[:, None, :], torch.zeros_like(m_before), m_before)
+    carried = (log_f + m_before >= log_i).to(torch.float64)  # m_t took the carried value
+    suffix = torch.flip(torch.cumsum(torch.flip(grad_m.to(torch.float64), [-1]), -1), [-1])
+    suffix = torch.cat([suffix, suffix.new_zeros(B, NH, 1)], dim=-1)
+    positions = torch.arange(S, device=grad_m.device).expand(B, NH, S)
+    breaks = torch.where(carried == 0, positions, torch.full_like(positions, S))
+    next_break = torch.flip(torch.cummin(torch.flip(breaks, [-1]), -1).values, [-1])  # first break >= t
+    next_break = torch.cat([next_break[..., 1:], torch.full_like(next_break[..., :1], S)], dim=-1)  # > t
+    total = suffix[..., :-1] - torch.gather(suffix, -1, next_break)
+    return total * carried, total * (1.0 - carried), total[..., 0] * carried[..., 0]
+
+
+class _MLSTMChunkwise(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, i, f, c0, n0, m0, reset, input_gate, chunk_size, eps):
+        cfg = _Config(q, v, chunk_size, input_gate, eps)
+        h, c_states, n_states, m_states, m_tokens, qn_tokens = _forward(q, k, v, i, f, reset, c0, n0, m0, cfg)
+        c_last = c_states[:, -1].reshape(cfg.B, cfg.NH, cfg.DQK, cfg.DV)
+        n_last = n_states[:, -1].reshape(cfg.B, cfg.NH, cfg.DQK)
+        m_last = m_states[:, -1].reshape(cfg.B, cfg.NH, 1)
+        ctx.save_for_backward(q, k, v, i, f, c0, n0, m0, reset, h, c_states, n_states, m_states, m_tokens, qn_tokens)
+        ctx.cfg = cfg
+        return h, c_last, n_last, m_last
+
+    @staticmethod
+    def backward(ctx, dh, dc_last, dn_last, dm_last):
+        q, k, v, i, f, c0, n0, m0, reset, h, c_states, n_states, m_states, m_tokens, qn_tokens = ctx.saved_tensors
+        cfg: _Config = ctx.cfg
+        BH = cfg.B * cfg.NH
+        dev = q.device
+        dh = dh.contiguous() if dh is not None else torch.zeros_like(h)
+
+        # per-token normaliser gradients: den = max(|qn|, lower) + eps, h = num / den
+        lower = torch.exp(-m_tokens) if cfg.is_exp else torch.ones_like(m_tokens)
+        den = torch.maximum(qn_tokens.abs(), lower) + cfg.eps
+        delta = (dh.float() * h.float()).sum(-1)  # sum_d dh * h
+        dqn = torch.where(qn_tokens.abs() >= lower, -delta / den * torch.sign(qn_tokens), 0.0)
+
+        has_dlast = dc_last is not None or dn_last is not None
+        dc_last_arg = (dc_last if dc_last is not None else torch.zeros_like(c_states[:, -1])).float().contiguous()
+        dn_last_arg = (dn_last if dn_last is not None else torch.zeros_like(n_states[:, -1])).float().contiguous()
+        dc_states = torch.empty_like(c_states)
+        dn_states = torch.empty_like(n_states)
+        grid = (BH, triton.cdiv(cfg.DQK, cfg.state_bk), triton.cdiv(cfg.DV, cfg.state_bv))
+        _bwd_states_kernel[grid](
+            q, dh, i, f, reset, m_tokens, den, dqn, m_states, dc_last_arg, dn_last_arg, dc_states, dn_states,
+            cfg.S, cfg.NH, cfg.DQK, cfg.DV, cfg.NC, cfg.scale,
+            HAS_DLAST=has_dlast, IS_EXP=cfg.is_exp, L=cfg.L, BK=cfg.state_bk, BV=cfg.state_bv,
+            DOT_PRECISION=cfg.dot_precision, num_warps=4,
+        )  # fmt: skip
+        dq = torch.empty_like(q)
+        dk = torch.empty_like(k)
+        dv = torch.empty_like(v)
+        _bwd_grads_kernel[(cfg.NC, BH)](
+            q, k, v, i, f, reset, dh, m_tokens, den, dqn, c_states, n_states, m_states, dc_states, dn_states,
+            dq, dk, dv,
+            cfg.S, cfg.NH, cfg.DQK, cfg.DV, cfg.NC, cfg.scale,
+            IS_EXP=cfg.is_exp, L=cfg.L, BK=cfg.chunk_bk, BV=cfg.chunk_bv, DOT_PRECISION=cfg.dot_precision,
+            num_warps=cfg.num_warps,
+        )  # fmt: skip
+
+        # Gate gradients with the stabilisers fixed: dL/dB_t = q.dq - k.dk (+ the final state, which
+        # acts as a query at the last token), dlog_f = reverse cumsum of dL/dB, dlog_i = k.dk.
+        k_dk = (k.float() * dk.float()).sum(-1).double()
+        d_cum = (q.float() * dq.float()).sum(-1).double() - k_dk
+        c_last, n_last = c_states[:, -1].view(cfg.B, cfg.NH, cfg.DQK, cfg.DV), n_states[:, -1].view(cfg.B, cfg.NH, -1)
+        final_term = torch.zeros(cfg.B, cfg.NH, device=dev, dtype=torch.float64)
+        if dc_last is not None:
+            final_term += (dc_last.double() * c_last.double()).sum((-1, -2))
+        if dn_last is not None:
+            final_term += (dn_last.double() * n_last.double()).sum(-1)
+        d_cum[..., -1] += final_term
+        d_log_f = torch.flip(torch.cumsum(torch.flip(d_cum, [-1]), -1), [-1])
+        d_log_i = k_dk
+
+        dc0 = dc_states[:, 0].view(cfg.B, cfg.NH, cfg.DQK, cfg.DV)
+        dn0 = dn_states[:, 0].view(cfg.B, cfg.NH, cfg.DQK)
+        dm0 = None
+        if cfg.is_exp:
+            # the stabilisers enter the function only through eps: h depends on its token's m as
+            # dh/dm = -h * eps / den, the final state (c, n) scales as exp(-m_last)
+            grad_m = -cfg.eps * delta.double() / den.double()
+            grad_m[..., -1] -= final_term
+            if dm_last is not None:
+                grad_m[..., -1] += dm_last.reshape(cfg.B, cfg.NH).double()
+            log_f = torch.nn.functional.logsigmoid(f.double())
+            m0_values = m0 if m0 is not None else torch.zeros(cfg.B, cfg.NH, 1, device=dev)
+            extra_f, extra_i, extra_m0 = _stabiliser_scan_backward(
+                grad_m, log_f, i.double(), m_tokens.double(), m0_values.double(), reset.bool()
+            )
+            d_log_f = d_log_f + extra_f
+            d_log_i = d_log_i + extra_i
+            if m0 is not None:
+                dm0 = extra_m0
+                if c0 is not None:  # c0, n0 are stored relative to exp(m0)
+                    dm0 = dm0 + (dc0.double() * c0.double()).sum((-1, -2)) + (dn0.double() * n0.double()).sum(-1)
+                dm0 = dm0.reshape(cfg.B, cfg.NH, 1).to(m0.dtype)
+            di = d_log_i
+        else:
+            di = d_log_i * torch.sigmoid(-i.double())
+        df = d_log_f * torch.sigmoid(-f.double())
+
+        dc0 = dc0.to(c0.dtype) if c0 is not None else None
+        dn0 = dn0.to(n0.dtype) if n0 is not None else None
+        return dq, dk, dv, di.to(i.dtype), df.to(f.dtype), dc0, dn0, dm0, None, None, None, None
+
+
+def mlstm_chunkwise_triton(
+    q, k, v, i, f, *, c0=None, n0=None, m0=None, input_gate="exp", chunk_size=None, doc_ids=None,
+    return_state=False, eps=1e-6,
+):  # fmt: skip
+    """The chunkwise mLSTM on Triton kernels; same contract as ``xlstm_kernels.mlstm``."""
+    if q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"mlstm: impl='triton' takes float32, bfloat16 or float16 inputs, got {q.dtype}")
+    chunk_size = DEFAULT_CHUNK_SIZE if chunk_size is None else chunk_size
+    if not isinstance(chunk_size, int) or chunk_size < 16 or chunk_size & (chunk_size - 1):
+        raise ValueError(f"mlstm: impl='triton' needs chunk_size a power of two >= 16, got {chunk_size!r}")
+    B, NH, S, _ = q.shape
+    if (c0 is None) != (n0 is None):
+        # the kernels take the initial state whole: a missing half is zeros
+        c0 = torch.zeros(B, NH, q.shape[-1], v.shape[-1], device=q.device) if c0 is None else c0
+        n0 = torch.zeros(B, NH, q.shape[-1], device=q.device) if n0 is None else n0
+    reset = document_resets(doc_ids, B, S, q.device).to(torch.int8)
+    q, k, v = (x.contiguous() for x in (q, k, v))
+    k, v = k.to(q.dtype), v.to(q.dtype)
+    i, f = i.contiguous(), f.contiguous()
+    h, c, n, m = _MLSTMChunkwise.apply(q, k, v, i, f, c0, n0, m0, reset, input_gate, chunk_size, eps)
+    if not return_state:
+        return h
+    return h, (c, n, m if input_gate == "exp" else None)
