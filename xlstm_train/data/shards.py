@@ -1,0 +1,135 @@
+"""The token shard format.
+
+A prepared dataset is a directory::
+
+    manifest.json                 tokenizer identity, dtype, per-subset shard lists and counts, sources
+    <subset>/<unit>.bin           token ids back to back (uint16 when the vocabulary fits, else uint32);
+                                  every document ends with the tokenizer's EOS id
+    <subset>/<unit>.idx           16-byte header (magic, version, dtype code) + int64 end offset (in
+                                  tokens) of every document of the .bin
+    progress/unit_<n>.json        what each finished unit of input wrote (for resuming prepare-data)
+
+Reads are numpy memmaps: opening a shard costs nothing and the loader touches only the windows it
+serves.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from xlstm_train.data import DataError
+
+FORMAT_NAME = "xlstm-train-token-shards"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+IDX_MAGIC = b"XLSTMIDX"
+IDX_HEADER_BYTES = 16
+_DTYPE_CODES = {"uint16": 1, "uint32": 2}
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
+
+
+def _idx_header(dtype: np.dtype) -> bytes:
+    version_and_code = np.array([FORMAT_VERSION, _DTYPE_CODES[dtype.name]], dtype="<u4").tobytes()
+    return IDX_MAGIC + version_and_code
+
+
+class ShardWriter:
+    """Writes one shard under temporary names; ``finish`` renames it into place (never half-visible)."""
+
+    def __init__(self, directory: Path, name: str, dtype: np.dtype):
+        self.directory, self.name, self.dtype = Path(directory), name, dtype
+        self.bin_path = self.directory / f"{name}.bin"
+        self.idx_path = self.directory / f"{name}.idx"
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._bin = open(self.bin_path.with_suffix(".bin.tmp"), "wb")
+        self._doc_ends: list[int] = []
+        self._sha256 = hashlib.sha256()
+        self.tokens = 0
+        self.max_token_id = -1
+
+    def add(self, tokens: np.ndarray, doc_lengths: np.ndarray) -> None:
+        """Append documents given as their concatenated tokens and their lengths."""
+        data = tokens.astype(self.dtype, copy=False).tobytes()
+        self._bin.write(data)
+        self._sha256.update(data)
+        ends = self.tokens + np.cumsum(doc_lengths, dtype=np.int64)
+        self._doc_ends.extend(ends.tolist())
+        self.tokens += int(tokens.size)
+        if tokens.size:
+            self.max_token_id = max(self.max_token_id, int(tokens.max()))
+
+    def finish(self) -> dict:
+        self._bin.close()
+        idx_bytes = _idx_header(self.dtype) + np.asarray(self._doc_ends, dtype="<i8").tobytes()
+        idx_tmp = self.idx_path.with_suffix(".idx.tmp")
+        idx_tmp.write_bytes(idx_bytes)
+        os.replace(self.bin_path.with_suffix(".bin.tmp"), self.bin_path)
+        os.replace(idx_tmp, self.idx_path)
+        return {"name": f"{self.directory.name}/{self.name}", "tokens": self.tokens,
+                "documents": len(self._doc_ends), "max_token_id": self.max_token_id,
+                "bin_bytes": self.tokens * self.dtype.itemsize, "idx_bytes": len(idx_bytes),
+                "sha256": self._sha256.hexdigest()}
+
+    def abandon(self) -> None:
+        self._bin.close()
+        self.bin_path.with_suffix(".bin.tmp").unlink(missing_ok=True)
+
+
+def shard_files_intact(root: Path, shard: dict) -> bool:
+    """Whether a shard recorded as finished is still on disk at its recorded sizes."""
+    bin_path, idx_path = root / f"{shard['name']}.bin", root / f"{shard['name']}.idx"
+    return (bin_path.is_file() and bin_path.stat().st_size == shard["bin_bytes"]
+            and idx_path.is_file() and idx_path.stat().st_size == shard["idx_bytes"])
+
+
+class TokenShard:
+    """One shard, memory-mapped: ``tokens`` and ``doc_ends`` (int64 end offset of each document)."""
+
+    def __init__(self, root: Path, info: dict, dtype: np.dtype):
+        self.name = info["name"]
+        bin_path, idx_path = root / f"{self.name}.bin", root / f"{self.name}.idx"
+        for path, key in ((bin_path, "bin_bytes"), (idx_path, "idx_bytes")):
+            if not path.is_file():
+                raise DataError(f"{path}: shard file missing (listed in {root / MANIFEST})")
+            if path.stat().st_size != info[key]:
+                raise DataError(f"{path}: {path.stat().st_size} bytes on disk but the manifest records "
+                                f"{info[key]}: the shard is truncated or was rewritten; re-run prepare-data")
+        header = idx_path.open("rb").read(IDX_HEADER_BYTES)
+        version, code = np.frombuffer(header[8:], dtype="<u4")
+        if header[:8] != IDX_MAGIC or version != FORMAT_VERSION or code != _DTYPE_CODES[dtype.name]:
+            raise DataError(f"{idx_path}: not a version-{FORMAT_VERSION} {dtype.name} shard index")
+        self.tokens = np.memmap(bin_path, dtype=dtype, mode="r") if info["tokens"] else np.zeros(0, dtype)
+        self.doc_ends = (np.memmap(idx_path, dtype="<i8", mode="r", offset=IDX_HEADER_BYTES)
+                         if info["documents"] else np.zeros(0, "<i8"))
+        if len(self.doc_ends) != info["documents"] or (len(self.doc_ends) and self.doc_ends[-1] != info["tokens"]):
+            raise DataError(f"{idx_path}: document index does not match {bin_path} and the manifest")
+
+
+def read_manifest(path: str | Path) -> dict:
+    root = Path(path)
+    manifest_path = root / MANIFEST
+    if not manifest_path.is_file():
+        hint = " (prepare-data did not finish there)" if (root / "progress").is_dir() else ""
+        raise DataError(f"{manifest_path}: not found; a dataset is a directory written by "
+                        f"`xlstm-train prepare-data`{hint}")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except json.JSONDecodeError as e:
+        raise DataError(f"{manifest_path}: not valid JSON ({e})") from None
+    if manifest.get("format") != FORMAT_NAME or manifest.get("version") != FORMAT_VERSION:
+        raise DataError(f"{manifest_path}: not a version-{FORMAT_VERSION} {FORMAT_NAME} manifest")
+    return manifest
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, path)
