@@ -11,9 +11,15 @@ import torch
 
 from xlstm_kernels.slstm.reference import slstm_reference, slstm_step_reference, state_dtype
 
+try:
+    from xlstm_kernels.slstm.triton_kernel import TRITON_DTYPES, slstm_triton
+except ImportError:  # no triton on this platform: the reference serves every call
+    slstm_triton = None
+    TRITON_DTYPES = ()
+
 __all__ = ["slstm", "slstm_step"]
 
-IMPLS = ("auto", "reference")
+IMPLS = ("auto", "reference", "triton")
 
 
 def _check_weights(x_gates: torch.Tensor, R: torch.Tensor, b: torch.Tensor, gate_dims: int) -> None:
@@ -82,8 +88,9 @@ def slstm(
 
     x_gates (B, S, NH, 4, DH), R (NH, DH, 4, DH), b (NH, 4, DH); state0 None (zeros) or (y, c, n, m)
     each (B, NH, DH); doc_ids (B, S) integer ids: token t starts from the zero state where the id
-    changes between t-1 and t. impl: "auto" (Triton on CUDA tensors when available, else the
-    reference) or "reference".
+    changes between t-1 and t. impl: "auto" (the Triton kernels for CUDA tensors in bf16, fp16 or
+    fp32 when triton imports, else the reference), "reference" or "triton" (on CPU it needs
+    TRITON_INTERPRET=1 and small shapes).
 
     Returns y (B, S, NH, DH) in x_gates' dtype, or (y, (y_T, c_T, n_T, m_T)) with return_state=True
     (states in fp32, fp64 for fp64 inputs).
@@ -99,7 +106,15 @@ def slstm(
     else:
         _check_state(state0, batch, num_heads, head_dim, x_gates.device, "state0")
     starts = None if doc_ids is None else document_starts(doc_ids, batch, seq_len, x_gates.device)
-    y, state = slstm_reference(x_gates, R, b, tuple(state0), starts)
+    if impl == "auto":
+        use_triton = slstm_triton is not None and x_gates.is_cuda and x_gates.dtype in TRITON_DTYPES
+        impl = "triton" if use_triton else "reference"
+    if impl == "triton":
+        if slstm_triton is None:
+            raise ValueError("slstm: impl='triton' needs the triton package, which does not import here")
+        y, state = slstm_triton(x_gates, R, b, tuple(state0), starts)
+    else:
+        y, state = slstm_reference(x_gates, R, b, tuple(state0), starts)
     return (y, state) if return_state else y
 
 
