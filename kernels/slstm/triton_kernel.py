@@ -456,12 +456,14 @@ def _launch_plan(batch: int, head_dim: int, num_heads: int, dtype: torch.dtype, 
         NUM_SPLITS=num_splits,
         NUM_BATCH_TILES=num_batch_tiles,
         HOLD_R=r_bytes(width) <= _HELD_R_BYTES,
+        # A held slice of 32 KiB or more needs 8 warps' registers to stay out of local memory.
+        num_warps=8 if r_bytes(width) >= 32 * 1024 else 4,
         PRECISION="ieee" if dtype == torch.float32 or device.type != "cuda" else "tf32",
         UPCAST_DOT=device.type != "cuda",
     )
 
 
-def slstm_forward(x_gates, R, b, state0, starts, *, save_states: bool, columns=None, num_warps=None):
+def slstm_forward(x_gates, R, b, state0, starts, *, save_states: bool, columns=None):
     """Launch the forward kernel. Returns (y buffer (B, S+1, NH, DH), c, n, m buffers, y_last)."""
     batch, seq_len, num_heads, _, head_dim = x_gates.shape
     plan = _launch_plan(batch, head_dim, num_heads, x_gates.dtype, x_gates.device, columns)
@@ -494,13 +496,12 @@ def slstm_forward(x_gates, R, b, state0, starts, *, save_states: bool, columns=N
         DH=head_dim,
         HAS_RESETS=starts is not None,
         SAVE_STATES=save_states,
-        num_warps=num_warps or (8 if plan["BLOCK_B"] * plan["W"] >= 1024 else 4),
         **plan,
     )
     return y_buf, states, y_last
 
 
-def slstm_backward(x_gates, R, b, starts, y_buf, states, dy, d_last, *, columns=None, num_warps=None):
+def slstm_backward(x_gates, R, b, starts, y_buf, states, dy, d_last, *, columns=None):
     """Launch the backward kernel. Returns (dx_gates, d_state0 (4, B, NH, DH), db)."""
     batch, seq_len, num_heads, _, head_dim = x_gates.shape
     plan = _launch_plan(batch, head_dim, num_heads, x_gates.dtype, x_gates.device, columns)
@@ -532,7 +533,6 @@ def slstm_backward(x_gates, R, b, starts, y_buf, states, dy, d_last, *, columns=
         DH=head_dim,
         SPLITS_POW2=triton.next_power_of_2(plan["NUM_SPLITS"]),
         HAS_RESETS=starts is not None,
-        num_warps=num_warps or (8 if plan["BLOCK_B"] * plan["W"] >= 1024 else 4),
         **plan,
     )
     return dx, d_first, db.sum(dim=0)
