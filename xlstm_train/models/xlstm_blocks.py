@@ -102,7 +102,7 @@ class xLSTMBlocksConfig:
             fail("mlstm_num_heads", f"must divide the mLSTM inner dimension {inner}")
         if inner % self.qkv_proj_blocksize:
             fail("qkv_proj_blocksize", f"must divide the mLSTM inner dimension {inner}")
-        if self.embedding_dim % self.slstm_num_heads:
+        if self.slstm_at and self.embedding_dim % self.slstm_num_heads:
             fail("slstm_num_heads", f"must divide embedding_dim = {self.embedding_dim}")
         if any(not 0 <= b < self.num_blocks for b in self.slstm_at) or len(set(self.slstm_at)) != len(self.slstm_at):
             fail("slstm_at", f"must be distinct block indices in [0, num_blocks = {self.num_blocks})")

@@ -1,0 +1,109 @@
+"""Our models against the official implementations holding the same (converted) weights, in fp32 on
+CPU: the ``xlstm`` package's ``xLSTMLMModel`` (vanilla sLSTM backend) for the paper blocks and
+transformers' ``xLSTMForCausalLM`` for xLSTM Large."""
+
+import torch
+from transformers import xLSTMForCausalLM
+from xlstm import (
+    FeedForwardConfig,
+    mLSTMBlockConfig,
+    mLSTMLayerConfig,
+    sLSTMBlockConfig,
+    sLSTMLayerConfig,
+    xLSTMLMModel,
+    xLSTMLMModelConfig,
+)
+
+from tests.models.utils import perturb_
+from xlstm_train.export.convert import (
+    from_hf_state_dict,
+    from_official_blocks_state_dict,
+    hf_config,
+    to_hf_state_dict,
+    to_official_blocks_state_dict,
+)
+from xlstm_train.models import build_model, xLSTMBlocksConfig, xLSTMLargeConfig
+from xlstm_train.models.xlstm_blocks import xLSTMBlocksModel
+
+
+def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+def _official_blocks_model(vocab, dim, num_blocks, slstm_at, context):
+    cfg = xLSTMLMModelConfig(
+        mlstm_block=mLSTMBlockConfig(mlstm=mLSTMLayerConfig(conv1d_kernel_size=4, qkv_proj_blocksize=4, num_heads=4)),
+        slstm_block=sLSTMBlockConfig(
+            slstm=sLSTMLayerConfig(backend="vanilla", num_heads=4, conv1d_kernel_size=4),
+            feedforward=FeedForwardConfig(proj_factor=1.3, act_fn="gelu"),
+        ),
+        context_length=context, num_blocks=num_blocks, embedding_dim=dim, slstm_at=slstm_at, vocab_size=vocab,
+    )  # fmt: skip
+    model = xLSTMLMModel(cfg)
+    model.reset_parameters()  # the constructor leaves the embedding at N(0, 1)
+    return model
+
+
+def _ours_blocks_config(vocab, dim, num_blocks, slstm_at):
+    return xLSTMBlocksConfig(
+        vocab_size=vocab, embedding_dim=dim, num_blocks=num_blocks, slstm_at=slstm_at, chunk_size=16,
+        kernel="reference",
+    )  # fmt: skip
+
+
+def test_blocks_match_official_xlstm_lm_model():
+    torch.manual_seed(0)
+    vocab, dim, seq = 101, 64, 45  # 45: two full chunks of 16 and a partial one
+    official = perturb_(_official_blocks_model(vocab, dim, 4, [1, 2], context=seq)).eval()
+    ours = xLSTMBlocksModel(_ours_blocks_config(vocab, dim, 4, [1, 2])).eval()
+    ours.load_state_dict(from_official_blocks_state_dict(official.state_dict(), backend="vanilla"))
+    ids = torch.randint(0, vocab, (2, seq))
+    with torch.no_grad():
+        expected, got = official(ids), ours(ids)
+    assert rel_error(got, expected) <= 1e-4
+
+    # and back: our weights in the official layout reproduce the official state dict exactly
+    back = to_official_blocks_state_dict(ours.state_dict(), backend="vanilla")
+    official_sd = official.state_dict()
+    assert back.keys() == official_sd.keys()
+    assert all(torch.equal(back[k], official_sd[k]) for k in back)
+
+
+def test_blocks_init_matches_official_reset_parameters():
+    """Deterministic parameters equal the official ones; random ones have the official spread."""
+    vocab, dim, num_blocks, slstm_at = 512, 256, 4, [1, 3]
+    torch.manual_seed(0)
+    official = from_official_blocks_state_dict(
+        _official_blocks_model(vocab, dim, num_blocks, slstm_at, context=8).state_dict()
+    )
+    ours = build_model(_ours_blocks_config(vocab, dim, num_blocks, slstm_at)).state_dict()
+    assert ours.keys() == official.keys()
+    for key, theirs in official.items():
+        mine = ours[key]
+        assert mine.shape == theirs.shape, key
+        if key.endswith("igate.bias") and "mlstm_cell" in key:  # N(0, 0.1) over 4 heads: too few to compare
+            continue
+        if theirs.numel() > 1000 and theirs.std() > 0:
+            assert abs(mine.std().item() / theirs.std().item() - 1) < 0.1, key
+            assert abs(mine.mean().item() - theirs.mean().item()) < 0.1 * theirs.std().item() + 1e-3, key
+        elif key.endswith(("norm.weight", "learnable_skip", "fgate.bias", "_bias_", "_recurrent_kernel_")):
+            assert torch.equal(mine, theirs), key
+
+
+def test_large_matches_transformers_xlstm_for_causal_lm():
+    torch.manual_seed(0)
+    cfg = xLSTMLargeConfig(vocab_size=101, embedding_dim=128, num_blocks=2, num_heads=2, kernel="reference")
+    ours = perturb_(build_model(cfg)).eval()
+    hf = xLSTMForCausalLM(hf_config(cfg)).eval()
+    hf.load_state_dict(to_hf_state_dict(ours.state_dict()), strict=True)
+    ids = torch.randint(0, cfg.vocab_size, (2, 77))  # more than one 64-token chunk, not a multiple
+    with torch.no_grad():
+        expected = hf(ids, use_cache=False).logits
+        got = ours(ids)
+    assert rel_error(got, expected) <= 1e-4
+
+    # import path: transformers weights -> ours
+    again = build_model(cfg)
+    again.load_state_dict(from_hf_state_dict(hf.state_dict()), strict=True)
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids), got)
