@@ -148,15 +148,24 @@ def build_mesh(
     if world_size == 1:
         return None
     mesh = init_device_mesh(device_type, tuple(dims[d] for d in MESH_DIMS), mesh_dim_names=MESH_DIMS)
-    mesh["dp_replicate", "dp_shard"]._flatten("dp")
+    _DP_MESHES[id(mesh)] = mesh["dp_replicate", "dp_shard"]._flatten("dp")
     return mesh
+
+
+# The flattened data-parallel mesh of each root mesh (torch asks callers to keep it themselves).
+_DP_MESHES: dict[int, DeviceMesh] = {}
+
+
+def dp_mesh(mesh: DeviceMesh) -> DeviceMesh:
+    """The 1-D data-parallel mesh (dp_replicate x dp_shard flattened) of a ``build_mesh`` mesh."""
+    return _DP_MESHES[id(mesh)]
 
 
 def dp_rank_and_size(mesh: DeviceMesh | None) -> tuple[int, int]:
     """This rank's data-parallel coordinate: which slice of each global batch it loads."""
     if mesh is None:
         return 0, 1
-    dp = mesh["dp"]
+    dp = dp_mesh(mesh)
     return dp.get_local_rank(), dp.size()
 
 

@@ -26,7 +26,7 @@ from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint
 
 from xlstm_train.config import ConfigError
 from xlstm_train.parallel.config import ParallelConfig
-from xlstm_train.parallel.distributed import fsdp_mesh
+from xlstm_train.parallel.distributed import dp_mesh, fsdp_mesh
 from xlstm_train.parallel.tensor_parallel import apply_tensor_parallel
 
 BLOCK_LISTS = {"xlstm_large": "backbone.blocks", "xlstm_blocks": "xlstm_block_stack.blocks", "llama": "layers"}
@@ -118,7 +118,7 @@ def parallelize_model(
     if cfg.compile:
         for block in blocks:
             block.compile()
-    if mesh is not None and mesh["dp"].size() > 1:
+    if mesh is not None and dp_mesh(mesh).size() > 1:
         apply_fsdp(model, blocks, fsdp_mesh(mesh), cfg.zero_stage, param_dtype)
     return model
 
@@ -187,16 +187,16 @@ def clip_grad_norm_(parameters: Iterable[torch.Tensor], max_norm: float, norm_ty
 
 def dp_mean(value: torch.Tensor, mesh: DeviceMesh | None) -> torch.Tensor:
     """Average a scalar (e.g. the loss of this rank's micro-batches) over the data-parallel ranks."""
-    if mesh is None or mesh["dp"].size() == 1:
+    if mesh is None or dp_mesh(mesh).size() == 1:
         return value
     value = value.detach().clone().float()
-    dist.all_reduce(value, op=dist.ReduceOp.SUM, group=mesh["dp"].get_group())
-    return value / mesh["dp"].size()
+    dist.all_reduce(value, op=dist.ReduceOp.SUM, group=dp_mesh(mesh).get_group())
+    return value / dp_mesh(mesh).size()
 
 
 def dp_max(value: torch.Tensor, mesh: DeviceMesh | None) -> torch.Tensor:
-    if mesh is None or mesh["dp"].size() == 1:
+    if mesh is None or dp_mesh(mesh).size() == 1:
         return value
     value = value.detach().clone().float()
-    dist.all_reduce(value, op=dist.ReduceOp.MAX, group=mesh["dp"].get_group())
+    dist.all_reduce(value, op=dist.ReduceOp.MAX, group=dp_mesh(mesh).get_group())
     return value

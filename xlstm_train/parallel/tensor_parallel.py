@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     ParallelStyle,
@@ -36,7 +36,6 @@ from torch.distributed.tensor.parallel import (
     SequenceParallel,
     parallelize_module,
 )
-from torch.distributed.tensor.placement_types import _StridedShard
 
 from xlstm_train.config import ConfigError
 from xlstm_train.parallel.config import ParallelConfig
@@ -99,73 +98,87 @@ class GatherOutput(ParallelStyle):
         return module
 
 
-class SliceInput(ParallelStyle):
-    """Give a head-local module only its rank's slice of a replicated input (along ``dim``).
+class Packed:
+    """A parameter packing ``parts`` head-major tensors one after another along ``dim``.
 
-    The backward all-gathers the slices' gradients, which is exactly the gradient of the slicing.
-    Inputs that already hold only the local slice (their ``dim`` is the local size) pass unchanged.
+    The paper mLSTM's ``proj_up`` rows are ``[x_m; z]`` and its gates read ``cat(q, k, v)``: a
+    rank's heads sit in every part. Such a parameter stays whole (replicated) over TP - a packed
+    split is no DTensor placement that FSDP2 can shard further - and each rank computes with the
+    rows (or columns) of its heads in every part; the all-gather in the backward gives every rank
+    the full, correct gradient.
     """
 
-    def __init__(self, full_size_of, dim: int = -1):
-        super().__init__()
-        self.full_size_of = full_size_of  # module -> the global size of the sliced dimension
+    def __init__(self, parts: int, dim: int = 0):
+        self.parts = parts
         self.dim = dim
 
-    def _apply(self, module: nn.Module, mesh: DeviceMesh) -> nn.Module:
-        full = self.full_size_of(module)
 
-        def slice_input(_module, args):
-            x = args[0]
-            if isinstance(x, DTensor):
-                x = x.redistribute(placements=(Replicate(),)).to_local()
-            if x.shape[self.dim] != full:
-                return args
-            x = DTensor.from_local(x, mesh, (Replicate(),), run_check=False)
-            x = x.redistribute(placements=(Shard(self.dim % x.ndim),)).to_local()
-            return (x, *args[1:])
+def local_heads_of_packed(param: DTensor, packed: Packed) -> torch.Tensor:
+    """The local-head slice of a replicated packed DTensor parameter, as a plain tensor."""
+    dim = packed.dim % param.ndim
+    shape = list(param.shape)
+    split = shape[:dim] + [packed.parts, shape[dim] // packed.parts] + shape[dim + 1 :]
+    local = param.view(split).redistribute(placements=(Shard(dim + 1),)).to_local()
+    return local.reshape(*shape[:dim], -1, *shape[dim + 1 :])
 
-        module.register_forward_pre_hook(slice_input)
-        return module
+
+def _local_input(x: torch.Tensor, mesh: DeviceMesh, mode: str) -> torch.Tensor:
+    """Convert a module's input for local compute on this rank's heads.
+
+    ``local``: already this rank's heads. ``slice``: a replicated input of which the rank takes
+    its heads' features (the backward all-gathers). ``partial``: a replicated input used whole;
+    each rank's input gradient is a partial sum (the backward all-reduces).
+    """
+    if mode == "local":
+        return x.to_local() if isinstance(x, DTensor) else x
+    if not isinstance(x, DTensor):
+        x = DTensor.from_local(x, mesh, (Replicate(),), run_check=False)
+    x = x.redistribute(placements=(Replicate(),))
+    if mode == "slice":
+        return x.redistribute(placements=(Shard(x.ndim - 1),)).to_local()
+    return x.to_local(grad_placements=(Partial(),))
 
 
 class HeadLocal(ParallelStyle):
-    """Shard a per-head module's parameters by head and run it on the local shards.
+    """Run a per-head module on this rank's heads only.
 
-    ``params`` maps a parameter name (relative to the module) to the placement of its head
-    dimension: ``Shard(d)``, or ``_StridedShard(d, split_factor=n)`` for a tensor that packs ``n``
-    head-major parts one after another (each part is split by head and a rank holds the rank-th
-    piece of every part). The parameters become DTensors, so optimizers, FSDP and checkpoints see
-    their global shapes; during the module's own forward they are swapped for their local shards
-    (``DTensor.to_local`` is differentiable, the gradient lands on the DTensor parameter), so the
-    module's code runs unchanged on the rank's heads.
+    ``params`` maps a parameter name (relative to the module, dotted for a submodule's) to
+    ``Shard(d)`` (split by head along ``d``) or ``Packed(parts, dim)``. Parameters become DTensors,
+    so optimizers, FSDP and checkpoints see their global shapes; during the module's forward they
+    are swapped for their local heads (``to_local`` is differentiable: gradients land on the
+    DTensor parameters), so the module's code runs unchanged. ``input`` says how the first
+    positional input is made local (see ``_local_input``).
     """
 
-    def __init__(self, params: dict[str, Any]):
+    def __init__(self, params: dict[str, Any], input: str = "local"):
         super().__init__()
         self.params = params
+        self.input = input
 
     def _apply(self, module: nn.Module, mesh: DeviceMesh) -> nn.Module:
-        owners = []
+        owned = []
         for name, placement in self.params.items():
             owner_name, _, leaf = name.rpartition(".")
             owner = module.get_submodule(owner_name) if owner_name else module
             param = owner._parameters.get(leaf)
             if param is None:
-                continue  # an optional parameter (e.g. a bias) this model does not have
-            if not isinstance(param, DTensor):
-                param = nn.Parameter(distribute_tensor(param.data, mesh, [placement]), param.requires_grad)
-                owner.register_parameter(leaf, param)
-            owners.append((owner, leaf))
-        if not owners:
-            return module
+                continue  # an optional parameter (a bias) this model does not have
+            dt_placement = Replicate() if isinstance(placement, Packed) else placement
+            param = nn.Parameter(distribute_tensor(param.data, mesh, [dt_placement]), param.requires_grad)
+            owner.register_parameter(leaf, param)
+            owned.append((owner, leaf, placement))
         swapped: list[tuple[nn.Module, str, nn.Parameter]] = []
 
-        def to_local(_module, _args):
-            for owner, leaf in owners:
+        def to_local(_module, args):
+            for owner, leaf, placement in owned:
                 param = owner._parameters[leaf]
                 if isinstance(param, DTensor):
                     swapped.append((owner, leaf, param))
-                    owner._parameters[leaf] = param.to_local()
+                    local = local_heads_of_packed(param, placement) if isinstance(placement, Packed) else param.to_local()
+                    owner._parameters[leaf] = local
+            if args and isinstance(args[0], torch.Tensor):
+                return (_local_input(args[0], mesh, self.input), *args[1:])
+            return args
 
         def restore(_module, _args, _output):
             while swapped:
@@ -174,6 +187,49 @@ class HeadLocal(ParallelStyle):
 
         module.register_forward_pre_hook(to_local)
         module.register_forward_hook(restore, always_call=True)
+        return module
+
+
+class GateFromAllHeads(ParallelStyle):
+    """The paper mLSTM's input/forget gate: ``Linear(3 * inner -> NH)`` on ``cat(q, k, v)`` of all heads.
+
+    Each rank holds q, k, v of its heads only. Rather than all-gathering them (3 * inner features
+    per token), each rank multiplies its features by the matching weight columns, one all-reduce of
+    the NH-wide partial sums gives every head's pre-activation, and the rank keeps its heads'.
+    """
+
+    def __init__(self, parts: int = 3):
+        super().__init__()
+        self.packed = Packed(parts, dim=1)
+
+    def _apply(self, module: nn.Module, mesh: DeviceMesh) -> nn.Module:
+        for leaf in ("weight", "bias"):
+            param = module._parameters[leaf]
+            module.register_parameter(
+                leaf, nn.Parameter(distribute_tensor(param.data, mesh, [Replicate()]), param.requires_grad)
+            )
+
+        def forward(qkv_local: torch.Tensor) -> torch.Tensor:
+            weight = local_heads_of_packed(module.weight, self.packed)
+            partial = nn.functional.linear(_local_input(qkv_local, mesh, "local"), weight)
+            pre = DTensor.from_local(partial, mesh, (Partial(),), run_check=False)
+            pre = pre.redistribute(placements=(Replicate(),)) + module.bias
+            return pre.redistribute(placements=(Shard(pre.ndim - 1),)).to_local()
+
+        module.forward = forward
+        return module
+
+
+class Compose(ParallelStyle):
+    """Several styles on one module, applied in order."""
+
+    def __init__(self, *styles: ParallelStyle):
+        super().__init__()
+        self.styles = styles
+
+    def _apply(self, module: nn.Module, mesh: DeviceMesh) -> nn.Module:
+        for style in self.styles:
+            module = style._apply(module, mesh)
         return module
 
 
@@ -245,7 +301,74 @@ def llama_plan(model: nn.Module, sp: bool, loss_parallel: bool) -> dict[str, Par
     return plan
 
 
-PLANS = {"xlstm_large": xlstm_large_plan, "llama": llama_plan}
+def xlstm_blocks_plan(model: nn.Module, sp: bool, loss_parallel: bool) -> dict[str, ParallelStyle]:
+    """The paper blocks.
+
+    mLSTM (pre up-projection): ``proj_up`` packs ``[x_m; z]`` (``Packed(2)``: each rank computes
+    its heads' rows of both); the causal conv, the block-diagonal q/k/v projections, the output
+    norm and the learnable skip are per channel, hence per head, and run locally; the gates read
+    ``cat(q, k, v)`` of all heads (``GateFromAllHeads``: partial sums and one all-reduce of NH
+    numbers per token); ``proj_down`` is row-parallel.
+
+    sLSTM (post up-projection): conv, gate projections (block-diagonal per head), the recurrent
+    cell and its per-head norm run on the rank's heads; the layer's output is all-gathered into
+    the residual stream (there is no projection after the cell to make row-parallel). The gated
+    FFN's ``proj_up`` packs ``[gate; up]`` (``Packed(2)``), ``proj_down`` is row-parallel.
+    """
+    from xlstm_train.models.xlstm_blocks import mLSTMBlock
+
+    plan = _embedding_and_head("token_embedding", "xlstm_block_stack.post_blocks_norm", "lm_head", sp, loss_parallel)
+    residual = Shard(1) if sp else Replicate()
+    for n, block in enumerate(model.xlstm_block_stack.blocks):
+        p = f"xlstm_block_stack.blocks.{n}"
+        if sp:
+            plan[f"{p}.xlstm_norm"] = SequenceParallel()
+        if isinstance(block, mLSTMBlock):
+            plan[f"{p}.xlstm"] = Compose(_region_input(sp), HeadLocal({"learnable_skip": Shard(0)}))
+            plan[f"{p}.xlstm.proj_up"] = HeadLocal({"weight": Packed(2)}, input="partial")
+            plan[f"{p}.xlstm.conv1d"] = HeadLocal({"conv.weight": Shard(0), "conv.bias": Shard(0)})
+            for proj in ("q_proj", "k_proj", "v_proj"):
+                plan[f"{p}.xlstm.{proj}"] = HeadLocal({"weight": Shard(0), "bias": Shard(0)})
+            plan[f"{p}.xlstm.mlstm_cell.igate"] = GateFromAllHeads()
+            plan[f"{p}.xlstm.mlstm_cell.fgate"] = GateFromAllHeads()
+            plan[f"{p}.xlstm.mlstm_cell.outnorm"] = HeadLocal({"weight": Shard(0), "bias": Shard(0)})
+            plan[f"{p}.xlstm.proj_down"] = _row_output(sp)
+        else:
+            cell = {"slstm_cell._recurrent_kernel_": Shard(0), "slstm_cell._bias_": Shard(0)}
+            plan[f"{p}.xlstm"] = Compose(
+                _region_input(sp), HeadLocal(cell), GatherOutput(dim=-1, output_layout=residual)
+            )
+            plan[f"{p}.xlstm.conv1d"] = HeadLocal({"conv.weight": Shard(0), "conv.bias": Shard(0)}, input="slice")
+            for gate in ("fgate", "igate"):  # they read the (already local) convolved input
+                plan[f"{p}.xlstm.{gate}"] = HeadLocal({"weight": Shard(0), "bias": Shard(0)}, input="local")
+            for gate in ("zgate", "ogate"):  # they read the layer's replicated input
+                plan[f"{p}.xlstm.{gate}"] = HeadLocal({"weight": Shard(0), "bias": Shard(0)}, input="slice")
+            plan[f"{p}.xlstm.group_norm"] = HeadLocal({"weight": Shard(0), "bias": Shard(0)})
+            if sp:
+                plan[f"{p}.ffn_norm"] = SequenceParallel()
+            plan[f"{p}.ffn"] = _region_input(sp)
+            plan[f"{p}.ffn.proj_up"] = HeadLocal({"weight": Packed(2)}, input="partial")
+            plan[f"{p}.ffn.proj_down"] = _row_output(sp)
+    return plan
+
+
+def check_blocks_divisible(model: nn.Module, tp: int) -> None:
+    """The paper mLSTM's block-diagonal q/k/v projections must not straddle two ranks."""
+    from xlstm_train.models.xlstm_blocks import mLSTMBlock
+
+    for block in model.xlstm_block_stack.blocks:
+        if isinstance(block, mLSTMBlock):
+            inner = block.xlstm.learnable_skip.shape[0]
+            blocksize = block.xlstm.q_proj.weight.shape[-1]
+            if (inner // tp) % blocksize:
+                raise ConfigError(
+                    f"parallel.tp = {tp}: the mLSTM inner dimension {inner} / tp is not a multiple of "
+                    f"model.qkv_proj_blocksize = {blocksize}"
+                )
+            return
+
+
+PLANS = {"xlstm_large": xlstm_large_plan, "llama": llama_plan, "xlstm_blocks": xlstm_blocks_plan}
 
 
 def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, cfg: ParallelConfig, model_cfg: Any) -> nn.Module:
@@ -259,6 +382,8 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, cfg: ParallelCo
             "model.tie_embeddings = true with parallel.tp > 1: the vocabulary-parallel embedding and the "
             "column-parallel head shard the shared matrix differently; untie them for tensor parallelism"
         )
+    if arch == "xlstm_blocks":
+        check_blocks_divisible(model, tp_mesh.size())
     plan = PLANS[arch](model, cfg.sequence_parallel, cfg.loss_parallel)
     parallelize_module(model, tp_mesh, plan)
     return model
