@@ -5,7 +5,16 @@ class DataError(ValueError):
     """Bad data or a bad data setting: the message names the file (and line) and what is wrong."""
 
 
-from xlstm_train.data.loader import build_train_loader, build_val_loader  # noqa: E402
-from xlstm_train.data.tokenizer import load_tokenizer  # noqa: E402
+_LAZY = {"build_train_loader": "loader", "build_val_loader": "loader", "load_tokenizer": "tokenizer"}
+
+
+def __getattr__(name: str):
+    # Imported on first use, so that tokenizer worker processes of prepare-data never import torch.
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f"xlstm_train.data.{_LAZY[name]}"), name)
+    raise AttributeError(f"module 'xlstm_train.data' has no attribute {name!r}")
+
 
 __all__ = ["DataError", "build_train_loader", "build_val_loader", "load_tokenizer"]

@@ -288,7 +288,11 @@ def _train_tokenizer(args, source) -> None:
     if args.train_tokenizer == "sentencepiece":
         if path.suffix != ".model":
             raise DataError(f"--tokenizer {path}: a SentencePiece model is written to a .model path")
-        train_sentencepiece(texts, path.with_suffix(""), args.vocab_size)
+        try:
+            train_sentencepiece(texts, path.with_suffix(""), args.vocab_size)
+        except RuntimeError as e:  # SentencePiece reports bad settings this way
+            raise DataError(f"--train-tokenizer sentencepiece --vocab-size {args.vocab_size}: too small or "
+                            f"unusable for this input ({e})") from None
     else:
         train_byte_level_bpe(texts, path / "tokenizer.json" if path.suffix != ".json" else path, args.vocab_size)
     print(f"trained a {args.train_tokenizer} tokenizer ({args.vocab_size} tokens) on {len(texts)} documents: {path}")
@@ -333,7 +337,7 @@ def prepare(args) -> dict:
     write_json_atomic(settings_path, settings)
 
     units = _finished_units(root)
-    if (root / MANIFEST).is_file() and len(units) == len(read_manifest(root)["units"]):
+    if (root / MANIFEST).is_file() and len(units) == read_manifest(root)["units"]:
         print(f"{root}: already prepared ({len(units)} units intact)")
         return read_manifest(root)
     _remove_unfinished(root, len(units))
@@ -354,15 +358,16 @@ def prepare(args) -> dict:
 
     start = tuple(units[-1]["end"]) if units else (0, 0)
     if not all_capped():
-        units += _tokenize_units(args, source, tokenizer, root, dtype, start, len(units), keep_subsets,
-                                 totals, cap_of, all_capped)
+        reported = {f["path"] for unit in units for f in unit["files"]}
+        units += _tokenize_units(args, source, root, dtype, start, len(units), keep_subsets, totals, cap_of,
+                                 all_capped, reported)
     manifest = _manifest(settings, units, source)
     write_json_atomic(root / MANIFEST, manifest)
     return manifest
 
 
-def _tokenize_units(args, source, tokenizer, root, dtype, start, first_unit, keep_subsets, totals, cap_of,
-                    all_capped) -> list[dict]:
+def _tokenize_units(args, source, root, dtype, start, first_unit, keep_subsets, totals, cap_of, all_capped,
+                    reported: set[str]) -> list[dict]:
     from tqdm import tqdm
 
     records = source.records(start)
@@ -379,7 +384,6 @@ def _tokenize_units(args, source, tokenizer, root, dtype, start, first_unit, kee
     finished, unit = [], None
     docs = tokens = 0
     started = last_report = time.perf_counter()
-    reported_files: set[int] = set()
     try:
         for batch, flat, lengths in _tokenized(batches, pool, in_flight=2 * args.workers + 2):
             if unit is None:
@@ -412,8 +416,10 @@ def _tokenize_units(args, source, tokenizer, root, dtype, start, first_unit, kee
                 last_report = now
             stop = all_capped()
             if batch.last_in_unit or stop:
-                files = [v for k, v in sorted(source.file_checksums.items()) if k not in reported_files]
-                reported_files.update(source.file_checksums)
+                # files the stream has moved past (reading ahead must not change what a unit records)
+                files = [c for k, c in sorted(source.file_checksums.items())
+                         if k < batch.end[0] and c["path"] not in reported]
+                reported.update(c["path"] for c in files)
                 finished.append(unit.finish(files))
                 start, unit = batch.end, None
             if stop:
@@ -424,6 +430,8 @@ def _tokenize_units(args, source, tokenizer, root, dtype, start, first_unit, kee
                 writer.abandon()
         raise
     finally:
+        elapsed = max(time.perf_counter() - started, 1e-9)
+        bar.set_postfix_str(f"{docs / elapsed:,.0f} docs/s, {tokens / elapsed:,.0f} tok/s", refresh=False)
         bar.close()
         if pool is not None:
             pool.terminate()
