@@ -40,11 +40,14 @@ def test_large_logits_are_soft_capped():
     torch.testing.assert_close(capped, 0.5 * torch.tanh(raw / 0.5))
 
 
+@pytest.mark.parametrize("input_gate", ["exp", "sigmoid"])
 @pytest.mark.parametrize("arch", ["xlstm_blocks", "xlstm_large"])
-def test_state_continuation_equals_full_forward(arch):
+def test_state_continuation_equals_full_forward(arch, input_gate):
     """Prefix then suffix with the carried state (conv histories included) == one pass, also when
     a document boundary falls into the last conv window of the prefix."""
-    model = _tiny_model(tiny_configs()[arch])
+    cfg = tiny_configs()[arch]
+    cfg.input_gate = input_gate
+    model = _tiny_model(cfg)
     ids = torch.randint(0, VOCAB, (2, 29))
     doc_ids = torch.zeros(2, 29, dtype=torch.long)
     doc_ids[0, 11:] = 1
@@ -155,3 +158,26 @@ def test_validate_errors_name_the_field():
     _expect_error(LlamaConfig, {"num_kv_heads": 5}, r"model\.num_kv_heads = 5: must be a positive divisor of num_heads = 12")
     _expect_error(LlamaConfig, {"embedding_dim": 36, "num_heads": 4}, r"odd head dim 9")
     assert from_dict(xLSTMBlocksConfig, {"slstm_at": [3, 20]}, prefix="model").slstm_at == [3, 20]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["xlstm_blocks", "xlstm_large"])
+def test_triton_kernels_give_the_reference_model(arch):
+    """The same weights with ``kernel: triton`` (under the Triton interpreter on CPU) give the
+    reference kernels' logits and gradients."""
+    cfg = tiny_configs()[arch]
+    cfg.chunk_size = 16
+    reference = _tiny_model(cfg)
+    cfg.kernel = "triton"
+    triton = build_model(cfg)
+    triton.load_state_dict(reference.state_dict())
+    ids = torch.randint(0, VOCAB, (1, 32))
+    doc_ids = (torch.arange(32) >= 20).long().unsqueeze(0)
+    outputs = []
+    for model in (reference, triton):
+        logits = model(ids, doc_ids=doc_ids)
+        logits.square().mean().backward()
+        outputs.append((logits, [p.grad for p in model.parameters()]))
+    torch.testing.assert_close(outputs[1][0], outputs[0][0], rtol=1e-4, atol=1e-5)
+    for got, expected in zip(outputs[1][1], outputs[0][1]):
+        torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-5)
