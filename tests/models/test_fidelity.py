@@ -2,6 +2,7 @@
 CPU: the ``xlstm`` package's ``xLSTMLMModel`` (vanilla sLSTM backend) for the paper blocks and
 transformers' ``xLSTMForCausalLM`` for xLSTM Large."""
 
+import pytest
 import torch
 from transformers import xLSTMForCausalLM
 from xlstm import (
@@ -19,6 +20,7 @@ from xlstm_train.export.convert import (
     from_hf_state_dict,
     from_official_blocks_state_dict,
     hf_config,
+    load_hf_checkpoint,
     to_hf_state_dict,
     to_official_blocks_state_dict,
 )
@@ -90,7 +92,7 @@ def test_blocks_init_matches_official_reset_parameters():
             assert torch.equal(mine, theirs), key
 
 
-def test_large_matches_transformers_xlstm_for_causal_lm():
+def test_large_matches_transformers_xlstm_for_causal_lm(tmp_path):
     torch.manual_seed(0)
     cfg = xLSTMLargeConfig(vocab_size=101, embedding_dim=128, num_blocks=2, num_heads=2, kernel="reference")
     ours = perturb_(build_model(cfg)).eval()
@@ -102,8 +104,20 @@ def test_large_matches_transformers_xlstm_for_causal_lm():
         got = ours(ids)
     assert rel_error(got, expected) <= 1e-4
 
-    # import path: transformers weights -> ours
-    again = build_model(cfg)
-    again.load_state_dict(from_hf_state_dict(hf.state_dict()), strict=True)
+    # import path: a saved transformers checkpoint directory (Hub layout) -> config and weights
+    hf.save_pretrained(tmp_path)
+    loaded_cfg, state_dict = load_hf_checkpoint(tmp_path)
+    assert (loaded_cfg.embedding_dim, loaded_cfg.num_blocks, loaded_cfg.num_heads) == (128, 2, 2)
+    again = build_model(loaded_cfg)
+    again.load_state_dict(state_dict, strict=True)
     with torch.no_grad():
         torch.testing.assert_close(again(ids), got)
+
+
+def test_hf_config_rejects_what_transformers_cannot_represent():
+    with pytest.raises(ValueError, match="input_gate = 'sigmoid'"):
+        hf_config(xLSTMLargeConfig(embedding_dim=128, num_heads=2, input_gate="sigmoid"))
+    with pytest.raises(ValueError, match=r"qk_dim_factor = 0.5: embedding_dim \* qk_dim_factor = 96"):
+        hf_config(xLSTMLargeConfig(embedding_dim=192, num_heads=2))
+    with pytest.raises(ValueError, match="weight_mode 'fused'"):
+        from_hf_state_dict({"backbone.blocks.0.mlstm_layer.qkv_opreact.weight": torch.zeros(1)})
