@@ -12,6 +12,8 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from xlstm_kernels.mlstm import mlstm, mlstm_step
+from xlstm_kernels.slstm import slstm, slstm_step
 
 # --------------------------------------------------------------------------------------------------
 # Initialisers (from gpt-neox, as used by the official xLSTM code)
@@ -211,8 +213,6 @@ def mlstm_cell(
 
     One token with a state (generation) takes the step kernel; everything else the chunkwise one.
     """
-    from xlstm_kernels.mlstm import mlstm, mlstm_step  # on first use: a config read must not import Triton
-
     if q.shape[1] == 1 and state is not None:
         c, n, m = state
         h, new_state = mlstm_step(
@@ -252,8 +252,6 @@ def slstm_cell(
 ) -> tuple[torch.Tensor, tuple | None]:
     """x_gates ``(B, S, NH, 4, DH)`` (gates i, f, z, o), recurrent_kernel ``(NH, DH, 4 * DH)``,
     bias ``(NH * 4 * DH)`` head-major -> y ``(B, S, NH, DH)``; the state is ``(y, c, n, m)``."""
-    from xlstm_kernels.slstm import slstm, slstm_step  # on first use, as above
-
     num_heads, head_dim = recurrent_kernel.shape[0], recurrent_kernel.shape[1]
     R = recurrent_kernel.view(num_heads, head_dim, 4, head_dim)
     b = bias.view(num_heads, 4, head_dim)
