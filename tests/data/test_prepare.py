@@ -284,3 +284,31 @@ def test_module_entry_point_reports_errors_with_exit_code_2(tmp_path):
                            "--no-progress"], capture_output=True, text=True, env={**os.environ})
     assert proc.returncode == 2
     assert "a.jsonl:2: not valid JSON" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_hub_tokenizer_ids_resolve_through_the_hub_cache(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    from xlstm_train.data.tokenizer import train_byte_level_bpe
+
+    snapshot = tmp_path / "cache" / "snapshot"
+    train_byte_level_bpe(random_documents(20, seed=4), snapshot / "tokenizer.json", 300)
+    (snapshot / "tokenizer_config.json").write_text('{"eos_token": {"content": "<|endoftext|>"}}')
+    asked = []
+
+    def fake_download(repo_id, filename):
+        asked.append((repo_id, filename))
+        return str(snapshot / filename)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    tok = open_tokenizer("some-org/some-tokenizer")
+    assert asked == [("some-org/some-tokenizer", "tokenizer.json"), ("some-org/some-tokenizer", "tokenizer_config.json")]
+    assert tok.identity["name"] == "some-org/some-tokenizer" and tok.eos_token == "<|endoftext|>"
+    assert tok.decode(tok.encode("Emma said.")) == "Emma said."
+
+    def offline(repo_id, filename):
+        raise OSError("no network")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
+    with pytest.raises(DataError, match="'some-org/other': not a local path, and the Hugging Face Hub did not"):
+        open_tokenizer("some-org/other")

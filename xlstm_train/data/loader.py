@@ -31,7 +31,7 @@ import torch
 
 from xlstm_train.data import DataError
 from xlstm_train.data.shards import TokenShard, read_manifest, token_dtype
-from xlstm_train.data.tokenizer import file_sha256
+from xlstm_train.data.tokenizer import open_tokenizer
 
 IGNORE_INDEX = -100
 BLEND_PERIOD = 1 << 16  # the blend table repeats every this many samples
@@ -152,12 +152,7 @@ def _resolve_streams(specs, seq_len: int, vocab_size: int, tokenizer_sha256: str
 def _tokenizer_sha256(data_cfg) -> str | None:
     if not data_cfg.tokenizer:
         return None
-    path = Path(data_cfg.tokenizer)
-    if path.is_dir():
-        path = path / "tokenizer.json"
-    if not path.is_file():
-        raise DataError(f"data.tokenizer = {data_cfg.tokenizer!r}: file not found")
-    return file_sha256(path)
+    return open_tokenizer(data_cfg.tokenizer).identity["sha256"]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -62,7 +63,7 @@ class HuggingFaceTokenizer:
 
     kind = "huggingface"
 
-    def __init__(self, path: str | Path, eos_token: str | None = None):
+    def __init__(self, path: str | Path, eos_token: str | None = None, name: str | None = None):
         from tokenizers import Tokenizer
 
         path = Path(path)
@@ -82,7 +83,7 @@ class HuggingFaceTokenizer:
         if not found:
             raise DataError(f"{self.path}: no end-of-document token among {candidates}; name one with --eos-token")
         self.eos_token, self.eos_id = found[0]
-        name = directory.name if path.is_dir() else self.path.stem
+        name = name or (directory.name if path.is_dir() else self.path.stem)
         self.identity = {"kind": self.kind, "name": name, "sha256": file_sha256(self.path),
                          "vocab_size": self.vocab_size, "eos_id": self.eos_id}
 
@@ -109,13 +110,36 @@ Tokenizer = SentencePieceTokenizer | HuggingFaceTokenizer
 
 
 def open_tokenizer(path: str | Path, eos_token: str | None = None) -> Tokenizer:
-    """A SentencePiece ``.model`` file, or a ``tokenizer.json`` file / a directory holding one."""
-    path = Path(path)
-    if not path.exists():
-        raise DataError(f"tokenizer not found: {path}")
-    if path.is_dir() or path.suffix == ".json":
-        return HuggingFaceTokenizer(path, eos_token)
-    return SentencePieceTokenizer(path)
+    """A SentencePiece ``.model`` file, a ``tokenizer.json`` file or a directory holding one, or the id of
+    a Hugging Face Hub repository with a ``tokenizer.json`` (e.g. ``EleutherAI/gpt-neox-20b``)."""
+    local = Path(path)
+    if not local.exists():
+        if _HUB_ID.fullmatch(str(path)):
+            return HuggingFaceTokenizer(_download_from_hub(str(path)), eos_token, name=str(path))
+        raise DataError(f"tokenizer not found: {path} (expected a SentencePiece .model, a tokenizer.json or "
+                        "its directory, or a Hugging Face Hub id such as EleutherAI/gpt-neox-20b)")
+    if local.is_dir() or local.suffix == ".json":
+        return HuggingFaceTokenizer(local, eos_token)
+    return SentencePieceTokenizer(local)
+
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def _download_from_hub(repo_id: str) -> Path:
+    """The Hub repository's tokenizer files, fetched into (or found in) the Hugging Face cache."""
+    from huggingface_hub import hf_hub_download
+
+    try:
+        path = Path(hf_hub_download(repo_id, "tokenizer.json"))
+    except Exception as e:  # offline, no such repository, no tokenizer.json: all end the same way
+        raise DataError(f"tokenizer '{repo_id}': not a local path, and the Hugging Face Hub did not provide "
+                        f"its tokenizer.json ({type(e).__name__}: {e})") from None
+    try:
+        hf_hub_download(repo_id, "tokenizer_config.json")  # names the EOS token, when present
+    except Exception:
+        pass
+    return path.parent
 
 
 def load_tokenizer(data_cfg) -> Tokenizer | None:
