@@ -119,5 +119,7 @@ def test_hf_config_rejects_what_transformers_cannot_represent():
         hf_config(xLSTMLargeConfig(embedding_dim=128, num_heads=2, input_gate="sigmoid"))
     with pytest.raises(ValueError, match=r"qk_dim_factor = 0.5: embedding_dim \* qk_dim_factor = 96"):
         hf_config(xLSTMLargeConfig(embedding_dim=192, num_heads=2))
+    with pytest.raises(ValueError, match="use_bias = True"):
+        hf_config(xLSTMLargeConfig(embedding_dim=128, num_heads=2, use_bias=True))
     with pytest.raises(ValueError, match="weight_mode 'fused'"):
         from_hf_state_dict({"backbone.blocks.0.mlstm_layer.qkv_opreact.weight": torch.zeros(1)})

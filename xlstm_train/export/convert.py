@@ -94,6 +94,8 @@ def hf_config(cfg: xLSTMLargeConfig, **token_ids):
 
     if cfg.input_gate != "exp":
         raise ValueError(f"model.input_gate = {cfg.input_gate!r}: transformers' xLSTM supports only 'exp'")
+    if cfg.use_bias:
+        raise ValueError("model.use_bias = True: transformers' xLSTM has no bias on its final norm (out_norm)")
     # transformers sizes its generation cache with q/k/v widths rounded up to multiples of 64, the
     # layers with the exact widths: they agree only when the widths are multiples of 64.
     for name, width in (("qk_dim_factor", cfg.qk_dim), ("v_dim_factor", cfg.v_dim)):
