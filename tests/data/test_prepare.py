@@ -312,3 +312,14 @@ def test_hub_tokenizer_ids_resolve_through_the_hub_cache(tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
     with pytest.raises(DataError, match="'some-org/other': not a local path, and the Hugging Face Hub did not"):
         open_tokenizer("some-org/other")
+
+
+def test_unsafe_subset_names_get_distinct_directories(tmp_path):
+    rows = [{"text": d, "set": s} for d, s in zip(random_documents(6, seed=6), ["a b", "a_b", "../up"] * 2)]
+    path = write_jsonl(tmp_path / "a.jsonl", rows)
+    manifest = run_prepare("--input", path, "--output", tmp_path / "out", "--tokenizer", SAMPLE_TOKENIZER,
+                           "--subset-field", "set", "--workers", 1)
+    dirs = {name: entry["shards"][0]["name"].split("/")[0] for name, entry in manifest["subsets"].items()}
+    assert sorted(dirs) == ["../up", "a b", "a_b"] and len(set(dirs.values())) == 3
+    assert all((tmp_path / "out" / d).is_dir() and ".." not in d for d in dirs.values())
+    assert all(entry["documents"] == 2 for entry in manifest["subsets"].values())

@@ -13,6 +13,7 @@ continues from where the last good unit ended.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import multiprocessing
 import os
@@ -185,7 +186,11 @@ def _tokenized(batches: Iterator[Batch], pool, in_flight: int):
 
 
 def _subset_dir(subset: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", subset) or "_"
+    """A directory name for a subset: the name itself when it is safe, else a cleaned name + a short hash."""
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", subset)
+    if safe == subset and subset not in (PROGRESS_DIR, ".", ".."):
+        return subset
+    return f"{safe.strip('.')}-{hashlib.sha256(subset.encode()).hexdigest()[:8]}"
 
 
 class Unit:
