@@ -10,14 +10,12 @@ from tests.parallel.harness import run_distributed
 ARCHS = ("xlstm_large", "llama", "xlstm_blocks")
 
 
-def _tp2() -> None:
+def _two_ranks() -> None:
+    # one process group for both layouts: starting processes is most of these tests' time
     for arch in ARCHS:
         compare_with_single_process(arch, tp=2)
     compare_with_single_process("xlstm_large", tp=2, sequence_parallel=True, loss_parallel=False)
     compare_with_single_process("xlstm_blocks", tp=2, sequence_parallel=True)
-
-
-def _fsdp2() -> None:
     for arch in ARCHS:
         compare_with_single_process(arch, zero_stage=3)
     compare_with_single_process("xlstm_large", zero_stage=2, activation_checkpointing="full")
@@ -29,12 +27,8 @@ def _tp2_dp2() -> None:
     compare_with_single_process("xlstm_large", tp=2, dp_replicate=2, sequence_parallel=True)
 
 
-def test_tensor_parallel_2():
-    run_distributed(_tp2, 2)
-
-
-def test_fsdp_dp2():
-    run_distributed(_fsdp2, 2)
+def test_tensor_parallel_2_and_fsdp_dp2():
+    run_distributed(_two_ranks, 2)
 
 
 @pytest.mark.slow
