@@ -10,11 +10,13 @@ The sequence is cut into chunks of L tokens (default 128). Four kernels:
 * ``_bwd_states_kernel``: the reverse recurrence for dC, dn, written before every chunk.
 * ``_bwd_grads_kernel``: one program per (chunk, head): dq, dk, dv of the chunk.
 
-Gate gradients follow from dq and dk without any L x L gate matrix: with the stabilisers held
-fixed, every term's log-weight is ``B_query - B_source + log_i_source`` (B the cumulative log forget
-gate), so ``dL/dB_t = q_t.dq_t - k_t.dk_t`` and ``dL/dlog_i_t = k_t.dk_t``. The stabilisers matter
-only through eps: the per-token m is the max-plus scan ``m_t = max(log f_t + m_{t-1}, log i_t)``
-and its gradient is routed back through that scan's argmax (``_stabiliser_scan_backward``).
+Gate gradients: with the stabilisers held fixed, every term's log-weight is a sum of log forget
+gates over an interval plus the source's log input gate, so the kernel sums the gradients of the
+log-weights (intra-chunk L x L, origin state, chunk-end state, carried state) over the intervals
+that contain each gate. (The shortcut ``dL/dB_t = q_t.dq_t - k_t.dk_t`` loses all relative precision
+when forget gates are closed: the diagonal terms cancel.) The stabilisers matter only through eps
+and the final state's scale: the per-token m is the max-plus scan ``m_t = max(log f_t + m_{t-1},
+log i_t)``, whose gradient is routed back through its argmax (``_stabiliser_scan_backward``).
 
 Document resets are exact: inside a chunk the tokens form segments split at resets; a token sees
 only keys of its own segment and, in the first segment only, the state before the chunk. Later
@@ -39,8 +41,8 @@ def _log_sigmoid(x):
 
 @triton.jit
 def _chunk_gates(I, F, RESET, gate_base, reset_base, t, valid, IS_EXP: tl.constexpr):
-    """Per-token log gates of one chunk, their inclusive cumsum and segment ids (split at resets).
-    Tokens past the end get log f = 0 and log i = -inf: they change nothing."""
+    """Per-token log gates of one chunk and segment ids (split at resets). Tokens past the end get
+    log f = 0 and log i = -inf: they change nothing."""
     f = tl.load(F + gate_base + t, mask=valid, other=0.0).to(tl.float32)
     i = tl.load(I + gate_base + t, mask=valid, other=0.0).to(tl.float32)
     log_f = tl.where(valid, _log_sigmoid(f), 0.0)
@@ -51,35 +53,36 @@ def _chunk_gates(I, F, RESET, gate_base, reset_base, t, valid, IS_EXP: tl.conste
     log_i = tl.where(valid, log_i, float("-inf"))
     reset = tl.load(RESET + reset_base + t, mask=valid, other=0).to(tl.int32)
     segment = tl.cumsum(reset, 0)
-    cum_log_f = tl.cumsum(log_f, 0)
-    return log_f, log_i, segment, cum_log_f
+    return log_f, log_i, segment
+
+
+# Sums of log forget gates over intervals are formed as masked sums of terms of one sign, never as
+# differences of running totals: with closed gates (log f ~ -20) those totals reach thousands and
+# their difference would lose the small intervals' precision.
 
 
 @triton.jit
-def _intra_weights(log_f, log_i, segment, cum_log_f, tau, m_prev):
+def _intra_weights(log_f, log_i, segment, tau, m_prev):
     """Log-weights inside a chunk: log_d[t, s] for keys s of t's segment (-inf elsewhere) and the
     log-weight of t's origin state (the chunk's incoming state in segment 0, the zero state with
     m = 0 after a reset)."""
     visible = (segment[:, None] == segment[None, :]) & (tau[:, None] >= tau[None, :])
-    log_d = tl.where(visible, cum_log_f[:, None] - cum_log_f[None, :] + log_i[None, :], float("-inf"))
-    # cumulative log f before the segment start: the exclusive cumsum is non-increasing, so the
-    # segment's first token has the largest value among the visible keys
-    excl = cum_log_f - log_f
-    before_segment = tl.max(tl.where(visible, excl[None, :], float("-inf")), 1)
-    log_origin = cum_log_f - before_segment + tl.where(segment == 0, m_prev, 0.0)
+    # decay[t, s] = sum of log f over (s, t]: a cumsum down each column of the strictly-lower part
+    decay = tl.cumsum(tl.where(tau[:, None] > tau[None, :], log_f[:, None], 0.0), 0)
+    log_d = tl.where(visible, decay + log_i[None, :], float("-inf"))
+    log_origin = tl.sum(tl.where(visible, log_f[None, :], 0.0), 1) + tl.where(segment == 0, m_prev, 0.0)
     return log_d, log_origin
 
 
 @triton.jit
-def _state_weights(log_f, log_i, segment, cum_log_f, m_prev, IS_EXP: tl.constexpr):
+def _state_weights(log_f, log_i, segment, tau, m_prev, IS_EXP: tl.constexpr):
     """Weights of the state update over one chunk: C_next = carry * C_prev + sum_s w_s k_s v_s^T.
     Only the chunk's last segment reaches the next state; after a reset the carried state is dropped."""
     last_segment = tl.max(segment, 0)
     in_last = segment == last_segment
-    total = tl.sum(log_f, 0)
-    excl = cum_log_f - log_f
-    decay = total - tl.max(tl.where(in_last, excl, float("-inf")), 0)  # log f summed over the last segment
-    log_w = tl.where(in_last, total - cum_log_f + log_i, float("-inf"))
+    decay = tl.sum(tl.where(in_last, log_f, 0.0), 0)  # log f summed over the last segment
+    after = tl.sum(tl.where(tau[None, :] > tau[:, None], log_f[None, :], 0.0), 1)  # over (s, end]
+    log_w = tl.where(in_last, after + log_i, float("-inf"))
     m_origin = tl.where(last_segment > 0, 0.0, m_prev)
     if IS_EXP:
         m_next = tl.maximum(decay + m_origin, tl.max(log_w, 0))
@@ -126,8 +129,8 @@ def _fwd_states_kernel(
                 tl.store(M_STATES + state_index, m)
         t = chunk * L + tau
         valid = t < S
-        log_f, log_i, segment, cum_log_f = _chunk_gates(I, F, RESET, pid_bh * S, batch * S, t, valid, IS_EXP)
-        carry, w, m = _state_weights(log_f, log_i, segment, cum_log_f, m, IS_EXP)
+        log_f, log_i, segment = _chunk_gates(I, F, RESET, pid_bh * S, batch * S, t, valid, IS_EXP)
+        carry, w, m = _state_weights(log_f, log_i, segment, tau, m, IS_EXP)
         rows = pid_bh * S + t
         k_chunk = tl.load(K + rows[:, None] * DQK + offs_k[None, :], mask=valid[:, None] & mask_k[None, :], other=0.0)
         v_chunk = tl.load(V + rows[:, None] * DV + offs_v[None, :], mask=valid[:, None] & mask_v[None, :], other=0.0)
@@ -159,8 +162,8 @@ def _fwd_output_kernel(
     state_index = pid_bh * (NC + 1) + chunk
 
     m_prev = tl.load(M_STATES + state_index)
-    log_f, log_i, segment, cum_log_f = _chunk_gates(I, F, RESET, pid_bh * S, batch * S, t, valid, IS_EXP)
-    log_d, log_origin = _intra_weights(log_f, log_i, segment, cum_log_f, tau, m_prev)
+    log_f, log_i, segment = _chunk_gates(I, F, RESET, pid_bh * S, batch * S, t, valid, IS_EXP)
+    log_d, log_origin = _intra_weights(log_f, log_i, segment, tau, m_prev)
 
     scores = tl.zeros([L, L], dtype=tl.float32)
     q_n = tl.zeros([L], dtype=tl.float32)
@@ -249,9 +252,9 @@ def _bwd_states_kernel(
         valid = t < S
         rows = pid_bh * S + t
         m_prev = tl.load(M_STATES + state_index)
-        log_f, log_i, segment, cum_log_f = _chunk_gates(I, F, RESET, pid_bh * S, batch * S, t, valid, IS_EXP)
-        carry, w, m_next = _state_weights(log_f, log_i, segment, cum_log_f, m_prev, IS_EXP)
-        _, log_origin = _intra_weights(log_f, log_i, segment, cum_log_f, tau, m_prev)
+        log_f, log_i, segment = _chunk_gates(I, F, RESET, pid_bh * S, batch * S, t, valid, IS_EXP)
+        carry, w, m_next = _state_weights(log_f, log_i, segment, tau, m_prev, IS_EXP)
+        _, log_origin = _intra_weights(log_f, log_i, segment, tau, m_prev)
         m = tl.load(M_TOKENS + rows, mask=valid, other=0.0)
         den = tl.load(DEN + rows, mask=valid, other=1.0)
         dqn = tl.load(DQN + rows, mask=valid, other=0.0)
@@ -272,7 +275,7 @@ def _bwd_states_kernel(
 @triton.jit
 def _bwd_grads_kernel(
     Q, K, V, I, F, RESET, DH, M_TOKENS, DEN, DQN, C_STATES, N_STATES, M_STATES, DC_STATES, DN_STATES,
-    DQ, DK, DV_OUT,
+    DQ, DK, DV_OUT, DLOG_F, DLOG_I,
     S, NH, DQK, DV, NC, scale,
     IS_EXP: tl.constexpr, L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
@@ -287,9 +290,9 @@ def _bwd_grads_kernel(
     next_index = state_index + 1  # and after it
 
     m_prev = tl.load(M_STATES + state_index)
-    log_f, log_i, segment, cum_log_f = _chunk_gates(I, F, RESET, pid_bh * S, batch * S, t, valid, IS_EXP)
-    log_d, log_origin = _intra_weights(log_f, log_i, segment, cum_log_f, tau, m_prev)
-    _, w, _ = _state_weights(log_f, log_i, segment, cum_log_f, m_prev, IS_EXP)
+    log_f, log_i, segment = _chunk_gates(I, F, RESET, pid_bh * S, batch * S, t, valid, IS_EXP)
+    log_d, log_origin = _intra_weights(log_f, log_i, segment, tau, m_prev)
+    carry, w, _ = _state_weights(log_f, log_i, segment, tau, m_prev, IS_EXP)
     m = tl.load(M_TOKENS + rows, mask=valid, other=0.0)
     den = tl.load(DEN + rows, mask=valid, other=1.0)
     dqn = tl.load(DQN + rows, mask=valid, other=0.0)
@@ -311,18 +314,28 @@ def _bwd_grads_kernel(
         dh_tile = tl.load(DH + rows[:, None] * DV + offs_v[None, :], mask=mask_v, other=0.0)
         v_tile = tl.load(V + rows[:, None] * DV + offs_v[None, :], mask=mask_v, other=0.0)
         d_scores += tl.dot(dh_tile, tl.trans(v_tile), input_precision=DOT_PRECISION)
-    # d(q.k) = dP * D with dP = dh.v / den + dqn (the normaliser sums the same weighted scores)
-    p = (scores * scale * d).to(Q.dtype.element_ty)
-    d_scores = ((d_scores / den[:, None] + dqn[:, None]) * d).to(Q.dtype.element_ty)
+    # dP = dh.v / den + dqn (the normaliser sums the same weighted scores); d(q.k) = dP * D, and
+    # the gradient of each term's log-weight is P * dP
+    p = scores * scale * d
+    d_p = d_scores / den[:, None] + dqn[:, None]
+    d_log_d = p * d_p
+    p = p.to(Q.dtype.element_ty)
+    d_scores = (d_p * d).to(Q.dtype.element_ty)
 
+    d_log_origin = tl.zeros([L], dtype=tl.float32)  # per query: the term of the state before the chunk
+    d_log_w = tl.zeros([L], dtype=tl.float32)  # per key: its term in the state after the chunk
+    d_log_carry = tl.zeros([BK], dtype=tl.float32)  # the carried state's term, summed at the end
     for k0 in range(0, DQK, BK):
         offs_k = k0 + tl.arange(0, BK)
         mask_k = offs_k < DQK
         mask_tk = valid[:, None] & mask_k[None, :]
         q_tile = tl.load(Q + rows[:, None] * DQK + offs_k[None, :], mask=mask_tk, other=0.0)
         k_tile = tl.load(K + rows[:, None] * DQK + offs_k[None, :], mask=mask_tk, other=0.0)
-        dq = tl.dot(d_scores, k_tile, input_precision=DOT_PRECISION)
-        dk = tl.dot(tl.trans(d_scores), q_tile, input_precision=DOT_PRECISION) * scale
+        n_tile = tl.load(N_STATES + state_index * DQK + offs_k, mask=mask_k, other=0.0)
+        dn_tile = tl.load(DN_STATES + next_index * DQK + offs_k, mask=mask_k, other=0.0)
+        dq_state = (w_origin * dqn)[:, None] * n_tile[None, :]
+        dk_state = w[:, None] * dn_tile[None, :]
+        d_log_carry += n_tile * dn_tile
         for v0 in range(0, DV, BV):
             offs_v = v0 + tl.arange(0, BV)
             mask_v = offs_v < DV
@@ -335,14 +348,30 @@ def _bwd_grads_kernel(
             dc_tile = tl.load(DC_STATES + next_index * DQK * DV + tile_kv, mask=mask_kv, other=0.0)
             dh_weighted = (dh_tile.to(tl.float32) * (w_origin / den)[:, None]).to(q_tile.dtype)
             v_weighted = (v_tile.to(tl.float32) * w[:, None]).to(q_tile.dtype)
-            dq += tl.dot(dh_weighted, tl.trans(c_tile.to(q_tile.dtype)), input_precision=DOT_PRECISION)
-            dk += tl.dot(v_weighted, tl.trans(dc_tile.to(q_tile.dtype)), input_precision=DOT_PRECISION)
-        n_tile = tl.load(N_STATES + state_index * DQK + offs_k, mask=mask_k, other=0.0)
-        dn_tile = tl.load(DN_STATES + next_index * DQK + offs_k, mask=mask_k, other=0.0)
-        dq += (w_origin * dqn)[:, None] * n_tile[None, :]
-        dk += w[:, None] * dn_tile[None, :]
+            dq_state += tl.dot(dh_weighted, tl.trans(c_tile.to(q_tile.dtype)), input_precision=DOT_PRECISION)
+            dk_state += tl.dot(v_weighted, tl.trans(dc_tile.to(q_tile.dtype)), input_precision=DOT_PRECISION)
+            d_log_carry += tl.sum(c_tile * dc_tile, 1)
+        d_log_origin += tl.sum(q_tile.to(tl.float32) * dq_state, 1) * scale
+        d_log_w += tl.sum(k_tile.to(tl.float32) * dk_state, 1)
+        dq = tl.dot(d_scores, k_tile, input_precision=DOT_PRECISION) + dq_state
+        dk = tl.dot(tl.trans(d_scores), q_tile, input_precision=DOT_PRECISION) * scale + dk_state
         tl.store(DQ + rows[:, None] * DQK + offs_k[None, :], (dq * scale).to(DQ.dtype.element_ty), mask=mask_tk)
         tl.store(DK + rows[:, None] * DQK + offs_k[None, :], dk.to(DK.dtype.element_ty), mask=mask_tk)
+
+    # Gate gradients from the log-weight gradients, summed directly (not as q.dq - k.dk, whose
+    # diagonal terms cancel and cost all relative precision when the forget gates are closed).
+    # log f_s enters every intra term (t, s') with s' < s <= t, the origin term of queries t >= s,
+    # the state term of keys s' < s, and the carried state's term; log i_s its keys' terms.
+    later_or_same = tau[:, None] >= tau[None, :]  # [row, col]: row >= col
+    # queries_from[s, s'] = sum over queries t >= s of d_log_d[t, s'], then keep keys s' < s
+    queries_from = tl.dot(tl.where(tau[:, None] <= tau[None, :], 1.0, 0.0), d_log_d, input_precision="ieee")
+    d_log_f = tl.sum(tl.where(tau[:, None] > tau[None, :], queries_from, 0.0), 1)
+    d_log_f += tl.sum(tl.where(later_or_same, d_log_origin[:, None], 0.0), 0)
+    d_log_f += tl.sum(tl.where(later_or_same, 0.0, d_log_w[:, None]), 0)
+    d_log_f += carry * tl.sum(d_log_carry, 0)
+    d_log_i = tl.sum(d_log_d, 0) + d_log_w
+    tl.store(DLOG_F + rows, d_log_f, mask=valid)
+    tl.store(DLOG_I + rows, d_log_i, mask=valid)
 
     for v0 in range(0, DV, BV):
         offs_v = v0 + tl.arange(0, BV)
@@ -439,10 +468,11 @@ def _stabiliser_scan_backward(grad_m, log_f, log_i, m_tokens, m0, reset):
     m_before = torch.cat([m0.reshape(B, NH, 1).to(m_tokens.dtype), m_tokens[..., :-1]], dim=-1)
     m_before = torch.where(reset[:, None, :], torch.zeros_like(m_before), m_before)
     carried = (log_f + m_before >= log_i).to(torch.float64)  # m_t took the carried value
+    linked = (carried > 0) & ~reset[:, None, :]  # ... and that value was m_{t-1}, not a reset's zero
     suffix = torch.flip(torch.cumsum(torch.flip(grad_m.to(torch.float64), [-1]), -1), [-1])
     suffix = torch.cat([suffix, suffix.new_zeros(B, NH, 1)], dim=-1)
     positions = torch.arange(S, device=grad_m.device).expand(B, NH, S)
-    breaks = torch.where(carried == 0, positions, torch.full_like(positions, S))
+    breaks = torch.where(linked, torch.full_like(positions, S), positions)
     next_break = torch.flip(torch.cummin(torch.flip(breaks, [-1]), -1).values, [-1])  # first break >= t
     next_break = torch.cat([next_break[..., 1:], torch.full_like(next_break[..., :1], S)], dim=-1)  # > t
     total = suffix[..., :-1] - torch.gather(suffix, -1, next_break)
@@ -490,27 +520,16 @@ class _MLSTMChunkwise(torch.autograd.Function):
         dq = torch.empty_like(q)
         dk = torch.empty_like(k)
         dv = torch.empty_like(v)
+        d_log_f = torch.empty(cfg.B, cfg.NH, cfg.S, device=dev, dtype=torch.float32)
+        d_log_i = torch.empty_like(d_log_f)
         _bwd_grads_kernel[(cfg.NC, BH)](
             q, k, v, i, f, reset, dh, m_tokens, den, dqn, c_states, n_states, m_states, dc_states, dn_states,
-            dq, dk, dv,
+            dq, dk, dv, d_log_f, d_log_i,
             cfg.S, cfg.NH, cfg.DQK, cfg.DV, cfg.NC, cfg.scale,
             IS_EXP=cfg.is_exp, L=cfg.L, BK=cfg.chunk_bk, BV=cfg.chunk_bv, DOT_PRECISION=cfg.dot_precision,
             num_warps=cfg.num_warps,
         )  # fmt: skip
-
-        # Gate gradients with the stabilisers fixed: dL/dB_t = q.dq - k.dk (+ the final state, which
-        # acts as a query at the last token), dlog_f = reverse cumsum of dL/dB, dlog_i = k.dk.
-        k_dk = (k.float() * dk.float()).sum(-1).double()
-        d_cum = (q.float() * dq.float()).sum(-1).double() - k_dk
-        c_last, n_last = c_states[:, -1].view(cfg.B, cfg.NH, cfg.DQK, cfg.DV), n_states[:, -1].view(cfg.B, cfg.NH, -1)
-        final_term = torch.zeros(cfg.B, cfg.NH, device=dev, dtype=torch.float64)
-        if dc_last is not None:
-            final_term += (dc_last.double() * c_last.double()).sum((-1, -2))
-        if dn_last is not None:
-            final_term += (dn_last.double() * n_last.double()).sum(-1)
-        d_cum[..., -1] += final_term
-        d_log_f = torch.flip(torch.cumsum(torch.flip(d_cum, [-1]), -1), [-1])
-        d_log_i = k_dk
+        d_log_f, d_log_i = d_log_f.double(), d_log_i.double()
 
         dc0 = dc_states[:, 0].view(cfg.B, cfg.NH, cfg.DQK, cfg.DV)
         dn0 = dn_states[:, 0].view(cfg.B, cfg.NH, cfg.DQK)
@@ -519,7 +538,11 @@ class _MLSTMChunkwise(torch.autograd.Function):
             # the stabilisers enter the function only through eps: h depends on its token's m as
             # dh/dm = -h * eps / den, the final state (c, n) scales as exp(-m_last)
             grad_m = -cfg.eps * delta.double() / den.double()
-            grad_m[..., -1] -= final_term
+            c_last = c_states[:, -1].view(cfg.B, cfg.NH, cfg.DQK, cfg.DV)
+            if dc_last is not None:
+                grad_m[..., -1] -= (dc_last.double() * c_last.double()).sum((-1, -2))
+            if dn_last is not None:
+                grad_m[..., -1] -= (dn_last.double() * n_states[:, -1].view(cfg.B, cfg.NH, -1).double()).sum(-1)
             if dm_last is not None:
                 grad_m[..., -1] += dm_last.reshape(cfg.B, cfg.NH).double()
             log_f = torch.nn.functional.logsigmoid(f.double())

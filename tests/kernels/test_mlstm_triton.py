@@ -1,0 +1,182 @@
+"""The Triton mLSTM kernels against the fp64 reference: outputs, final states and every gradient.
+
+Without CUDA the kernels run under TRITON_INTERPRET=1 (set in conftest) at small shapes in fp32; the
+gpu-marked tests run bf16 at the real head dims.
+"""
+
+import random
+
+import pytest
+import torch
+
+from xlstm_kernels import mlstm, mlstm_step
+from xlstm_kernels.mlstm.reference import mlstm_recurrent
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture
+def seed():
+    seed = random.randrange(2**31)
+    torch.manual_seed(seed)
+    return seed
+
+
+def make_inputs(B, NH, S, DQK, DV, *, input_gate, hard, with_state, dtype):
+    """Random inputs; ``hard``: forget pre-activations near -20 and input pre-activations up to +15."""
+    q = torch.randn(B, NH, S, DQK)
+    k = torch.randn(B, NH, S, DQK)
+    v = torch.randn(B, NH, S, DV)
+    if hard:
+        i = torch.empty(B, NH, S).uniform_(-5.0, 15.0)
+        f = torch.where(torch.rand(B, NH, S) < 0.5, -20.0 + torch.randn(B, NH, S), 3.0 * torch.randn(B, NH, S))
+    else:
+        i = 2.0 * torch.randn(B, NH, S)
+        f = 3.0 + 2.0 * torch.randn(B, NH, S)
+    inputs = dict(q=q.to(dtype), k=k.to(dtype), v=v.to(dtype), i=i, f=f)
+    if with_state:
+        inputs["c0"] = torch.randn(B, NH, DQK, DV)
+        inputs["n0"] = torch.randn(B, NH, DQK)
+        if input_gate == "exp":
+            inputs["m0"] = 2.0 * torch.randn(B, NH, 1)
+    return {name: t.to(DEVICE) for name, t in inputs.items()}
+
+
+def random_doc_ids(B, S):
+    return torch.cumsum((torch.rand(B, S) < 0.1).long(), dim=1).to(DEVICE)
+
+
+def outputs_and_grads(fn, inputs, weights, **kwargs):
+    leaves = {name: t.detach().clone().requires_grad_(True) for name, t in inputs.items()}
+    h, (c, n, m) = fn(**leaves, return_state=True, **kwargs)
+    loss = (h * weights["h"]).sum() + (c * weights["c"]).sum() + (n * weights["n"]).sum()
+    if m is not None:
+        loss = loss + (m * weights["m"]).sum()
+    grads = torch.autograd.grad(loss, list(leaves.values()))
+    results = {"h": h, "c": c, "n": n} | ({"m": m} if m is not None else {})
+    return results | {f"d{name}": g for name, g in zip(leaves, grads)}
+
+
+def compare_with_reference(inputs, input_gate, tol, seed, **kwargs):
+    """Relative error (norm of the difference over norm of the reference) of every output/gradient
+    against the fp64 reference. Some gradients are ill-conditioned (h is nearly invariant to the scale
+    of q, so dq is a small difference of large terms): a key may also pass by being within 10x the
+    error of the same reference run in the kernel's dtype."""
+    B, NH, S, DQK = inputs["q"].shape
+    DV = inputs["v"].shape[-1]
+    weights = {
+        "h": torch.randn(B, NH, S, DV, device=DEVICE, dtype=torch.float64),
+        "c": torch.randn(B, NH, DQK, DV, device=DEVICE, dtype=torch.float64),
+        "n": torch.randn(B, NH, DQK, device=DEVICE, dtype=torch.float64),
+        "m": torch.randn(B, NH, 1, device=DEVICE, dtype=torch.float64),
+    }
+    doc_ids = kwargs.get("doc_ids")
+
+    def reference(dtype):
+        return outputs_and_grads(
+            mlstm_recurrent if S <= 64 else mlstm,  # the chunkwise reference is faster at length
+            {name: t.to(dtype) for name, t in inputs.items()},
+            {name: w.to(dtype) for name, w in weights.items()},
+            input_gate=input_gate,
+            doc_ids=doc_ids,
+            **({"impl": "reference"} if S > 64 else {}),
+        )
+
+    expected = reference(torch.float64)
+    actual = outputs_and_grads(
+        mlstm, inputs, {name: w.to(torch.float32) for name, w in weights.items()},
+        input_gate=input_gate, impl="triton", **kwargs,
+    )  # fmt: skip
+    assert actual.keys() == expected.keys()
+    assert actual["h"].dtype == inputs["q"].dtype and actual["c"].dtype == torch.float32
+
+    def errors(results):
+        return {key: ((results[key].double() - e).norm() / e.norm().clamp_min(1e-30)).item() for key, e in expected.items()}
+
+    for key, value in actual.items():
+        assert torch.isfinite(value).all(), f"{key} has non-finite values (seed {seed})"
+    kernel_errors = errors(actual)
+    if any(err > tol for err in kernel_errors.values()):
+        same_dtype_errors = errors(reference(inputs["q"].dtype))
+        bad = {
+            key: f"{err:.2e} (reference in {inputs['q'].dtype}: {same_dtype_errors[key]:.2e})"
+            for key, err in kernel_errors.items()
+            if err > max(tol, 10 * same_dtype_errors[key])
+        }
+        assert not bad, f"relative errors above {tol}: {bad} (seed {seed}, all: {kernel_errors})"
+
+
+CPU_CASES = [
+    # (input_gate, S, DQK, DV, chunk, hard, with_state, with_docs)
+    ("exp", 37, 16, 32, 16, True, True, False),
+    ("exp", 69, 32, 16, 32, True, False, True),
+    ("exp", 64, 16, 16, 16, False, True, True),
+    ("exp", 1, 16, 16, 16, True, True, False),
+    ("sigmoid", 37, 16, 32, 16, True, True, True),
+    ("sigmoid", 69, 32, 16, 32, False, False, False),
+    ("sigmoid", 1, 32, 16, 16, False, True, False),
+]
+
+
+@pytest.mark.parametrize("input_gate,S,DQK,DV,chunk,hard,with_state,with_docs", CPU_CASES)
+def test_chunkwise_kernel_matches_reference_fp32(seed, input_gate, S, DQK, DV, chunk, hard, with_state, with_docs):
+    inputs = make_inputs(2, 2, S, DQK, DV, input_gate=input_gate, hard=hard, with_state=with_state, dtype=torch.float32)
+    doc_ids = random_doc_ids(2, S) if with_docs else None
+    compare_with_reference(inputs, input_gate, 1e-4, seed, chunk_size=chunk, doc_ids=doc_ids)
+
+
+@pytest.mark.parametrize("input_gate", ["exp", "sigmoid"])
+def test_step_kernel_matches_reference_step(seed, input_gate):
+    B, NH, DQK, DV = 2, 3, 32, 48
+    inputs = make_inputs(B, NH, 1, DQK, DV, input_gate=input_gate, hard=True, with_state=True, dtype=torch.float32)
+    token = [inputs[name][:, :, 0] for name in "qkvif"]
+    state = (inputs["c0"], inputs["n0"], inputs.get("m0"))
+    h, new_state = mlstm_step(*token, *state, input_gate=input_gate, impl="triton")
+    h_ref, ref_state = mlstm_step(*token, *state, input_gate=input_gate, impl="reference")
+    torch.testing.assert_close(h, h_ref, rtol=1e-5, atol=1e-5, msg=f"seed {seed}")
+    for actual, expected in zip(new_state, ref_state):
+        if expected is None:
+            assert actual is None
+        else:
+            torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5, msg=f"seed {seed}")
+
+
+def test_prefill_then_step_kernel_generation_equals_full_forward(seed):
+    B, NH, S, DQK, DV = 1, 2, 40, 16, 16
+    inputs = make_inputs(B, NH, S, DQK, DV, input_gate="exp", hard=False, with_state=False, dtype=torch.float32)
+    prompt = 33
+    full = mlstm(**inputs, impl="triton", chunk_size=16)
+    h, (c, n, m) = mlstm(**{k: t[:, :, :prompt] for k, t in inputs.items()}, impl="triton", chunk_size=16,
+                         return_state=True)  # fmt: skip
+    hs = [h]
+    for t in range(prompt, S):
+        h, (c, n, m) = mlstm_step(*[inputs[name][:, :, t] for name in "qkvif"], c, n, m, impl="triton")
+        hs.append(h[:, :, None])
+    torch.testing.assert_close(torch.cat(hs, dim=2), full, rtol=1e-4, atol=1e-5, msg=f"seed {seed}")
+
+
+def test_triton_rejects_bad_chunk_size_and_dtype():
+    inputs = make_inputs(1, 1, 8, 16, 16, input_gate="exp", hard=False, with_state=False, dtype=torch.float32)
+    with pytest.raises(ValueError, match="chunk_size a power of two"):
+        mlstm(**inputs, impl="triton", chunk_size=48)
+    with pytest.raises(ValueError, match="float32, bfloat16 or float16"):
+        mlstm(**{k: t.double() for k, t in inputs.items()}, impl="triton")
+
+
+GPU_HEAD_DIMS = [(64, 64), (128, 256), (256, 512), (512, 128), (512, 512)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("input_gate", ["exp", "sigmoid"])
+@pytest.mark.parametrize("DQK,DV", GPU_HEAD_DIMS)
+def test_chunkwise_kernel_bf16_on_gpu(seed, input_gate, DQK, DV):
+    S = 300  # not a multiple of the chunk
+    inputs = make_inputs(2, 2, S, DQK, DV, input_gate=input_gate, hard=True, with_state=True, dtype=torch.bfloat16)
+    compare_with_reference(inputs, input_gate, 1e-2, seed, doc_ids=random_doc_ids(2, S))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("input_gate", ["exp", "sigmoid"])
+def test_chunkwise_kernel_bf16_on_gpu_no_state_no_docs(seed, input_gate):
+    inputs = make_inputs(2, 4, 517, 256, 512, input_gate=input_gate, hard=True, with_state=False, dtype=torch.bfloat16)
+    compare_with_reference(inputs, input_gate, 1e-2, seed)
