@@ -6,24 +6,36 @@ step) is bound by launch latency, so both kernels here loop over time inside the
 
 Work split. A program owns one head, one tile of batch rows (the M dimension of the matmuls, at
 least 16) and a slice of W output units of that head, for all four gates. It keeps its slice of
-R, (DH, 4 gates, W), in registers for the whole sequence. Each step needs the head's full
-y_{t-1} (all DH units), so the NUM_SPLITS = DH / W programs of a (head, batch tile) group
-exchange y through global memory and wait for each other at a counter in global memory once
-per step. They must all be resident at once, which the launcher checks (grid <= SM count).
-With NUM_SPLITS == 1 (small DH, and always under the Triton interpreter, which runs programs
-one after another) no exchange or wait is compiled in.
+R, (DH, 4 gates, W), on chip for the whole sequence. Each step needs the head's full y_{t-1}
+(all DH units), so the NUM_SPLITS = DH / W programs of a (head, batch tile) group exchange their
+slices through global memory every step. They must all be resident at once, which the launcher
+checks (grid <= SM count). With NUM_SPLITS == 1 (small DH, and always under the Triton
+interpreter, which runs programs one after another) y stays in registers and nothing is
+exchanged.
+
+The exchange carries its own readiness: each value travels as one 64-bit word, the step's tag
+in the high half and the fp32 bits in the low half. A 64-bit store is seen whole or not at all,
+so a reader polls the words it needs until every tag is the step it waits for; no fence, counter
+or second round trip. Two slots (even and odd steps) suffice: a program can only overwrite a
+slot after every program of its group has read it, because it needs their next slice first.
+
+Numerics. R and x are used as given (bf16 on the GPU); the states, y included, stay fp32. The
+recurrent matmul takes y as a pair of bf16 matrices, hi = bf16(y) and lo = bf16(y - hi), and
+adds both products (fp32 accumulate), so feeding y back costs no bf16 rounding: without it the
+rounding is amplified through long recurrences, most visibly in the gradients. The backward's
+recurrent product d raw_t @ R^T is split the same way.
 
 Forward (per step, per program):
-    raw_g = keep_t * (y_{t-1} @ R[:, g, slice]) + x_t[g, slice] + b[g, slice]     (fp32 accumulate)
-    pointwise gate math in fp32, y_t[slice] stored in x's dtype (it is both the output and the
-    next step's matmul input), c, n, m stored in fp32 for the backward.
+    raw_g = keep_t * (y_{t-1} @ R[:, g, slice]) + x_t[g, slice] + b[g, slice]
+    pointwise gate math in fp32; y_t stored in x's dtype (the output), and with SAVE_STATES
+    y, c, n, m stored in fp32 for the backward.
 Backward (reverse loop): raw_t is recomputed with the same matmul, the pointwise backward runs
-in fp32 on the program's slice, d raw_t is stored (it is d x_gates), and the recurrent gradient
-d y_{t-1} = sum_g d raw_g @ R[:, g, :]^T is a sum over the group's programs: each stores its
-partial (B, DH) product, and after the wait every program sums the slices it owns. dR and db are
-reductions over (B, t) of d raw done outside the loop (one batched matmul; per-program sums).
+in fp32 on the program's slice, d raw_t is stored (it is d x_gates), and d y_{t-1} =
+sum_g d raw_g @ R[:, g, :]^T is a sum over the group: each program publishes its partial
+(B, DH) product and sums the peers' partials for the units it owns. dR is one batched matmul
+over (B, t) after the loop; db is summed per program.
 
-Document resets: where a token starts a new document, the previous state (y, c, n, m) is
+Document resets: where a token starts a new document the previous state (y, c, n, m) is
 replaced by zeros, so raw loses its recurrent term and the gradient stops there.
 """
 
@@ -31,26 +43,10 @@ import torch
 import triton
 import triton.language as tl
 
-# Registers one program may spend on its slice of R (bytes). Beyond this the slice is re-read
-# from cache every step instead of being held.
+# On-chip bytes one program may spend on its slice of R; beyond this the slice is re-read from
+# cache every step instead of being held.
 _HELD_R_BYTES = 64 * 1024
 _DEFAULT_COLUMNS = 32
-
-
-@triton.jit
-def _arrive(counter_ptr):
-    """Publish this program's stores of the step, then count it in."""
-    tl.debug_barrier()
-    tl.atomic_add(counter_ptr, 1, sem="release", scope="gpu")
-
-
-@triton.jit
-def _wait(counter_ptr, target):
-    """Spin until `target` arrivals have been counted (all programs of the group finished a step)."""
-    count = tl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu")
-    while count < target:
-        count = tl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu")
-    tl.debug_barrier()
 
 
 @triton.jit
@@ -66,8 +62,34 @@ def _tanh(x):
 
 
 @triton.jit
-def _upcast(x):
-    return x.to(tl.float32)
+def _pack(values, tag):
+    """fp32 values -> int64 words: tag in the high 32 bits, the float's bits in the low 32."""
+    bits = values.to(tl.int32, bitcast=True).to(tl.int64) & 0xFFFFFFFF
+    return bits | (tag.to(tl.int64) << 32)
+
+
+@triton.jit
+def _poll(ptrs, mask, tag):
+    """Read words until every one under `mask` carries `tag`; return their fp32 values (0 elsewhere)."""
+    words = tl.load(ptrs, mask=mask, other=0, volatile=True)
+    while tl.min(tl.where(mask, (words >> 32).to(tl.int32), tag)) != tag:
+        words = tl.load(ptrs, mask=mask, other=0, volatile=True)
+    values = words.to(tl.int32).to(tl.float32, bitcast=True)
+    return tl.where(mask, values, 0.0)
+
+
+@triton.jit
+def _split_dot(a, b, acc, OPERAND: tl.constexpr, PRECISION: tl.constexpr):
+    """acc + a @ b for fp32 `a` and `b` in OPERAND: a is split into OPERAND hi + lo parts.
+
+    With an fp32 OPERAND (fp32 inputs, or the interpreter) it is one plain fp32 product.
+    """
+    if OPERAND == tl.float32:
+        return tl.dot(a, b.to(tl.float32), acc=acc, input_precision=PRECISION)
+    a_hi = a.to(OPERAND)
+    a_lo = (a - a_hi.to(tl.float32)).to(OPERAND)
+    acc = tl.dot(a_hi, b, acc=acc)
+    return tl.dot(a_lo, b, acc=acc)
 
 
 @triton.jit
@@ -80,14 +102,26 @@ def _load_r_slices(r_ptr, r_offsets, r_mask, DH: tl.constexpr):
 
 
 @triton.jit
-def _recurrent_gates(y_prev, r_i, r_f, r_z, r_o, PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
-    if UPCAST_DOT:
-        y_prev, r_i, r_f, r_z, r_o = _upcast(y_prev), _upcast(r_i), _upcast(r_f), _upcast(r_z), _upcast(r_o)
-    acc_i = tl.dot(y_prev, r_i, input_precision=PRECISION)
-    acc_f = tl.dot(y_prev, r_f, input_precision=PRECISION)
-    acc_z = tl.dot(y_prev, r_z, input_precision=PRECISION)
-    acc_o = tl.dot(y_prev, r_o, input_precision=PRECISION)
-    return acc_i, acc_f, acc_z, acc_o
+def _load_gates(ptr, offsets, mask, DH: tl.constexpr):
+    g_i = tl.load(ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    g_f = tl.load(ptr + offsets + DH, mask=mask, other=0.0).to(tl.float32)
+    g_z = tl.load(ptr + offsets + 2 * DH, mask=mask, other=0.0).to(tl.float32)
+    g_o = tl.load(ptr + offsets + 3 * DH, mask=mask, other=0.0).to(tl.float32)
+    return g_i, g_f, g_z, g_o
+
+
+@triton.jit
+def _gate_step(raw_i, raw_f, raw_z, raw_o, c, n, m):
+    """The official kernel's gate math (stabilized exp input gate, sigmoid forget gate)."""
+    log_f_plus_m = m + _logsigmoid(raw_f)
+    m_new = tl.where(n == 0.0, raw_i, tl.maximum(raw_i, log_f_plus_m))
+    i_gate = tl.minimum(tl.exp(raw_i - m_new), 1.0)
+    f_gate = tl.minimum(tl.exp(log_f_plus_m - m_new), 1.0)
+    tanh_z = _tanh(raw_z)
+    c_new = f_gate * c + i_gate * tanh_z
+    n_new = f_gate * n + i_gate
+    o_gate = tl.sigmoid(raw_o)
+    return log_f_plus_m, m_new, i_gate, f_gate, tanh_z, c_new, n_new, o_gate
 
 
 @triton.jit
@@ -96,12 +130,12 @@ def slstm_forward_kernel(
     r_ptr,  # (NH, DH, 4, DH) recurrent weights, x's dtype
     b_ptr,  # (NH, 4, DH) fp32 biases
     starts_ptr,  # (B, S) int8, 1 where a document starts (read only with HAS_RESETS)
-    y_ptr,  # (B, S + 1, NH, DH) x's dtype; [:, 0] holds y0, the kernel writes [:, 1:]
-    c_ptr,  # (B, T_STATES, NH, DH) fp32; [:, 0] holds c0; with SAVE_STATES [:, t + 1] = c_t,
-    n_ptr,  #   else T_STATES = 2 and [:, 1] receives the final state
+    out_ptr,  # (B, S, NH, DH) y in x's dtype
+    y_ptr,  # (B, T_STATES, NH, DH) fp32 states; [:, 0] holds state0. With SAVE_STATES
+    c_ptr,  #   T_STATES = S + 1 and [:, t + 1] receives the state after step t, else
+    n_ptr,  #   T_STATES = 2 and [:, 1] receives the final state.
     m_ptr,
-    y_last_ptr,  # (B, NH, DH) fp32 final y
-    counter_ptr,  # (groups,) int32 zeros
+    exchange_ptr,  # (groups, 2, BLOCK_B, BLOCK_DH) int64; slot 1 holds y0 with tag 0
     B,
     S,
     T_STATES,
@@ -115,128 +149,8 @@ def slstm_forward_kernel(
     HOLD_R: tl.constexpr,
     HAS_RESETS: tl.constexpr,
     SAVE_STATES: tl.constexpr,
+    OPERAND: tl.constexpr,
     PRECISION: tl.constexpr,
-    UPCAST_DOT: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    split = pid % NUM_SPLITS
-    group = pid // NUM_SPLITS
-    tile = group % NUM_BATCH_TILES
-    head = group // NUM_BATCH_TILES
-
-    rows = tile * BLOCK_B + tl.arange(0, BLOCK_B)
-    row_ok = rows < B
-    rows = rows.to(tl.int64)
-    cols = split * W + tl.arange(0, W)
-    col_ok = cols < DH
-    k = tl.arange(0, BLOCK_DH)
-    k_ok = k < DH
-    slice_mask = row_ok[:, None] & col_ok[None, :]
-    row_mask = row_ok[:, None] & k_ok[None, :]
-
-    r_offsets = head * (DH * 4 * DH) + k[:, None] * (4 * DH) + cols[None, :]
-    r_mask = k_ok[:, None] & col_ok[None, :]
-    if HOLD_R:
-        r_i, r_f, r_z, r_o = _load_r_slices(r_ptr, r_offsets, r_mask, DH)
-    b_offsets = head * (4 * DH) + cols
-    b_i = tl.load(b_ptr + b_offsets, mask=col_ok, other=0.0)[None, :]
-    b_f = tl.load(b_ptr + b_offsets + DH, mask=col_ok, other=0.0)[None, :]
-    b_z = tl.load(b_ptr + b_offsets + 2 * DH, mask=col_ok, other=0.0)[None, :]
-    b_o = tl.load(b_ptr + b_offsets + 3 * DH, mask=col_ok, other=0.0)[None, :]
-
-    state_offsets = (rows[:, None] * T_STATES * NH + head) * DH + cols[None, :]
-    c = tl.load(c_ptr + state_offsets, mask=slice_mask, other=0.0)
-    n = tl.load(n_ptr + state_offsets, mask=slice_mask, other=0.0)
-    m = tl.load(m_ptr + state_offsets, mask=slice_mask, other=0.0)
-    y = tl.zeros((BLOCK_B, W), dtype=tl.float32)
-
-    x_row_offsets = rows[:, None] * S * NH * 4 * DH + head * 4 * DH + cols[None, :]
-    y_row_offsets = rows[:, None] * (S + 1) * NH * DH + head * DH
-    for t in range(S):
-        # Loads that do not depend on the other programs go first, to overlap with the wait.
-        x_offsets = x_row_offsets + t * NH * 4 * DH
-        x_i = tl.load(x_ptr + x_offsets, mask=slice_mask, other=0.0).to(tl.float32)
-        x_f = tl.load(x_ptr + x_offsets + DH, mask=slice_mask, other=0.0).to(tl.float32)
-        x_z = tl.load(x_ptr + x_offsets + 2 * DH, mask=slice_mask, other=0.0).to(tl.float32)
-        x_o = tl.load(x_ptr + x_offsets + 3 * DH, mask=slice_mask, other=0.0).to(tl.float32)
-        if not HOLD_R:
-            r_i, r_f, r_z, r_o = _load_r_slices(r_ptr, r_offsets, r_mask, DH)
-        if NUM_SPLITS > 1:
-            _wait(counter_ptr + group, NUM_SPLITS * t)
-        # .cg: read y_{t-1} from L2, where the other programs' stores landed, never from L1.
-        y_prev = tl.load(
-            y_ptr + y_row_offsets + t * NH * DH + k[None, :], mask=row_mask, other=0.0, cache_modifier=".cg"
-        )
-        acc_i, acc_f, acc_z, acc_o = _recurrent_gates(y_prev, r_i, r_f, r_z, r_o, PRECISION, UPCAST_DOT)
-        if HAS_RESETS:
-            start = tl.load(starts_ptr + rows * S + t, mask=row_ok, other=0) != 0
-            keep = tl.where(start, 0.0, 1.0)[:, None]
-            acc_i, acc_f, acc_z, acc_o = acc_i * keep, acc_f * keep, acc_z * keep, acc_o * keep
-            c, n, m = c * keep, n * keep, m * keep
-        raw_i = acc_i + x_i + b_i
-        raw_f = acc_f + x_f + b_f
-        raw_z = acc_z + x_z + b_z
-        raw_o = acc_o + x_o + b_o
-
-        log_f_plus_m = m + _logsigmoid(raw_f)
-        m_new = tl.where(n == 0.0, raw_i, tl.maximum(raw_i, log_f_plus_m))
-        i_gate = tl.minimum(tl.exp(raw_i - m_new), 1.0)
-        f_gate = tl.minimum(tl.exp(log_f_plus_m - m_new), 1.0)
-        c = f_gate * c + i_gate * _tanh(raw_z)
-        n = f_gate * n + i_gate
-        m = m_new
-        y = tl.sigmoid(raw_o) * c / n
-
-        tl.store(
-            y_ptr + y_row_offsets + (t + 1) * NH * DH + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=slice_mask
-        )
-        if SAVE_STATES:
-            step_offsets = state_offsets + (t + 1) * NH * DH
-            tl.store(c_ptr + step_offsets, c, mask=slice_mask)
-            tl.store(n_ptr + step_offsets, n, mask=slice_mask)
-            tl.store(m_ptr + step_offsets, m, mask=slice_mask)
-        if NUM_SPLITS > 1:
-            _arrive(counter_ptr + group)
-
-    if not SAVE_STATES:
-        tl.store(c_ptr + state_offsets + NH * DH, c, mask=slice_mask)
-        tl.store(n_ptr + state_offsets + NH * DH, n, mask=slice_mask)
-        tl.store(m_ptr + state_offsets + NH * DH, m, mask=slice_mask)
-    last_offsets = (rows[:, None] * NH + head) * DH + cols[None, :]
-    tl.store(y_last_ptr + last_offsets, y, mask=slice_mask)
-
-
-@triton.jit
-def slstm_backward_kernel(
-    x_ptr,  # (B, S, NH, 4, DH)
-    r_ptr,  # (NH, DH, 4, DH)
-    b_ptr,  # (NH, 4, DH) fp32
-    starts_ptr,  # (B, S) int8
-    y_ptr,  # (B, S + 1, NH, DH) from the forward ([:, 0] = y0)
-    c_ptr,  # (B, S + 1, NH, DH) fp32 from the forward ([:, 0] = state0)
-    n_ptr,
-    m_ptr,
-    dy_ptr,  # (B, S, NH, DH) gradient of the output y
-    d_last_ptr,  # (4, B, NH, DH) fp32 gradients of the final (y, c, n, m)
-    dx_ptr,  # (B, S, NH, 4, DH) out: gradient of x_gates (= of the raw gates)
-    d_first_ptr,  # (4, B, NH, DH) fp32 out: gradients of state0 (y, c, n, m)
-    db_ptr,  # (NUM_BATCH_TILES, NH, 4, DH) fp32 out: per-tile bias gradients
-    exchange_ptr,  # (groups, 2, NUM_SPLITS, BLOCK_B, BLOCK_DH) fp32 scratch
-    counter_ptr,  # (groups,) int32 zeros
-    B,
-    S,
-    NH: tl.constexpr,
-    DH: tl.constexpr,
-    BLOCK_B: tl.constexpr,
-    BLOCK_DH: tl.constexpr,
-    W: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,
-    SPLITS_POW2: tl.constexpr,
-    NUM_BATCH_TILES: tl.constexpr,
-    HOLD_R: tl.constexpr,
-    HAS_RESETS: tl.constexpr,
-    PRECISION: tl.constexpr,
-    UPCAST_DOT: tl.constexpr,
 ):
     pid = tl.program_id(0)
     split = pid % NUM_SPLITS
@@ -254,19 +168,118 @@ def slstm_backward_kernel(
     k_ok = k < DH
     slice_mask = row_ok[:, None] & col_ok[None, :]
     row_mask = row_ok[:, None] & k_ok[None, :]
-    # The matmul operand type: x's dtype on the GPU; fp32 under the interpreter (UPCAST_DOT), whose
-    # dot does not handle 16-bit floats. bf16 products are exact in fp32, so the math is the same.
-    dot_dtype = tl.float32 if UPCAST_DOT else x_ptr.dtype.element_ty
 
     r_offsets = head * (DH * 4 * DH) + k[:, None] * (4 * DH) + cols[None, :]
     r_mask = k_ok[:, None] & col_ok[None, :]
     if HOLD_R:
         r_i, r_f, r_z, r_o = _load_r_slices(r_ptr, r_offsets, r_mask, DH)
-    b_offsets = head * (4 * DH) + cols
-    b_i = tl.load(b_ptr + b_offsets, mask=col_ok, other=0.0)[None, :]
-    b_f = tl.load(b_ptr + b_offsets + DH, mask=col_ok, other=0.0)[None, :]
-    b_z = tl.load(b_ptr + b_offsets + 2 * DH, mask=col_ok, other=0.0)[None, :]
-    b_o = tl.load(b_ptr + b_offsets + 3 * DH, mask=col_ok, other=0.0)[None, :]
+    b_i, b_f, b_z, b_o = _load_gates(b_ptr, head * (4 * DH) + cols[None, :], col_ok[None, :], DH)
+
+    state_offsets = (rows[:, None] * T_STATES * NH + head) * DH + cols[None, :]
+    c = tl.load(c_ptr + state_offsets, mask=slice_mask, other=0.0)
+    n = tl.load(n_ptr + state_offsets, mask=slice_mask, other=0.0)
+    m = tl.load(m_ptr + state_offsets, mask=slice_mask, other=0.0)
+    y = tl.load(y_ptr + state_offsets, mask=slice_mask, other=0.0)
+
+    slots = exchange_ptr + group * (2 * BLOCK_B * BLOCK_DH)
+    slot_rows = local_rows[:, None] * BLOCK_DH
+    x_row_offsets = rows[:, None] * S * NH * 4 * DH + head * 4 * DH + cols[None, :]
+    out_row_offsets = (rows[:, None] * S * NH + head) * DH + cols[None, :]
+    for t in range(S):
+        # Loads that do not depend on the other programs go first, to overlap with the poll.
+        x_offsets = x_row_offsets + t * NH * 4 * DH
+        x_i, x_f, x_z, x_o = _load_gates(x_ptr, x_offsets, slice_mask, DH)
+        if not HOLD_R:
+            r_i, r_f, r_z, r_o = _load_r_slices(r_ptr, r_offsets, r_mask, DH)
+        if NUM_SPLITS > 1:
+            # y_{t-1} was published at step t - 1 with tag t, in slot (t - 1) % 2.
+            y_prev = _poll(slots + ((t + 1) % 2) * (BLOCK_B * BLOCK_DH) + slot_rows + k[None, :], row_mask, t)
+        else:
+            y_prev = y
+        acc_i = _split_dot(y_prev, r_i, tl.zeros((BLOCK_B, W), tl.float32), OPERAND, PRECISION)
+        acc_f = _split_dot(y_prev, r_f, tl.zeros((BLOCK_B, W), tl.float32), OPERAND, PRECISION)
+        acc_z = _split_dot(y_prev, r_z, tl.zeros((BLOCK_B, W), tl.float32), OPERAND, PRECISION)
+        acc_o = _split_dot(y_prev, r_o, tl.zeros((BLOCK_B, W), tl.float32), OPERAND, PRECISION)
+        if HAS_RESETS:
+            start = tl.load(starts_ptr + rows * S + t, mask=row_ok, other=0) != 0
+            keep = tl.where(start, 0.0, 1.0)[:, None]
+            acc_i, acc_f, acc_z, acc_o = acc_i * keep, acc_f * keep, acc_z * keep, acc_o * keep
+            c, n, m = c * keep, n * keep, m * keep
+        _, m, _, _, _, c, n, o_gate = _gate_step(
+            acc_i + x_i + b_i, acc_f + x_f + b_f, acc_z + x_z + b_z, acc_o + x_o + b_o, c, n, m
+        )
+        y = o_gate * c / n
+
+        if NUM_SPLITS > 1:
+            tl.store(slots + (t % 2) * (BLOCK_B * BLOCK_DH) + slot_rows + cols[None, :], _pack(y, t + 1))
+        tl.store(out_ptr + out_row_offsets + t * NH * DH, y.to(out_ptr.dtype.element_ty), mask=slice_mask)
+        if SAVE_STATES:
+            step_offsets = state_offsets + (t + 1) * NH * DH
+            tl.store(y_ptr + step_offsets, y, mask=slice_mask)
+            tl.store(c_ptr + step_offsets, c, mask=slice_mask)
+            tl.store(n_ptr + step_offsets, n, mask=slice_mask)
+            tl.store(m_ptr + step_offsets, m, mask=slice_mask)
+
+    if not SAVE_STATES:
+        tl.store(y_ptr + state_offsets + NH * DH, y, mask=slice_mask)
+        tl.store(c_ptr + state_offsets + NH * DH, c, mask=slice_mask)
+        tl.store(n_ptr + state_offsets + NH * DH, n, mask=slice_mask)
+        tl.store(m_ptr + state_offsets + NH * DH, m, mask=slice_mask)
+
+
+@triton.jit
+def slstm_backward_kernel(
+    x_ptr,  # (B, S, NH, 4, DH)
+    r_ptr,  # (NH, DH, 4, DH)
+    b_ptr,  # (NH, 4, DH) fp32
+    starts_ptr,  # (B, S) int8
+    y_ptr,  # (B, S + 1, NH, DH) fp32 states from the forward ([:, 0] = state0)
+    c_ptr,
+    n_ptr,
+    m_ptr,
+    dy_ptr,  # (B, S, NH, DH) gradient of the output y
+    d_last_ptr,  # (4, B, NH, DH) fp32 gradients of the final (y, c, n, m)
+    dx_ptr,  # (B, S, NH, 4, DH) out: gradient of x_gates (= of the raw gates)
+    d_first_ptr,  # (4, B, NH, DH) fp32 out: gradients of state0 (y, c, n, m)
+    db_ptr,  # (NUM_BATCH_TILES, NH, 4, DH) fp32 out: per-tile bias gradients
+    exchange_ptr,  # (groups, 2, NUM_SPLITS, BLOCK_B, BLOCK_DH) int64; slot 1, split 0 holds d y_T
+    B,
+    S,
+    NH: tl.constexpr,
+    DH: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_DH: tl.constexpr,
+    W: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    SPLITS_POW2: tl.constexpr,
+    NUM_BATCH_TILES: tl.constexpr,
+    HOLD_R: tl.constexpr,
+    HAS_RESETS: tl.constexpr,
+    OPERAND: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    split = pid % NUM_SPLITS
+    group = pid // NUM_SPLITS
+    tile = group % NUM_BATCH_TILES
+    head = group // NUM_BATCH_TILES
+
+    local_rows = tl.arange(0, BLOCK_B)
+    rows = tile * BLOCK_B + local_rows
+    row_ok = rows < B
+    rows = rows.to(tl.int64)
+    cols = split * W + tl.arange(0, W)
+    col_ok = cols < DH
+    k = tl.arange(0, BLOCK_DH)
+    k_ok = k < DH
+    slice_mask = row_ok[:, None] & col_ok[None, :]
+    row_mask = row_ok[:, None] & k_ok[None, :]
+
+    r_offsets = head * (DH * 4 * DH) + k[:, None] * (4 * DH) + cols[None, :]
+    r_mask = k_ok[:, None] & col_ok[None, :]
+    if HOLD_R:
+        r_i, r_f, r_z, r_o = _load_r_slices(r_ptr, r_offsets, r_mask, DH)
+    b_i, b_f, b_z, b_o = _load_gates(b_ptr, head * (4 * DH) + cols[None, :], col_ok[None, :], DH)
 
     state_size = B * NH * DH
     last_offsets = (rows[:, None] * NH + head) * DH + cols[None, :]
@@ -279,36 +292,38 @@ def slstm_backward_kernel(
     db_z = tl.zeros((BLOCK_B, W), dtype=tl.float32)
     db_o = tl.zeros((BLOCK_B, W), dtype=tl.float32)
 
-    # Exchange slots: this program writes [parity, split, :, :]; it reads [parity, :, :, cols].
-    group_base = exchange_ptr + group * (2 * NUM_SPLITS * BLOCK_B * BLOCK_DH)
+    # This program publishes its partial d y_{t-1} to [slot, split, :, :] and reads the group's
+    # partials for its own units from [slot, :, :, cols].
+    slots = exchange_ptr + group * (2 * NUM_SPLITS * BLOCK_B * BLOCK_DH)
+    slot_size = NUM_SPLITS * BLOCK_B * BLOCK_DH
     write_offsets = split * (BLOCK_B * BLOCK_DH) + local_rows[:, None] * BLOCK_DH + k[None, :]
     peers = tl.arange(0, SPLITS_POW2)
     read_offsets = (
         peers[:, None, None] * (BLOCK_B * BLOCK_DH) + local_rows[None, :, None] * BLOCK_DH + cols[None, None, :]
     )
-    read_mask = (peers < NUM_SPLITS)[:, None, None] & col_ok[None, None, :]
+    read_mask = (peers[:, None, None] < NUM_SPLITS) & slice_mask[None, :, :]
 
     x_row_offsets = rows[:, None] * S * NH * 4 * DH + head * 4 * DH + cols[None, :]
-    y_row_offsets = rows[:, None] * (S + 1) * NH * DH + head * DH
     state_row_offsets = (rows[:, None] * (S + 1) * NH + head) * DH + cols[None, :]
+    y_row_offsets = (rows[:, None] * (S + 1) * NH + head) * DH + k[None, :]
     dy_row_offsets = (rows[:, None] * S * NH + head) * DH + cols[None, :]
     for step in range(S):
         t = S - 1 - step
-        # Everything up to the wait depends only on the forward's stored results.
+        # Everything up to the poll depends only on the forward's stored results.
         x_offsets = x_row_offsets + t * NH * 4 * DH
-        x_i = tl.load(x_ptr + x_offsets, mask=slice_mask, other=0.0).to(tl.float32)
-        x_f = tl.load(x_ptr + x_offsets + DH, mask=slice_mask, other=0.0).to(tl.float32)
-        x_z = tl.load(x_ptr + x_offsets + 2 * DH, mask=slice_mask, other=0.0).to(tl.float32)
-        x_o = tl.load(x_ptr + x_offsets + 3 * DH, mask=slice_mask, other=0.0).to(tl.float32)
+        x_i, x_f, x_z, x_o = _load_gates(x_ptr, x_offsets, slice_mask, DH)
         state_offsets = state_row_offsets + t * NH * DH
         c_prev = tl.load(c_ptr + state_offsets, mask=slice_mask, other=0.0)
         n_prev = tl.load(n_ptr + state_offsets, mask=slice_mask, other=0.0)
         m_prev = tl.load(m_ptr + state_offsets, mask=slice_mask, other=0.0)
+        y_prev = tl.load(y_ptr + y_row_offsets + t * NH * DH, mask=row_mask, other=0.0)
         dy_out = tl.load(dy_ptr + dy_row_offsets + t * NH * DH, mask=slice_mask, other=0.0).to(tl.float32)
-        y_prev = tl.load(y_ptr + y_row_offsets + t * NH * DH + k[None, :], mask=row_mask, other=0.0)
         if not HOLD_R:
             r_i, r_f, r_z, r_o = _load_r_slices(r_ptr, r_offsets, r_mask, DH)
-        acc_i, acc_f, acc_z, acc_o = _recurrent_gates(y_prev, r_i, r_f, r_z, r_o, PRECISION, UPCAST_DOT)
+        acc_i = _split_dot(y_prev, r_i, tl.zeros((BLOCK_B, W), tl.float32), OPERAND, PRECISION)
+        acc_f = _split_dot(y_prev, r_f, tl.zeros((BLOCK_B, W), tl.float32), OPERAND, PRECISION)
+        acc_z = _split_dot(y_prev, r_z, tl.zeros((BLOCK_B, W), tl.float32), OPERAND, PRECISION)
+        acc_o = _split_dot(y_prev, r_o, tl.zeros((BLOCK_B, W), tl.float32), OPERAND, PRECISION)
         if HAS_RESETS:
             start = tl.load(starts_ptr + rows * S + t, mask=row_ok, other=0) != 0
             keep = tl.where(start, 0.0, 1.0)[:, None]
@@ -316,30 +331,14 @@ def slstm_backward_kernel(
             c_prev, n_prev, m_prev = c_prev * keep, n_prev * keep, m_prev * keep
         raw_i = acc_i + x_i + b_i
         raw_f = acc_f + x_f + b_f
-        raw_z = acc_z + x_z + b_z
-        raw_o = acc_o + x_o + b_o
-
-        # The forward step again, in the same fp32 operations.
-        log_f_plus_m = m_prev + _logsigmoid(raw_f)
-        fresh = n_prev == 0.0
-        m_new = tl.where(fresh, raw_i, tl.maximum(raw_i, log_f_plus_m))
-        i_gate = tl.minimum(tl.exp(raw_i - m_new), 1.0)
-        f_gate = tl.minimum(tl.exp(log_f_plus_m - m_new), 1.0)
-        tanh_z = _tanh(raw_z)
-        c_new = f_gate * c_prev + i_gate * tanh_z
-        n_new = f_gate * n_prev + i_gate
-        o_gate = tl.sigmoid(raw_o)
+        log_f_plus_m, m_new, i_gate, f_gate, tanh_z, c_new, n_new, o_gate = _gate_step(
+            raw_i, raw_f, acc_z + x_z + b_z, acc_o + x_o + b_o, c_prev, n_prev, m_prev
+        )
 
         if NUM_SPLITS > 1:
-            if step > 0:
-                _wait(counter_ptr + group, NUM_SPLITS * step)
-                partials = tl.load(
-                    group_base + ((step - 1) % 2) * (NUM_SPLITS * BLOCK_B * BLOCK_DH) + read_offsets,
-                    mask=read_mask,
-                    other=0.0,
-                    cache_modifier=".cg",
-                )
-                dy_rec = tl.sum(partials, axis=0)
+            # The partials of d y_t were published at step - 1 with tag `step`, in slot (step - 1) % 2.
+            partials = _poll(slots + ((step + 1) % 2) * slot_size + read_offsets, read_mask, step)
+            dy_rec = tl.sum(partials, axis=0)
         dy = dy_out + dy_rec
 
         # y = o * c / n
@@ -355,7 +354,7 @@ def slstm_backward_kernel(
         d_i_arg = tl.where(raw_i < m_new, d_i_gate * i_gate, 0.0)
         d_f_arg = tl.where(log_f_plus_m < m_new, d_f_gate * f_gate, 0.0)
         dm_new = dm - d_i_arg - d_f_arg
-        m_is_i = fresh | (raw_i > log_f_plus_m)
+        m_is_i = (n_prev == 0.0) | (raw_i > log_f_plus_m)
         di_raw = d_i_arg + tl.where(m_is_i, dm_new, 0.0)
         d_log_f_plus_m = d_f_arg + tl.where(m_is_i, 0.0, dm_new)
         df_raw = d_log_f_plus_m * tl.sigmoid(-raw_f)
@@ -376,34 +375,20 @@ def slstm_backward_kernel(
         db_z += dz_raw
         db_o += do_raw
 
-        # d y_{t-1} = sum_g d raw_g @ R[:, g, :]^T, this program's share of it.
-        operand = x_ptr.dtype.element_ty  # rounded like the GPU's operands, also when upcast
-        partial = tl.dot(di_raw.to(operand).to(dot_dtype), tl.trans(r_i.to(dot_dtype)), input_precision=PRECISION)
-        partial = tl.dot(
-            df_raw.to(operand).to(dot_dtype), tl.trans(r_f.to(dot_dtype)), acc=partial, input_precision=PRECISION
-        )
-        partial = tl.dot(
-            dz_raw.to(operand).to(dot_dtype), tl.trans(r_z.to(dot_dtype)), acc=partial, input_precision=PRECISION
-        )
-        partial = tl.dot(
-            do_raw.to(operand).to(dot_dtype), tl.trans(r_o.to(dot_dtype)), acc=partial, input_precision=PRECISION
-        )
+        # This program's share of d y_{t-1} = sum_g d raw_g @ R[:, g, :]^T.
+        partial = _split_dot(di_raw, tl.trans(r_i), tl.zeros((BLOCK_B, BLOCK_DH), tl.float32), OPERAND, PRECISION)
+        partial = _split_dot(df_raw, tl.trans(r_f), partial, OPERAND, PRECISION)
+        partial = _split_dot(dz_raw, tl.trans(r_z), partial, OPERAND, PRECISION)
+        partial = _split_dot(do_raw, tl.trans(r_o), partial, OPERAND, PRECISION)
         if HAS_RESETS:
             partial = partial * keep
         if NUM_SPLITS > 1:
-            tl.store(group_base + (step % 2) * (NUM_SPLITS * BLOCK_B * BLOCK_DH) + write_offsets, partial)
-            _arrive(counter_ptr + group)
+            tl.store(slots + (step % 2) * slot_size + write_offsets, _pack(partial, step + 1))
         else:
             dy_rec = partial
 
     if NUM_SPLITS > 1:
-        _wait(counter_ptr + group, NUM_SPLITS * S)
-        partials = tl.load(
-            group_base + ((S - 1) % 2) * (NUM_SPLITS * BLOCK_B * BLOCK_DH) + read_offsets,
-            mask=read_mask,
-            other=0.0,
-            cache_modifier=".cg",
-        )
+        partials = _poll(slots + ((S + 1) % 2) * slot_size + read_offsets, read_mask, S)
         dy_rec = tl.sum(partials, axis=0)
     tl.store(d_first_ptr + last_offsets, dy_rec, mask=slice_mask)
     tl.store(d_first_ptr + state_size + last_offsets, dc, mask=slice_mask)
@@ -417,12 +402,14 @@ def slstm_backward_kernel(
 
 
 def _launch_plan(batch: int, head_dim: int, num_heads: int, dtype: torch.dtype, device: torch.device, columns):
-    """Batch tile, columns per program W, programs per group, whether R is held in registers."""
+    """Batch tile, columns per program W, programs per group, whether R is held on chip."""
     block_b = min(max(16, triton.next_power_of_2(batch)), 64)
     num_batch_tiles = triton.cdiv(batch, block_b)
     block_dh = max(16, triton.next_power_of_2(head_dim))
     r_bytes = lambda w: block_dh * 4 * w * torch.finfo(dtype).bits // 8  # noqa: E731
-    if device.type != "cuda":
+    on_gpu = device.type == "cuda"
+    max_programs = torch.cuda.get_device_properties(device).multi_processor_count if on_gpu else None
+    if not on_gpu:
         # The interpreter runs programs one after another: a group must be a single program.
         width = block_dh
     elif columns is not None:
@@ -431,7 +418,6 @@ def _launch_plan(batch: int, head_dim: int, num_heads: int, dtype: torch.dtype, 
         width = block_dh
     else:
         width = min(_DEFAULT_COLUMNS, block_dh)
-        max_programs = torch.cuda.get_device_properties(device).multi_processor_count
         # Every program of a group must be resident at once; widen the slices until they fit.
         while width < block_dh and num_heads * num_batch_tiles * triton.cdiv(head_dim, width) > max_programs:
             width *= 2
@@ -440,15 +426,15 @@ def _launch_plan(batch: int, head_dim: int, num_heads: int, dtype: torch.dtype, 
     num_splits = triton.cdiv(head_dim, width)
     if num_splits == 1:
         width = block_dh
-    elif device.type == "cuda":
-        grid = num_heads * num_batch_tiles * num_splits
-        max_programs = torch.cuda.get_device_properties(device).multi_processor_count
-        if grid > max_programs:
-            raise ValueError(
-                f"slstm: {grid} programs (heads {num_heads} x batch tiles {num_batch_tiles} x splits "
-                f"{num_splits}) exceed the {max_programs} SMs that must hold them at once; use fewer "
-                f"heads or batch rows per call"
-            )
+    elif num_heads * num_batch_tiles * num_splits > max_programs:
+        raise ValueError(
+            f"slstm: {num_heads * num_batch_tiles * num_splits} programs (heads {num_heads} x batch tiles "
+            f"{num_batch_tiles} x splits {num_splits}) exceed the {max_programs} SMs that must hold them at "
+            f"once; use fewer heads or batch rows per call"
+        )
+    # The interpreter's dot takes no 16-bit floats: it multiplies in fp32, where bf16 products are
+    # exact, so its results match the GPU's split products to fp32 rounding.
+    operand = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}.get(dtype, tl.float32) if on_gpu else tl.float32
     return dict(
         BLOCK_B=block_b,
         BLOCK_DH=block_dh,
@@ -458,37 +444,45 @@ def _launch_plan(batch: int, head_dim: int, num_heads: int, dtype: torch.dtype, 
         HOLD_R=r_bytes(width) <= _HELD_R_BYTES,
         # A held slice of 32 KiB or more needs 8 warps' registers to stay out of local memory.
         num_warps=8 if r_bytes(width) >= 32 * 1024 else 4,
-        PRECISION="ieee" if dtype == torch.float32 or device.type != "cuda" else "tf32",
-        UPCAST_DOT=device.type != "cuda",
+        OPERAND=operand,
+        PRECISION="ieee",
     )
 
 
+def _packed(values: torch.Tensor) -> torch.Tensor:
+    """fp32 values -> int64 exchange words with tag 0 (see _pack)."""
+    return values.float().contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+
+
 def slstm_forward(x_gates, R, b, state0, starts, *, save_states: bool, columns=None):
-    """Launch the forward kernel. Returns (y buffer (B, S+1, NH, DH), c, n, m buffers, y_last)."""
+    """Launch the forward kernel. Returns y (B, S, NH, DH) and the fp32 state buffers (y, c, n, m),
+    each (B, S + 1, NH, DH) with save_states (state0 first), else (B, 2, NH, DH) (state0, final)."""
     batch, seq_len, num_heads, _, head_dim = x_gates.shape
     plan = _launch_plan(batch, head_dim, num_heads, x_gates.dtype, x_gates.device, columns)
-    y0, c0, n0, m0 = state0
-    y_buf = x_gates.new_empty((batch, seq_len + 1, num_heads, head_dim))
-    y_buf[:, 0] = y0
+    out = torch.empty((batch, seq_len, num_heads, head_dim), dtype=x_gates.dtype, device=x_gates.device)
     time_states = seq_len + 1 if save_states else 2
     states = []
-    for s0 in (c0, n0, m0):
+    for s0 in state0:
         buf = torch.empty((batch, time_states, num_heads, head_dim), dtype=torch.float32, device=x_gates.device)
         buf[:, 0] = s0
         states.append(buf)
-    y_last = torch.empty((batch, num_heads, head_dim), dtype=torch.float32, device=x_gates.device)
     groups = num_heads * plan["NUM_BATCH_TILES"]
-    counters = torch.zeros(groups, dtype=torch.int32, device=x_gates.device)
-    grid = (groups * plan["NUM_SPLITS"],)
-    slstm_forward_kernel[grid](
+    block_b, block_dh = plan["BLOCK_B"], plan["BLOCK_DH"]
+    exchange = torch.zeros((groups, 2, block_b, block_dh), dtype=torch.int64, device=x_gates.device)
+    if plan["NUM_SPLITS"] > 1:
+        # y0 is read at t = 0 from slot 1 with tag 0: group g = head * tiles + tile.
+        y0 = torch.zeros((plan["NUM_BATCH_TILES"] * block_b, num_heads, block_dh), device=x_gates.device)
+        y0[:batch, :, :head_dim] = state0[0]
+        y0 = y0.view(plan["NUM_BATCH_TILES"], block_b, num_heads, block_dh).permute(2, 0, 1, 3)
+        exchange[:, 1] = _packed(y0).reshape(groups, block_b, block_dh)
+    slstm_forward_kernel[(groups * plan["NUM_SPLITS"],)](
         x_gates,
         R,
         b,
-        starts if starts is not None else counters,
-        y_buf,
+        starts if starts is not None else exchange,
+        out,
         *states,
-        y_last,
-        counters,
+        exchange,
         batch,
         seq_len,
         time_states,
@@ -498,27 +492,30 @@ def slstm_forward(x_gates, R, b, state0, starts, *, save_states: bool, columns=N
         SAVE_STATES=save_states,
         **plan,
     )
-    return y_buf, states, y_last
+    return out, states
 
 
-def slstm_backward(x_gates, R, b, starts, y_buf, states, dy, d_last, *, columns=None):
-    """Launch the backward kernel. Returns (dx_gates, d_state0 (4, B, NH, DH), db)."""
+def slstm_backward(x_gates, R, b, starts, states, dy, d_last, *, columns=None):
+    """Launch the backward kernel. Returns (d x_gates, d state0 (4, B, NH, DH), db)."""
     batch, seq_len, num_heads, _, head_dim = x_gates.shape
     plan = _launch_plan(batch, head_dim, num_heads, x_gates.dtype, x_gates.device, columns)
     groups = num_heads * plan["NUM_BATCH_TILES"]
+    block_b, block_dh, splits = plan["BLOCK_B"], plan["BLOCK_DH"], plan["NUM_SPLITS"]
     dx = torch.empty_like(x_gates)
     d_first = torch.empty((4, batch, num_heads, head_dim), dtype=torch.float32, device=x_gates.device)
     db = torch.empty((plan["NUM_BATCH_TILES"], num_heads, 4, head_dim), dtype=torch.float32, device=x_gates.device)
-    exchange = torch.empty(
-        (groups, 2, plan["NUM_SPLITS"], plan["BLOCK_B"], plan["BLOCK_DH"]), dtype=torch.float32, device=x_gates.device
-    )
-    counters = torch.zeros(groups, dtype=torch.int32, device=x_gates.device)
-    slstm_backward_kernel[(groups * plan["NUM_SPLITS"],)](
+    exchange = torch.zeros((groups, 2, splits, block_b, block_dh), dtype=torch.int64, device=x_gates.device)
+    if splits > 1:
+        # d y_T enters as split 0's partial in slot 1 with tag 0 (the other splits add zeros).
+        dy_last = torch.zeros((plan["NUM_BATCH_TILES"] * block_b, num_heads, block_dh), device=x_gates.device)
+        dy_last[:batch, :, :head_dim] = d_last[0]
+        dy_last = dy_last.view(plan["NUM_BATCH_TILES"], block_b, num_heads, block_dh).permute(2, 0, 1, 3)
+        exchange[:, 1, 0] = _packed(dy_last).reshape(groups, block_b, block_dh)
+    slstm_backward_kernel[(groups * splits,)](
         x_gates,
         R,
         b,
-        starts if starts is not None else counters,
-        y_buf,
+        starts if starts is not None else exchange,
         *states,
         dy,
         d_last,
@@ -526,12 +523,11 @@ def slstm_backward(x_gates, R, b, starts, y_buf, states, dy, d_last, *, columns=
         d_first,
         db,
         exchange,
-        counters,
         batch,
         seq_len,
         NH=num_heads,
         DH=head_dim,
-        SPLITS_POW2=triton.next_power_of_2(plan["NUM_SPLITS"]),
+        SPLITS_POW2=triton.next_power_of_2(splits),
         HAS_RESETS=starts is not None,
         **plan,
     )
@@ -544,41 +540,32 @@ class SLSTMTritonFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_gates, R, b, y0, c0, n0, m0, starts, columns):
         save = any(ctx.needs_input_grad)
-        y_buf, states, y_last = slstm_forward(
-            x_gates, R, b, (y0, c0, n0, m0), starts, save_states=save, columns=columns
-        )
+        y, states = slstm_forward(x_gates, R, b, (y0, c0, n0, m0), starts, save_states=save, columns=columns)
         ctx.columns = columns
         if save:
-            ctx.save_for_backward(x_gates, R, b, starts, y_buf, *states)
-        final = [s[:, -1] for s in states]
-        y = y_buf[:, 1:]
-        return y, y_last, *final
+            ctx.save_for_backward(x_gates, R, b, starts, *states)
+        return y, *(s[:, -1] for s in states)
 
     @staticmethod
-    def backward(ctx, dy, dy_last, dc_last, dn_last, dm_last):
-        x_gates, R, b, starts, y_buf, c_buf, n_buf, m_buf = ctx.saved_tensors
+    def backward(ctx, dy, *d_final):
+        x_gates, R, b, starts, *states = ctx.saved_tensors
         batch, seq_len, num_heads, _, head_dim = x_gates.shape
-        if dy is None:
-            dy = torch.zeros_like(y_buf[:, 1:])
-        d_last = torch.stack(
-            [
-                torch.zeros((batch, num_heads, head_dim), dtype=torch.float32, device=x_gates.device)
-                if g is None
-                else g.float()
-                for g in (dy_last, dc_last, dn_last, dm_last)
-            ]
-        )
-        dx, d_first, db = slstm_backward(
-            x_gates, R, b, starts, y_buf, (c_buf, n_buf, m_buf), dy.contiguous(), d_last, columns=ctx.columns
-        )
+        zeros = torch.zeros((batch, num_heads, head_dim), dtype=torch.float32, device=x_gates.device)
+        d_last = torch.stack([zeros if g is None else g.float() for g in d_final])
+        dy = torch.zeros_like(x_gates[:, :, :, 0]) if dy is None else dy.contiguous()
+        dx, d_first, db = slstm_backward(x_gates, R, b, starts, states, dy, d_last, columns=ctx.columns)
         dR = None
         if ctx.needs_input_grad[1]:
-            # dR[h] = sum over (b, t) of y_{t-1}^T d raw_t, with y_{t-1} zero where a document starts.
-            y_prev = y_buf[:, :-1]
+            # dR[h] = sum over (b, t) of y_{t-1}^T d raw_t, where y_{t-1} is zero at document starts.
+            # y is fp32: take it as hi + lo in x's dtype, as the kernels do.
+            y_prev = states[0][:, :-1]
             if starts is not None:
                 y_prev = y_prev.masked_fill(starts.bool()[:, :, None, None], 0.0)
-            dR = torch.einsum("bshk,bshgj->hkgj", y_prev, dx)
-        return dx, dR, db, d_first[0], d_first[1], d_first[2], d_first[3], None, None
+            y_hi = y_prev.to(dx.dtype)
+            dR = torch.einsum("bshk,bshgj->hkgj", y_hi, dx)
+            if dx.dtype != torch.float32:
+                dR += torch.einsum("bshk,bshgj->hkgj", (y_prev - y_hi.float()).to(dx.dtype), dx)
+        return dx, dR, db, *d_first, None, None
 
 
 TRITON_DTYPES = (torch.bfloat16, torch.float16, torch.float32)

@@ -23,9 +23,13 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 
 def compare_with_reference(
-    batch, seq_len, num_heads, head_dim, *, dtype, seed, tol, with_state=True, doc_ids=None, columns=None
+    batch, seq_len, num_heads, head_dim, *, dtype, seed, tol, state_tol=None, with_state=True, doc_ids=None, columns=None
 ):
-    """Outputs, final states and all gradients of the kernels vs autograd through the fp64 reference."""
+    """Outputs, final states and all gradients of the kernels vs autograd through the fp64 reference.
+
+    tol bounds the relative error of y and the gradients, state_tol (default tol) that of the
+    final states, which stay fp32 inside the kernels whatever the input dtype.
+    """
     x_gates, R, b = random_cell(batch, seq_len, num_heads, head_dim, seed=seed)
     state0 = random_state(batch, num_heads, head_dim, seed=seed + 1) if with_state else None
     gen = torch.Generator().manual_seed(seed + 2)
@@ -60,8 +64,10 @@ def compare_with_reference(
         name: relative_error(a, e)
         for name, a, e in zip(names, outs + grads, outs_ref + grads_ref)
     }
-    bad = {name: err for name, err in errors.items() if not err <= tol}
-    assert not bad, f"relative errors over {tol}: {bad}"
+    state_names = ("y_T", "c_T", "n_T", "m_T")
+    limits = {name: (state_tol or tol) if name in state_names else tol for name in names}
+    bad = {name: err for name, err in errors.items() if not err <= limits[name]}
+    assert not bad, f"relative errors over {limits}: {bad}"
     return errors
 
 
@@ -80,7 +86,8 @@ def test_zero_initial_state_and_document_resets_fp32():
 
 
 def test_bf16_inputs_within_bf16_tolerance():
-    compare_with_reference(2, 24, 2, 32, dtype=torch.bfloat16, seed=5, tol=2e-2)
+    # y and the gradients are rounded to bf16 once at the end; the states never are.
+    compare_with_reference(2, 24, 2, 32, dtype=torch.bfloat16, seed=5, tol=1e-2, state_tol=1e-5)
 
 
 def test_forward_only_needs_no_saved_states_and_matches():
@@ -121,7 +128,10 @@ def test_triton_rejects_fp64():
     [(8, 4, 256, None), (8, 4, 256, 16), (4, 4, 192, None), (3, 1, 512, None), (5, 8, 64, None), (16, 2, 128, 32)],
 )
 def test_gpu_groups_match_reference_bf16(batch, num_heads, head_dim, columns):
-    compare_with_reference(batch, 64, num_heads, head_dim, dtype=torch.bfloat16, seed=10, tol=2e-2, columns=columns)
+    errors = compare_with_reference(
+        batch, 64, num_heads, head_dim, dtype=torch.bfloat16, seed=10, tol=1e-2, state_tol=1e-5, columns=columns
+    )
+    print({name: f"{err:.1e}" for name, err in errors.items()})
 
 
 @pytest.mark.gpu
@@ -133,5 +143,7 @@ def test_gpu_fp32_multi_program_groups_are_exact():
 @pytest.mark.gpu
 def test_gpu_long_sequence_does_not_drift_bf16():
     # S = 4096 at the paper's head dim: errors must stay at bf16 level, not grow with t.
-    errors = compare_with_reference(2, 4096, 4, 256, dtype=torch.bfloat16, seed=12, tol=3e-2, with_state=False)
-    assert errors["y"] < 1e-2
+    errors = compare_with_reference(
+        2, 4096, 4, 256, dtype=torch.bfloat16, seed=12, tol=1e-2, state_tol=1e-5, with_state=False
+    )
+    print({name: f"{err:.1e}" for name, err in errors.items()})
