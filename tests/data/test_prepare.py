@@ -8,7 +8,7 @@ from tests.data.conftest import (
     SAMPLE_TOKENIZER, make_slimpajama, random_documents, run_prepare, tree_bytes, write_jsonl,
 )
 from xlstm_train.data import DataError
-from xlstm_train.data.shards import TokenShard, read_manifest
+from xlstm_train.data.shards import TokenShard
 from xlstm_train.data.sources import FileSource
 from xlstm_train.data.tokenizer import open_tokenizer
 
@@ -302,7 +302,8 @@ def test_hub_tokenizer_ids_resolve_through_the_hub_cache(tmp_path, monkeypatch):
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
     tok = open_tokenizer("some-org/some-tokenizer")
-    assert asked == [("some-org/some-tokenizer", "tokenizer.json"), ("some-org/some-tokenizer", "tokenizer_config.json")]
+    assert asked == [("some-org/some-tokenizer", "tokenizer.json"),
+                     ("some-org/some-tokenizer", "tokenizer_config.json")]
     assert tok.identity["name"] == "some-org/some-tokenizer" and tok.eos_token == "<|endoftext|>"
     assert tok.decode(tok.encode("Emma said.")) == "Emma said."
 

@@ -53,7 +53,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--hf-dataset", metavar="NAME_OR_PATH",
                         help="a Hugging Face dataset by Hub name (e.g. cerebras/SlimPajama-627B) or local path")
     source.add_argument("--hf-config", default=None, help="the dataset's configuration name")
-    source.add_argument("--hf-data-files", nargs="+", default=None, help="data files to load (load_dataset's data_files)")
+    source.add_argument("--hf-data-files", nargs="+", default=None,
+                        help="data files to load (load_dataset's data_files)")
     source.add_argument("--no-streaming", action="store_true", help="download/prepare the dataset instead of streaming")
     source.add_argument("--split", default="train", help="SlimPajama or Hugging Face split (default: train)")
     source.add_argument("--text-field", default="text", help="JSON field (dotted path) holding the text")
@@ -63,7 +64,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     tok = parser.add_argument_group("tokenizer")
     tok.add_argument("--tokenizer", required=True, metavar="PATH",
-                     help="a SentencePiece .model, or a Hugging Face tokenizer.json or directory holding one")
+                     help="a SentencePiece .model, a Hugging Face tokenizer.json or a directory holding one, "
+                          "or a Hugging Face Hub id (e.g. EleutherAI/gpt-neox-20b)")
     tok.add_argument("--train-tokenizer", choices=["sentencepiece", "bpe"], default=None,
                      help="first train a tokenizer of this kind on the input and write it to --tokenizer")
     tok.add_argument("--vocab-size", type=int, default=4096, help="vocabulary size for --train-tokenizer")
