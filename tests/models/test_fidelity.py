@@ -123,3 +123,18 @@ def test_hf_config_rejects_what_transformers_cannot_represent():
         hf_config(xLSTMLargeConfig(embedding_dim=128, num_heads=2, use_bias=True))
     with pytest.raises(ValueError, match="weight_mode 'fused'"):
         from_hf_state_dict({"backbone.blocks.0.mlstm_layer.qkv_opreact.weight": torch.zeros(1)})
+
+
+def test_hub_config_with_official_field_names(tmp_path):
+    """NX-AI/xLSTM-7b's config.json names the sizes embedding_dim / num_blocks (transformers keeps
+    its own hidden_size / num_hidden_layers defaults then); a smaller model must not read as 7B."""
+    from transformers import xLSTMConfig
+
+    from xlstm_train.export.convert import large_config_from_hf
+
+    (tmp_path / "config.json").write_text(
+        '{"model_type": "xlstm", "embedding_dim": 512, "num_blocks": 6, "num_heads": 4, "vocab_size": 1000,'
+        ' "igate_bias_init_range": -10.0, "force_bos_token_insert": true}'
+    )
+    cfg = large_config_from_hf(xLSTMConfig.from_pretrained(tmp_path))
+    assert (cfg.embedding_dim, cfg.num_blocks, cfg.num_heads, cfg.vocab_size) == (512, 6, 4, 1000)

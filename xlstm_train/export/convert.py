@@ -138,13 +138,17 @@ def hf_config(cfg: xLSTMLargeConfig, **token_ids):
 
 
 def large_config_from_hf(hf_cfg) -> xLSTMLargeConfig:
-    """Our ``xlstm_large`` config for a transformers ``xLSTMConfig``."""
+    """Our ``xlstm_large`` config for a transformers ``xLSTMConfig``.
+
+    Widths and depth come from ``embedding_dim`` / ``num_blocks``: a config written with the
+    official names only (as NX-AI/xLSTM-7b's) leaves ``hidden_size`` / ``num_hidden_layers`` at
+    transformers' defaults, while the reverse case copies them into the official names."""
     if getattr(hf_cfg, "weight_mode", "single") != "single":
         raise ValueError(f"weight_mode = {hf_cfg.weight_mode!r}: only 'single' checkpoints are supported")
     cfg = xLSTMLargeConfig(
         vocab_size=hf_cfg.vocab_size,
-        embedding_dim=hf_cfg.hidden_size,
-        num_blocks=hf_cfg.num_hidden_layers,
+        embedding_dim=hf_cfg.embedding_dim,
+        num_blocks=hf_cfg.num_blocks,
         num_heads=hf_cfg.num_heads,
         qk_dim_factor=hf_cfg.qk_dim_factor,
         v_dim_factor=hf_cfg.v_dim_factor,
