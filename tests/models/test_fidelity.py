@@ -138,3 +138,19 @@ def test_hub_config_with_official_field_names(tmp_path):
     )
     cfg = large_config_from_hf(xLSTMConfig.from_pretrained(tmp_path))
     assert (cfg.embedding_dim, cfg.num_blocks, cfg.num_heads, cfg.vocab_size) == (512, 6, 4, 1000)
+
+
+def test_tied_embeddings_round_trip_through_a_saved_checkpoint(tmp_path):
+    cfg = xLSTMLargeConfig(vocab_size=101, embedding_dim=128, num_blocks=1, num_heads=2, tie_embeddings=True,
+                           kernel="reference")  # fmt: skip
+    ours = perturb_(build_model(cfg)).eval()
+    hf = xLSTMForCausalLM(hf_config(cfg))
+    hf.load_state_dict(to_hf_state_dict(ours.state_dict()), strict=True)
+    hf.save_pretrained(tmp_path)  # writes the tied matrix once
+    loaded_cfg, state_dict = load_hf_checkpoint(tmp_path)
+    again = build_model(loaded_cfg).eval()
+    again.load_state_dict(state_dict, strict=True)
+    assert again.lm_head.weight is again.embedding.weight
+    ids = torch.randint(0, cfg.vocab_size, (1, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids), ours(ids))

@@ -186,4 +186,7 @@ def load_hf_checkpoint(path: str | Path) -> tuple[xLSTMLargeConfig, dict[str, to
     state_dict = {}
     for name in files:
         state_dict.update(load_file(path / name))
-    return cfg, from_hf_state_dict(state_dict)
+    state_dict = from_hf_state_dict(state_dict)
+    if cfg.tie_embeddings:  # transformers saves a tied head once, under the embedding's name
+        state_dict.setdefault("lm_head.weight", state_dict[_OUR_EMBEDDING])
+    return cfg, state_dict
