@@ -52,7 +52,8 @@ def sequence_mixing_flops(model_cfg, seq_len: int) -> float:
 
 
 def flops_per_token(model_cfg, seq_len: int) -> float:
-    """Training (forward + backward) FLOPs per token at context ``seq_len``; see the module doc."""
+    """Training (forward + backward) FLOPs per token at context ``seq_len``:
+    ``3 * (2 * N_matmul + sequence_mixing_flops(model_cfg, seq_len))``, terms as in the module doc."""
     if seq_len < 1:
         raise ValueError(f"seq_len must be positive, got {seq_len}")
     return 3.0 * (2.0 * _matmul_params(model_cfg) + sequence_mixing_flops(model_cfg, seq_len))
