@@ -131,6 +131,7 @@ class Batch:
     skipped: Counter = field(default_factory=Counter)
     problems: list[str] = field(default_factory=list)
     consumed_bytes: int = 0
+    records: int = 0  # input records behind this batch, used or skipped
 
 
 def _batches(records: Iterator[Record], first_unit: int, docs_per_unit: int, batch_docs: int,
@@ -139,6 +140,7 @@ def _batches(records: Iterator[Record], first_unit: int, docs_per_unit: int, bat
     batch = Batch(unit)
     for record in records:
         in_unit += 1
+        batch.records += 1
         batch.end = record.position
         batch.consumed_bytes += record.consumed_bytes
         if record.problem is not None:
@@ -385,9 +387,14 @@ def _tokenize_units(args, source, root, dtype, start, first_unit, keep_subsets, 
             args.workers, initializer=_init_worker, initargs=(str(args.tokenizer), args.eos_token))
     else:
         _init_worker(str(args.tokenizer), args.eos_token)
-    skipped_bytes = sum(f.stat().st_size for f in source.files[:start[0]])
-    bar = tqdm(total=source.total_bytes or None, initial=skipped_bytes, unit="B", unit_scale=True,
-               disable=args.no_progress, file=sys.stderr, dynamic_ncols=True)
+    by_bytes = isinstance(source, FileSource)
+    if by_bytes:  # local files: progress in input bytes, which gives an honest ETA
+        skipped_bytes = sum(f.stat().st_size for f in source.files[:start[0]])
+        bar = tqdm(total=source.total_bytes or None, initial=skipped_bytes, unit="B", unit_scale=True,
+                   disable=args.no_progress, file=sys.stderr, dynamic_ncols=True)
+    else:  # a dataset stream: progress in documents, out of the split's size when its metadata says
+        bar = tqdm(total=source.total_documents(), initial=start[1], unit="doc", unit_scale=True,
+                   disable=args.no_progress, file=sys.stderr, dynamic_ncols=True)
     finished, unit = [], None
     docs = tokens = 0
     started = last_report = time.perf_counter()
@@ -415,7 +422,7 @@ def _tokenize_units(args, source, root, dtype, start, first_unit, keep_subsets, 
                     unit.add(subset, np.concatenate(pieces), lengths[keep])
             docs += len(batch.texts)
             tokens += int(lengths.sum())
-            bar.update(batch.consumed_bytes)
+            bar.update(batch.consumed_bytes if by_bytes else batch.records)
             now = time.perf_counter()
             if now - last_report > 0.5:
                 elapsed = now - started

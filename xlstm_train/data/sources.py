@@ -246,6 +246,16 @@ class HuggingFaceSource:
         self.description = {"kind": "huggingface", "name": name, "config": config, "split": split,
                             "streaming": streaming, "text_field": text_field}
 
+    def total_documents(self) -> int | None:
+        """The split's number of rows when the dataset's metadata records it (None for most streams)."""
+        try:
+            import datasets
+
+            builder = datasets.load_dataset_builder(self.name, self.config, data_files=self.data_files)
+            return builder.info.splits[self.split].num_examples
+        except Exception:  # no metadata is fine: the bar then shows rates without an ETA
+            return None
+
     def _load(self):
         import datasets
 
