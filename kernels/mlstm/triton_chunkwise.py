@@ -161,10 +161,6 @@ def _fwd_output_kernel(
     rows = pid_bh * S + t
     state_index = pid_bh * (NC + 1) + chunk
 
-    m_prev = tl.load(M_STATES + state_index)
-    log_f, log_i, segment = _chunk_gates(I, F, RESET, pid_bh * S, batch * S, t, valid, IS_EXP)
-    log_d, log_origin = _intra_weights(log_f, log_i, segment, tau, m_prev)
-
     scores = tl.zeros([L, L], dtype=tl.float32)
     q_n = tl.zeros([L], dtype=tl.float32)
     for k0 in range(0, DQK, BK):
@@ -178,6 +174,10 @@ def _fwd_output_kernel(
     scores *= scale
     q_n *= scale
 
+    # the L x L log-weights only after the score loop: fewer L x L tiles live at once
+    m_prev = tl.load(M_STATES + state_index)
+    log_f, log_i, segment = _chunk_gates(I, F, RESET, pid_bh * S, batch * S, t, valid, IS_EXP)
+    log_d, log_origin = _intra_weights(log_f, log_i, segment, tau, m_prev)
     if IS_EXP:
         m = tl.maximum(log_origin, tl.max(log_d, 1))
         lower = tl.exp(-m)
@@ -289,17 +289,6 @@ def _bwd_grads_kernel(
     state_index = pid_bh * (NC + 1) + chunk  # the state before this chunk
     next_index = state_index + 1  # and after it
 
-    m_prev = tl.load(M_STATES + state_index)
-    log_f, log_i, segment = _chunk_gates(I, F, RESET, pid_bh * S, batch * S, t, valid, IS_EXP)
-    log_d, log_origin = _intra_weights(log_f, log_i, segment, tau, m_prev)
-    carry, w, _ = _state_weights(log_f, log_i, segment, tau, m_prev, IS_EXP)
-    m = tl.load(M_TOKENS + rows, mask=valid, other=0.0)
-    den = tl.load(DEN + rows, mask=valid, other=1.0)
-    dqn = tl.load(DQN + rows, mask=valid, other=0.0)
-    # rows past the end have no stabiliser: keep their weights at zero, not exp(large)
-    d = tl.where(valid[:, None], tl.exp(log_d - m[:, None]), 0.0)
-    w_origin = tl.where((segment == 0) & valid, tl.exp(log_origin - m), 0.0)
-
     scores = tl.zeros([L, L], dtype=tl.float32)
     for k0 in range(0, DQK, BK):
         offs_k = k0 + tl.arange(0, BK)
@@ -314,6 +303,18 @@ def _bwd_grads_kernel(
         dh_tile = tl.load(DH + rows[:, None] * DV + offs_v[None, :], mask=mask_v, other=0.0)
         v_tile = tl.load(V + rows[:, None] * DV + offs_v[None, :], mask=mask_v, other=0.0)
         d_scores += tl.dot(dh_tile, tl.trans(v_tile), input_precision=DOT_PRECISION)
+
+    m_prev = tl.load(M_STATES + state_index)
+    log_f, log_i, segment = _chunk_gates(I, F, RESET, pid_bh * S, batch * S, t, valid, IS_EXP)
+    log_d, log_origin = _intra_weights(log_f, log_i, segment, tau, m_prev)
+    carry, w, _ = _state_weights(log_f, log_i, segment, tau, m_prev, IS_EXP)
+    m = tl.load(M_TOKENS + rows, mask=valid, other=0.0)
+    den = tl.load(DEN + rows, mask=valid, other=1.0)
+    dqn = tl.load(DQN + rows, mask=valid, other=0.0)
+    # rows past the end have no stabiliser: keep their weights at zero, not exp(large)
+    d = tl.where(valid[:, None], tl.exp(log_d - m[:, None]), 0.0)
+    w_origin = tl.where((segment == 0) & valid, tl.exp(log_origin - m), 0.0)
+
     # dP = dh.v / den + dqn (the normaliser sums the same weighted scores); d(q.k) = dP * D, and
     # the gradient of each term's log-weight is P * dP
     p = scores * scale * d
@@ -321,6 +322,15 @@ def _bwd_grads_kernel(
     d_log_d = p * d_p
     p = p.to(Q.dtype.element_ty)
     d_scores = (d_p * d).to(Q.dtype.element_ty)
+
+    # Gate gradients from the log-weight gradients, summed directly (not as q.dq - k.dk, whose
+    # diagonal terms cancel and cost all relative precision when the forget gates are closed).
+    # log f_s enters every intra term (t, s') with s' < s <= t, the origin term of queries t >= s,
+    # the state term of keys s' < s, and the carried state's term; log i_s its keys' terms.
+    # queries_from[s, s'] = sum over queries t >= s of d_log_d[t, s'], then keep keys s' < s
+    queries_from = tl.dot(tl.where(tau[:, None] <= tau[None, :], 1.0, 0.0), d_log_d, input_precision="ieee")
+    d_log_f = tl.sum(tl.where(tau[:, None] > tau[None, :], queries_from, 0.0), 1)
+    d_log_i = tl.sum(d_log_d, 0)
 
     d_log_origin = tl.zeros([L], dtype=tl.float32)  # per query: the term of the state before the chunk
     d_log_w = tl.zeros([L], dtype=tl.float32)  # per key: its term in the state after the chunk
@@ -358,18 +368,12 @@ def _bwd_grads_kernel(
         tl.store(DQ + rows[:, None] * DQK + offs_k[None, :], (dq * scale).to(DQ.dtype.element_ty), mask=mask_tk)
         tl.store(DK + rows[:, None] * DQK + offs_k[None, :], dk.to(DK.dtype.element_ty), mask=mask_tk)
 
-    # Gate gradients from the log-weight gradients, summed directly (not as q.dq - k.dk, whose
-    # diagonal terms cancel and cost all relative precision when the forget gates are closed).
-    # log f_s enters every intra term (t, s') with s' < s <= t, the origin term of queries t >= s,
-    # the state term of keys s' < s, and the carried state's term; log i_s its keys' terms.
+    # the terms of the states before and after the chunk
     later_or_same = tau[:, None] >= tau[None, :]  # [row, col]: row >= col
-    # queries_from[s, s'] = sum over queries t >= s of d_log_d[t, s'], then keep keys s' < s
-    queries_from = tl.dot(tl.where(tau[:, None] <= tau[None, :], 1.0, 0.0), d_log_d, input_precision="ieee")
-    d_log_f = tl.sum(tl.where(tau[:, None] > tau[None, :], queries_from, 0.0), 1)
     d_log_f += tl.sum(tl.where(later_or_same, d_log_origin[:, None], 0.0), 0)
     d_log_f += tl.sum(tl.where(later_or_same, 0.0, d_log_w[:, None]), 0)
     d_log_f += carry * tl.sum(d_log_carry, 0)
-    d_log_i = tl.sum(d_log_d, 0) + d_log_w
+    d_log_i += d_log_w
     tl.store(DLOG_F + rows, d_log_f, mask=valid)
     tl.store(DLOG_I + rows, d_log_i, mask=valid)
 
