@@ -248,3 +248,6 @@ def test_data_config_validation():
         from_dict(DataConfig, {"validation_fraction": 1.5}, prefix="data")
     with pytest.raises(ConfigError, match="data.task = 'sorting'.*parity"):
         from_dict(DataConfig, {"source": "synthetic", "task": "sorting"}, prefix="data")
+    no_task = from_dict(DataConfig, {"source": "synthetic"}, prefix="data")
+    with pytest.raises(DataError, match="data.task = None: data.source 'synthetic' needs one of"):
+        build_train_loader(no_task, micro_batch_size=1, vocab_size=10)

@@ -353,7 +353,8 @@ TASKS: dict[str, type[Task]] = {cls.name: cls for cls in (
 
 def make_task(data_cfg) -> Task:
     if data_cfg.task not in TASKS:
-        raise DataError(f"data.task = {data_cfg.task!r}: expected one of {', '.join(sorted(TASKS))}")
+        raise DataError(f"data.task = {data_cfg.task!r}: data.source 'synthetic' needs one of "
+                        f"{', '.join(sorted(TASKS))}")
     return TASKS[data_cfg.task](dict(data_cfg.task_options))
 
 
