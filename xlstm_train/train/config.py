@@ -114,9 +114,7 @@ class Config:
 
     def validate(self, prefix: str) -> None:
         """Checks that span sections (each section checks its own fields)."""
-        seq_len = self.data.seq_len
-        if seq_len < 1:
-            raise ConfigError(f"data.seq_len = {seq_len}: expected an integer >= 1")
+        seq_len = self.data.seq_len  # data.seq_len >= 1 is checked by DataConfig
         max_seq_len = getattr(self.model, "max_seq_len", None)
         if max_seq_len is not None and seq_len > max_seq_len:
             raise ConfigError(

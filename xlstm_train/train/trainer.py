@@ -153,10 +153,9 @@ def count_valid_tokens(micro_batches: list[dict]) -> torch.Tensor:
 
 
 def loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Summed cross-entropy over the non-ignored tokens, computed in fp32."""
-    return F.cross_entropy(
-        logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
-    )
+    """Summed cross-entropy over the non-ignored tokens, computed in fp32 or wider."""
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
 
 
 def forward_backward(model, micro_batches: list[dict], autocast) -> torch.Tensor:
@@ -166,13 +165,13 @@ def forward_backward(model, micro_batches: list[dict], autocast) -> torch.Tensor
     so accumulating k micro-batches gives exactly the gradient of one batch k times larger.
     """
     num_tokens = count_valid_tokens(micro_batches).clamp(min=1)
-    total = torch.zeros((), device=micro_batches[0]["input_ids"].device)
+    total = 0.0
     for mb in micro_batches:
         with autocast():
             logits = model(mb["input_ids"], doc_ids=mb["doc_ids"])
         loss = loss_sum(logits, mb["labels"]) / num_tokens
         loss.backward()
-        total += loss.detach()
+        total = total + loss.detach()
     return total
 
 

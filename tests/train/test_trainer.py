@@ -1,0 +1,248 @@
+"""The training loop end to end, on tiny models and a synthetic task (a few seconds each)."""
+
+import contextlib
+import json
+import math
+
+import pytest
+import torch
+import yaml
+
+from xlstm_train.config import ConfigError
+from xlstm_train.models import build_model
+from xlstm_train.models.xlstm_blocks import xLSTMBlocksConfig
+from xlstm_train.train import checkpoint as ckpt
+from xlstm_train.train import trainer
+from xlstm_train.train.config import load_config
+from xlstm_train.train.optim import lr_multiplier
+
+BASE_RECIPE = {
+    "name": "test",
+    # mLSTM blocks only (the sLSTM reference cell is a slow per-step loop); test_exact_resume adds one
+    "model": {"arch": "xlstm_blocks", "embedding_dim": 32, "num_blocks": 2, "slstm_at": [],
+              "mlstm_num_heads": 2, "slstm_num_heads": 2, "chunk_size": 16, "dropout": 0.1},
+    "data": {"source": "synthetic", "task": "parity", "task_options": {"max_len": 24}, "seq_len": 32},
+    "optim": {"lr": 3e-3, "warmup_steps": 2},
+    "train": {"steps": 8, "micro_batch_size": 4, "eval_interval": 4, "eval_batches": 2, "sample_tokens": 0},
+    "logging": {"interval": 1, "wandb": "disabled"},
+    "checkpoint": {"interval": 4, "keep": 3},
+}
+
+
+def make_config(tmp_path, *overrides, run="run"):
+    recipe = tmp_path / "recipe.yaml"
+    if not recipe.exists():
+        recipe.write_text(yaml.safe_dump(BASE_RECIPE))
+    return load_config(recipe, [f"run_dir={tmp_path / run}", *overrides])
+
+
+def read_metrics(run_dir, kind="train"):
+    """The last record of each step (a resumed run appends the steps it repeats)."""
+    records = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if record["kind"] == kind:
+            records[record["step"]] = record
+    return records
+
+
+class SimulatedKill(Exception):
+    pass
+
+
+def kill_after_batches(monkeypatch, num_batches):
+    """Make the training loader fail after ``num_batches`` batches, like a killed process."""
+    build = trainer.build_train_loader
+
+    def build_failing(*args, **kwargs):
+        batches = iter(build(*args, **kwargs))
+
+        def failing():
+            for _ in range(num_batches):
+                yield next(batches)
+            raise SimulatedKill
+
+        return failing()
+
+    monkeypatch.setattr(trainer, "build_train_loader", build_failing)
+
+
+def test_exact_resume(tmp_path, monkeypatch):
+    with_slstm = ("model.slstm_at=[1]", "data.seq_len=24", "data.task_options.max_len=16")
+    straight = trainer.train(make_config(tmp_path, *with_slstm, run="straight"))
+    assert straight["step"] == 8
+
+    kill_after_batches(monkeypatch, 6)  # dies during step 7, after the checkpoint at step 4
+    with pytest.raises(SimulatedKill):
+        trainer.train(make_config(tmp_path, *with_slstm, run="resumed"))
+    assert ckpt.latest_checkpoint(tmp_path / "resumed").name == "step-0000004"
+    monkeypatch.undo()
+    resumed = trainer.train(make_config(tmp_path, *with_slstm, run="resumed"))
+    assert resumed["step"] == 8
+
+    a, b = read_metrics(tmp_path / "straight"), read_metrics(tmp_path / "resumed")
+    assert sorted(a) == sorted(b) == list(range(1, 9))
+    for step in a:  # bitwise: same data, same RNG (dropout is on), same optimizer state
+        assert a[step]["loss"] == b[step]["loss"], step
+        assert a[step]["grad_norm"] == b[step]["grad_norm"], step
+    assert straight["val_loss"] == resumed["val_loss"]
+    events = [json.loads(line) for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    assert any(e.get("event") == "resume" and e["step"] == 4 for e in events)
+
+
+def test_metrics_jsonl(tmp_path):
+    cfg = make_config(tmp_path, "logging.interval=3", "optim.schedule=cosine")
+    summary = trainer.train(cfg)
+    train = read_metrics(cfg.run_path)
+    assert sorted(train) == [3, 6, 8]  # every 3 steps and the last
+    tokens_per_step = 4 * 32
+    for step, record in train.items():
+        assert {"loss", "ppl", "lr", "grad_norm", "tokens_per_s", "mfu", "memory_gib", "tokens_seen",
+                "skipped_steps", "time"} <= set(record)
+        assert math.isfinite(record["loss"]) and record["ppl"] == pytest.approx(math.exp(record["loss"]))
+        assert record["lr"] == pytest.approx(3e-3 * lr_multiplier(step - 1, cfg.optim, 8))
+        assert record["tokens_seen"] == step * tokens_per_step
+        assert record["tokens_per_s"] > 0 and record["memory_gib"] > 0
+        assert record["mfu"] is None  # CPU: no peak to compare with
+    val = read_metrics(cfg.run_path, "val")
+    assert sorted(val) == [0, 4, 8]
+    assert val[8]["val_ppl"] == pytest.approx(math.exp(val[8]["val_loss"]))
+    assert summary["val_loss"] == val[8]["val_loss"]
+    assert val[8]["val_loss"] < val[0]["val_loss"]  # it learns something
+    assert yaml.safe_load((cfg.run_path / "config.yaml").read_text())["train"]["steps"] == 8
+    assert [p.name for p in ckpt.list_checkpoints(cfg.run_path)] == ["step-0000004", "step-0000008"]
+
+
+def poison_training_forward(monkeypatch, at_calls):
+    """Return NaN logits from the model's training forward calls numbered ``at_calls`` (1-based).
+
+    Also records a fingerprint of the parameters at every training forward call.
+    """
+    build = trainer.build_model
+    fingerprints = []
+
+    def build_poisoned(model_cfg):
+        model = build(model_cfg)
+
+        def pre_hook(module, args):
+            if module.training:
+                fingerprints.append(torch.cat([p.detach().flatten() for p in module.parameters()]).clone())
+
+        def hook(module, args, output):
+            if module.training and len(fingerprints) in at_calls:
+                return output * float("nan")
+            return output
+
+        model.register_forward_pre_hook(pre_hook)
+        model.register_forward_hook(hook)
+        return model
+
+    monkeypatch.setattr(trainer, "build_model", build_poisoned)
+    return fingerprints
+
+
+def test_nonfinite_loss_stops_with_last_good_checkpoint(tmp_path, monkeypatch):
+    poison_training_forward(monkeypatch, at_calls={6})  # step 6 (one micro-batch per step)
+    cfg = make_config(tmp_path, "train.on_nonfinite=stop", run="stopped")
+    with pytest.raises(trainer.NonFiniteError, match=r"at step 6.*step-0000005"):
+        trainer.train(cfg)
+    assert ckpt.latest_checkpoint(cfg.run_path).name == "step-0000005"
+    monkeypatch.undo()
+    # the saved state is the exact state before the bad step: resuming matches a clean run
+    trainer.train(make_config(tmp_path, run="stopped"))
+    trainer.train(make_config(tmp_path, run="clean"))
+    stopped, clean = read_metrics(tmp_path / "stopped"), read_metrics(tmp_path / "clean")
+    assert [stopped[s]["loss"] for s in range(1, 9)] == [clean[s]["loss"] for s in range(1, 9)]
+
+
+def test_nonfinite_loss_skips_step(tmp_path, monkeypatch):
+    fingerprints = poison_training_forward(monkeypatch, at_calls={3})
+    cfg = make_config(tmp_path, "train.on_nonfinite=skip", "train.eval_interval=0")
+    summary = trainer.train(cfg)
+    assert summary["step"] == 8 and summary["skipped_steps"] == 1
+    train = read_metrics(cfg.run_path)
+    assert math.isnan(train[3]["loss"]) if train[3]["loss"] is not None else True
+    assert [train[s]["skipped_steps"] for s in range(1, 9)] == [0, 0, 1, 1, 1, 1, 1, 1]
+    # step 3 left the parameters alone; every other step moved them
+    assert len(fingerprints) == 8
+    assert torch.equal(fingerprints[2], fingerprints[3])
+    for before, after in zip(fingerprints[:2] + fingerprints[3:-1], fingerprints[1:2] + fingerprints[4:]):
+        assert not torch.equal(before, after)
+    assert all(torch.isfinite(f).all() for f in fingerprints)
+
+
+def test_grad_accumulation_equals_larger_batch_fp64():
+    """k micro-batches with uneven numbers of ignored labels == one batch k times larger."""
+    torch.manual_seed(0)
+    cfg = xLSTMBlocksConfig(vocab_size=17, embedding_dim=16, num_blocks=2, slstm_at=[1], mlstm_num_heads=2,
+                            slstm_num_heads=2, chunk_size=8, kernel="reference")
+    model = build_model(cfg).double()
+    for p in model.parameters():  # move off the init so every parameter gets a gradient
+        p.data += 0.05 * torch.randn_like(p)
+    input_ids = torch.randint(0, 17, (6, 12))
+    labels = torch.randint(0, 17, (6, 12))
+    labels[0, :10] = -100  # micro-batch 1 has far fewer valid tokens than micro-batch 2
+    labels[1, ::2] = -100
+    doc_ids = torch.zeros(6, 12, dtype=torch.int32)
+    doc_ids[4, 5:] = 1
+    batch = {"input_ids": input_ids, "labels": labels, "doc_ids": doc_ids}
+    split = [{k: v[i:j] for k, v in batch.items()} for i, j in ((0, 2), (2, 3), (3, 6))]
+
+    loss_one = trainer.forward_backward(model, [batch], contextlib.nullcontext)
+    grads_one = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    loss_acc = trainer.forward_backward(model, split, contextlib.nullcontext)
+    grads_acc = [p.grad.clone() for p in model.parameters()]
+
+    # the fp64 reference: mean token loss over the whole batch, from scratch
+    logits = model(input_ids, doc_ids=doc_ids)
+    ref = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+    assert loss_one.item() == pytest.approx(ref.item(), rel=1e-12)
+    assert loss_acc.item() == pytest.approx(ref.item(), rel=1e-12)
+    for a, b in zip(grads_one, grads_acc):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13)
+    assert sum(g.abs().sum() for g in grads_acc) > 0
+
+
+def test_grad_accumulation_run_matches_larger_batch(tmp_path):
+    trainer.train(make_config(tmp_path, "train.micro_batch_size=4", "model.dropout=0.0",
+                                    "train.steps=3", run="big"))
+    trainer.train(make_config(tmp_path, "train.micro_batch_size=2", "train.grad_accum_steps=2",
+                                    "model.dropout=0.0", "train.steps=3", run="acc"))
+    a, b = read_metrics(tmp_path / "big"), read_metrics(tmp_path / "acc")
+    for step in (1, 2, 3):
+        assert a[step]["loss"] == pytest.approx(b[step]["loss"], rel=1e-5)
+        assert a[step]["tokens_seen"] == b[step]["tokens_seen"]
+
+
+def test_occupied_run_dir_is_refused_and_left_alone(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match=r"already holds files.*no complete checkpoint"):
+        trainer.train(make_config(tmp_path))
+    assert [p.name for p in run_dir.iterdir()] == ["notes.txt"]
+    assert (run_dir / "notes.txt").read_text() == "mine"
+
+
+def test_resume_never_refuses_a_run_with_checkpoints(tmp_path):
+    trainer.train(make_config(tmp_path, "train.steps=2", "checkpoint.interval=0"))
+    before = sorted(p.name for p in (tmp_path / "run").iterdir())
+    with pytest.raises(ConfigError, match="checkpoint.resume = 'never'"):
+        trainer.train(make_config(tmp_path, "train.steps=2", "checkpoint.resume=never"))
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == before
+
+
+def test_resume_with_another_model_is_refused(tmp_path):
+    trainer.train(make_config(tmp_path, "train.steps=2"))
+    with pytest.raises(ConfigError, match=r"model.embedding_dim = 48 \(checkpoint: 32\)"):
+        trainer.train(make_config(tmp_path, "train.steps=4", "model.embedding_dim=48"))
+
+
+def test_finished_run_resumes_without_training(tmp_path, capsys):
+    trainer.train(make_config(tmp_path, "train.steps=2"))
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    summary = trainer.train(make_config(tmp_path, "train.steps=2"))
+    assert summary["step"] == 2
+    assert "run is complete at step 2" in capsys.readouterr().out
+    assert (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[: len(lines)] == lines
