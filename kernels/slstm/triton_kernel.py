@@ -45,7 +45,7 @@ import triton.language as tl
 
 # On-chip bytes one program may spend on its slice of R; beyond this the slice is re-read from
 # cache every step instead of being held.
-_HELD_R_BYTES = 64 * 1024
+_HELD_R_BYTES = 128 * 1024
 _DEFAULT_COLUMNS = 32
 
 
@@ -131,6 +131,7 @@ def slstm_forward_kernel(
     b_ptr,  # (NH, 4, DH) fp32 biases
     starts_ptr,  # (B, S) int8, 1 where a document starts (read only with HAS_RESETS)
     out_ptr,  # (B, S, NH, DH) y in x's dtype
+    raw_ptr,  # (B, S, NH, 4, DH) fp32 gate pre-activations, written with SAVE_STATES
     y_ptr,  # (B, T_STATES, NH, DH) fp32 states; [:, 0] holds state0. With SAVE_STATES
     c_ptr,  #   T_STATES = S + 1 and [:, t + 1] receives the state after step t, else
     n_ptr,  #   T_STATES = 2 and [:, 1] receives the final state.
@@ -205,15 +206,23 @@ def slstm_forward_kernel(
             keep = tl.where(start, 0.0, 1.0)[:, None]
             acc_i, acc_f, acc_z, acc_o = acc_i * keep, acc_f * keep, acc_z * keep, acc_o * keep
             c, n, m = c * keep, n * keep, m * keep
-        _, m, _, _, _, c, n, o_gate = _gate_step(
-            acc_i + x_i + b_i, acc_f + x_f + b_f, acc_z + x_z + b_z, acc_o + x_o + b_o, c, n, m
-        )
+        raw_i = acc_i + x_i + b_i
+        raw_f = acc_f + x_f + b_f
+        raw_z = acc_z + x_z + b_z
+        raw_o = acc_o + x_o + b_o
+        _, m, _, _, _, c, n, o_gate = _gate_step(raw_i, raw_f, raw_z, raw_o, c, n, m)
         y = o_gate * c / n
 
         if NUM_SPLITS > 1:
-            tl.store(slots + (t % 2) * (BLOCK_B * BLOCK_DH) + slot_rows + cols[None, :], _pack(y, t + 1))
+            tl.store(
+                slots + (t % 2) * (BLOCK_B * BLOCK_DH) + slot_rows + cols[None, :], _pack(y, t + 1), mask=slice_mask
+            )
         tl.store(out_ptr + out_row_offsets + t * NH * DH, y.to(out_ptr.dtype.element_ty), mask=slice_mask)
         if SAVE_STATES:
+            tl.store(raw_ptr + x_offsets, raw_i, mask=slice_mask)
+            tl.store(raw_ptr + x_offsets + DH, raw_f, mask=slice_mask)
+            tl.store(raw_ptr + x_offsets + 2 * DH, raw_z, mask=slice_mask)
+            tl.store(raw_ptr + x_offsets + 3 * DH, raw_o, mask=slice_mask)
             step_offsets = state_offsets + (t + 1) * NH * DH
             tl.store(y_ptr + step_offsets, y, mask=slice_mask)
             tl.store(c_ptr + step_offsets, c, mask=slice_mask)
@@ -229,12 +238,10 @@ def slstm_forward_kernel(
 
 @triton.jit
 def slstm_backward_kernel(
-    x_ptr,  # (B, S, NH, 4, DH)
+    raw_ptr,  # (B, S, NH, 4, DH) fp32 gate pre-activations from the forward
     r_ptr,  # (NH, DH, 4, DH)
-    b_ptr,  # (NH, 4, DH) fp32
     starts_ptr,  # (B, S) int8
-    y_ptr,  # (B, S + 1, NH, DH) fp32 states from the forward ([:, 0] = state0)
-    c_ptr,
+    c_ptr,  # (B, S + 1, NH, DH) fp32 states from the forward ([:, 0] = state0)
     n_ptr,
     m_ptr,
     dy_ptr,  # (B, S, NH, DH) gradient of the output y
@@ -279,7 +286,6 @@ def slstm_backward_kernel(
     r_mask = k_ok[:, None] & col_ok[None, :]
     if HOLD_R:
         r_i, r_f, r_z, r_o = _load_r_slices(r_ptr, r_offsets, r_mask, DH)
-    b_i, b_f, b_z, b_o = _load_gates(b_ptr, head * (4 * DH) + cols[None, :], col_ok[None, :], DH)
 
     state_size = B * NH * DH
     last_offsets = (rows[:, None] * NH + head) * DH + cols[None, :]
@@ -305,34 +311,26 @@ def slstm_backward_kernel(
 
     x_row_offsets = rows[:, None] * S * NH * 4 * DH + head * 4 * DH + cols[None, :]
     state_row_offsets = (rows[:, None] * (S + 1) * NH + head) * DH + cols[None, :]
-    y_row_offsets = (rows[:, None] * (S + 1) * NH + head) * DH + k[None, :]
     dy_row_offsets = (rows[:, None] * S * NH + head) * DH + cols[None, :]
     for step in range(S):
         t = S - 1 - step
         # Everything up to the poll depends only on the forward's stored results.
         x_offsets = x_row_offsets + t * NH * 4 * DH
-        x_i, x_f, x_z, x_o = _load_gates(x_ptr, x_offsets, slice_mask, DH)
+        raw_i, raw_f, raw_z, raw_o = _load_gates(raw_ptr, x_offsets, slice_mask, DH)
         state_offsets = state_row_offsets + t * NH * DH
         c_prev = tl.load(c_ptr + state_offsets, mask=slice_mask, other=0.0)
         n_prev = tl.load(n_ptr + state_offsets, mask=slice_mask, other=0.0)
         m_prev = tl.load(m_ptr + state_offsets, mask=slice_mask, other=0.0)
-        y_prev = tl.load(y_ptr + y_row_offsets + t * NH * DH, mask=row_mask, other=0.0)
         dy_out = tl.load(dy_ptr + dy_row_offsets + t * NH * DH, mask=slice_mask, other=0.0).to(tl.float32)
         if not HOLD_R:
             r_i, r_f, r_z, r_o = _load_r_slices(r_ptr, r_offsets, r_mask, DH)
-        acc_i = _split_dot(y_prev, r_i, tl.zeros((BLOCK_B, W), tl.float32), OPERAND, PRECISION)
-        acc_f = _split_dot(y_prev, r_f, tl.zeros((BLOCK_B, W), tl.float32), OPERAND, PRECISION)
-        acc_z = _split_dot(y_prev, r_z, tl.zeros((BLOCK_B, W), tl.float32), OPERAND, PRECISION)
-        acc_o = _split_dot(y_prev, r_o, tl.zeros((BLOCK_B, W), tl.float32), OPERAND, PRECISION)
         if HAS_RESETS:
             start = tl.load(starts_ptr + rows * S + t, mask=row_ok, other=0) != 0
             keep = tl.where(start, 0.0, 1.0)[:, None]
-            acc_i, acc_f, acc_z, acc_o = acc_i * keep, acc_f * keep, acc_z * keep, acc_o * keep
             c_prev, n_prev, m_prev = c_prev * keep, n_prev * keep, m_prev * keep
-        raw_i = acc_i + x_i + b_i
-        raw_f = acc_f + x_f + b_f
+        # The forward step again, pointwise, from its stored pre-activations.
         log_f_plus_m, m_new, i_gate, f_gate, tanh_z, c_new, n_new, o_gate = _gate_step(
-            raw_i, raw_f, acc_z + x_z + b_z, acc_o + x_o + b_o, c_prev, n_prev, m_prev
+            raw_i, raw_f, raw_z, raw_o, c_prev, n_prev, m_prev
         )
 
         if NUM_SPLITS > 1:
@@ -365,7 +363,7 @@ def slstm_backward_kernel(
         if HAS_RESETS:
             dc, dn, dm = dc * keep, dn * keep, dm * keep
 
-        out = dx_ptr.dtype.element_ty
+        out = dx_ptr.dtype.element_ty  # x's dtype
         tl.store(dx_ptr + x_offsets, di_raw.to(out), mask=slice_mask)
         tl.store(dx_ptr + x_offsets + DH, df_raw.to(out), mask=slice_mask)
         tl.store(dx_ptr + x_offsets + 2 * DH, dz_raw.to(out), mask=slice_mask)
@@ -383,7 +381,7 @@ def slstm_backward_kernel(
         if HAS_RESETS:
             partial = partial * keep
         if NUM_SPLITS > 1:
-            tl.store(slots + (step % 2) * slot_size + write_offsets, _pack(partial, step + 1))
+            tl.store(slots + (step % 2) * slot_size + write_offsets, _pack(partial, step + 1), mask=row_mask)
         else:
             dy_rec = partial
 
@@ -460,6 +458,7 @@ def slstm_forward(x_gates, R, b, state0, starts, *, save_states: bool, columns=N
     batch, seq_len, num_heads, _, head_dim = x_gates.shape
     plan = _launch_plan(batch, head_dim, num_heads, x_gates.dtype, x_gates.device, columns)
     out = torch.empty((batch, seq_len, num_heads, head_dim), dtype=x_gates.dtype, device=x_gates.device)
+    raw = torch.empty(x_gates.shape if save_states else (1,), dtype=torch.float32, device=x_gates.device)
     time_states = seq_len + 1 if save_states else 2
     states = []
     for s0 in state0:
@@ -481,6 +480,7 @@ def slstm_forward(x_gates, R, b, state0, starts, *, save_states: bool, columns=N
         b,
         starts if starts is not None else exchange,
         out,
+        raw,
         *states,
         exchange,
         batch,
@@ -492,31 +492,30 @@ def slstm_forward(x_gates, R, b, state0, starts, *, save_states: bool, columns=N
         SAVE_STATES=save_states,
         **plan,
     )
-    return out, states
+    return out, raw, states
 
 
-def slstm_backward(x_gates, R, b, starts, states, dy, d_last, *, columns=None):
-    """Launch the backward kernel. Returns (d x_gates, d state0 (4, B, NH, DH), db)."""
-    batch, seq_len, num_heads, _, head_dim = x_gates.shape
-    plan = _launch_plan(batch, head_dim, num_heads, x_gates.dtype, x_gates.device, columns)
+def slstm_backward(raw, R, starts, states, dy, d_last, *, columns=None):
+    """Launch the backward kernel. Returns (d x_gates in R's dtype, d state0 (4, B, NH, DH), db)."""
+    batch, seq_len, num_heads, _, head_dim = raw.shape
+    plan = _launch_plan(batch, head_dim, num_heads, R.dtype, raw.device, columns)
     groups = num_heads * plan["NUM_BATCH_TILES"]
     block_b, block_dh, splits = plan["BLOCK_B"], plan["BLOCK_DH"], plan["NUM_SPLITS"]
-    dx = torch.empty_like(x_gates)
-    d_first = torch.empty((4, batch, num_heads, head_dim), dtype=torch.float32, device=x_gates.device)
-    db = torch.empty((plan["NUM_BATCH_TILES"], num_heads, 4, head_dim), dtype=torch.float32, device=x_gates.device)
-    exchange = torch.zeros((groups, 2, splits, block_b, block_dh), dtype=torch.int64, device=x_gates.device)
+    dx = torch.empty(raw.shape, dtype=R.dtype, device=raw.device)
+    d_first = torch.empty((4, batch, num_heads, head_dim), dtype=torch.float32, device=raw.device)
+    db = torch.empty((plan["NUM_BATCH_TILES"], num_heads, 4, head_dim), dtype=torch.float32, device=raw.device)
+    exchange = torch.zeros((groups, 2, splits, block_b, block_dh), dtype=torch.int64, device=raw.device)
     if splits > 1:
         # d y_T enters as split 0's partial in slot 1 with tag 0 (the other splits add zeros).
-        dy_last = torch.zeros((plan["NUM_BATCH_TILES"] * block_b, num_heads, block_dh), device=x_gates.device)
+        dy_last = torch.zeros((plan["NUM_BATCH_TILES"] * block_b, num_heads, block_dh), device=raw.device)
         dy_last[:batch, :, :head_dim] = d_last[0]
         dy_last = dy_last.view(plan["NUM_BATCH_TILES"], block_b, num_heads, block_dh).permute(2, 0, 1, 3)
         exchange[:, 1, 0] = _packed(dy_last).reshape(groups, block_b, block_dh)
     slstm_backward_kernel[(groups * splits,)](
-        x_gates,
+        raw,
         R,
-        b,
         starts if starts is not None else exchange,
-        *states,
+        *states[1:],
         dy,
         d_last,
         dx,
@@ -540,20 +539,20 @@ class SLSTMTritonFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_gates, R, b, y0, c0, n0, m0, starts, columns):
         save = any(ctx.needs_input_grad)
-        y, states = slstm_forward(x_gates, R, b, (y0, c0, n0, m0), starts, save_states=save, columns=columns)
+        y, raw, states = slstm_forward(x_gates, R, b, (y0, c0, n0, m0), starts, save_states=save, columns=columns)
         ctx.columns = columns
         if save:
-            ctx.save_for_backward(x_gates, R, b, starts, *states)
+            ctx.save_for_backward(raw, R, starts, *states)
         return y, *(s[:, -1] for s in states)
 
     @staticmethod
     def backward(ctx, dy, *d_final):
-        x_gates, R, b, starts, *states = ctx.saved_tensors
-        batch, seq_len, num_heads, _, head_dim = x_gates.shape
-        zeros = torch.zeros((batch, num_heads, head_dim), dtype=torch.float32, device=x_gates.device)
+        raw, R, starts, *states = ctx.saved_tensors
+        batch, seq_len, num_heads, _, head_dim = raw.shape
+        zeros = torch.zeros((batch, num_heads, head_dim), dtype=torch.float32, device=raw.device)
         d_last = torch.stack([zeros if g is None else g.float() for g in d_final])
-        dy = torch.zeros_like(x_gates[:, :, :, 0]) if dy is None else dy.contiguous()
-        dx, d_first, db = slstm_backward(x_gates, R, b, starts, states, dy, d_last, columns=ctx.columns)
+        dy = torch.zeros_like(raw[:, :, :, 0]) if dy is None else dy.contiguous()
+        dx, d_first, db = slstm_backward(raw, R, starts, states, dy, d_last, columns=ctx.columns)
         dR = None
         if ctx.needs_input_grad[1]:
             # dR[h] = sum over (b, t) of y_{t-1}^T d raw_t, where y_{t-1} is zero at document starts.
