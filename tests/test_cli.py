@@ -22,7 +22,8 @@ TOKENIZER = str(REPO / "data" / "tokenizer" / "austen_sp4096.model")
 # the tiny recipe made smaller still, with absolute data paths so tests can run from any directory
 SMALL = [f"data.datasets=[{{path: {SAMPLE}}}]", f"data.tokenizer={TOKENIZER}", "model.embedding_dim=32",
          "model.slstm_at=[]", "model.num_blocks=2", "data.seq_len=32", "train.micro_batch_size=2",
-         "train.eval_batches=1", "train.eval_interval=2", "logging.wandb=disabled", "train.sample_tokens=8"]
+         "train.eval_batches=1", "train.eval_interval=2", "optim.warmup_steps=2", "logging.wandb=disabled",
+         "train.sample_tokens=8"]
 
 
 def run_cli(*args, cwd=REPO):
@@ -67,6 +68,9 @@ def test_train_with_overrides_then_resume(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "step 4/4 | val loss" in out and "--- sample 2 ---" in out
     assert (run_dir / "step-0000004").is_dir()
+    val = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    val = {r["step"]: r["val_loss"] for r in val if r["kind"] == "val"}
+    assert sorted(val) == [0, 2, 4] and val[4] < val[2] < val[0]  # it learns
     saved = yaml.safe_load((run_dir / "step-0000004" / "config.yaml").read_text())
     assert saved["model"]["num_blocks"] == 2 and saved["train"]["steps"] == 4
     # the same command with more steps continues the run

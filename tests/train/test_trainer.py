@@ -108,7 +108,6 @@ def test_metrics_jsonl(tmp_path):
     assert sorted(val) == [0, 4, 8]
     assert val[8]["val_ppl"] == pytest.approx(math.exp(val[8]["val_loss"]))
     assert summary["val_loss"] == val[8]["val_loss"]
-    assert val[8]["val_loss"] < val[0]["val_loss"]  # it learns something
     assert yaml.safe_load((cfg.run_path / "config.yaml").read_text())["train"]["steps"] == 8
     assert [p.name for p in ckpt.list_checkpoints(cfg.run_path)] == ["step-0000004", "step-0000008"]
 
