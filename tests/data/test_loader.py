@@ -251,3 +251,21 @@ def test_data_config_validation():
     no_task = from_dict(DataConfig, {"source": "synthetic"}, prefix="data")
     with pytest.raises(DataError, match="data.task = None: data.source 'synthetic' needs one of"):
         build_train_loader(no_task, micro_batch_size=1, vocab_size=10)
+
+
+def test_tokenizer_decodes_tensors(corpus):
+    tok = open_tokenizer(SAMPLE_TOKENIZER)
+    ids = tok.encode("It is a truth universally acknowledged.")
+    assert tok.decode(torch.tensor(ids)) == tok.decode(np.array(ids)) == "It is a truth universally acknowledged."
+
+
+@pytest.mark.gpu
+def test_batches_arrive_on_the_gpu_unchanged(corpus):
+    root, _ = corpus
+    on_cpu = take(build_train_loader(config(root), micro_batch_size=4, vocab_size=VOCAB), 3)
+    on_gpu = take(build_train_loader(config(root), micro_batch_size=4, vocab_size=VOCAB, device="cuda"), 3)
+    for a, b in zip(on_cpu, on_gpu):
+        assert all(b[k].device.type == "cuda" and torch.equal(a[k], b[k].cpu()) for k in a)
+    val = build_val_loader(config(root, seq_len=8), micro_batch_size=2, vocab_size=VOCAB, num_batches=2,
+                           device="cuda")
+    assert all(batch["input_ids"].is_cuda for batch in val)

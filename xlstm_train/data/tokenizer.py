@@ -55,7 +55,7 @@ class SentencePieceTokenizer:
         return self._sp.encode(texts, num_threads=1)
 
     def decode(self, ids: Iterable[int]) -> str:
-        return self._sp.decode(list(ids))
+        return self._sp.decode(_int_list(ids))
 
 
 class HuggingFaceTokenizer:
@@ -95,7 +95,12 @@ class HuggingFaceTokenizer:
         return [e.ids for e in self._tok.encode_batch_fast(texts, add_special_tokens=False)]
 
     def decode(self, ids: Iterable[int]) -> str:
-        return self._tok.decode(list(ids), skip_special_tokens=False)
+        return self._tok.decode(_int_list(ids), skip_special_tokens=False)
+
+
+def _int_list(ids) -> list[int]:
+    # tensors and arrays (what a model hands back) as well as plain lists
+    return ids.tolist() if hasattr(ids, "tolist") else [int(i) for i in ids]
 
 
 def _configured_eos_token(directory: Path) -> str | None:
