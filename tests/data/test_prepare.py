@@ -240,6 +240,8 @@ def test_hugging_face_tokenizer_and_datasets_sources(tmp_path):
         assert tree_bytes(out / "s0") == tree_bytes(tmp_path / "files" / "s0")
         assert tree_bytes(out / "s1") == tree_bytes(tmp_path / "files" / "s1")
         assert manifest["source"]["kind"] == "huggingface"
+        if extra:  # local data files are pinned by their checksums
+            assert manifest["source_files"] == from_files["source_files"]
 
 
 def test_trained_sentencepiece_round_trips(tmp_path):

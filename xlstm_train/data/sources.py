@@ -239,12 +239,15 @@ class HuggingFaceSource:
         self.files: list[Path] = []
         self.file_checksums: dict[int, dict] = {}
         self.total_bytes = 0
+        # local data is hashed, so that the manifest pins exactly what was tokenized
         local = Path(name)
-        if local.is_dir():  # hash the local data so the manifest pins exactly what was tokenized
+        if local.is_dir():
             self.files = sorted((p for p in local.rglob("*") if p.is_file() and not p.name.startswith(".")),
                                 key=_natural_key)
+        self.files += [Path(f) for f in data_files or [] if Path(f).is_file()]
         self.description = {"kind": "huggingface", "name": name, "config": config, "split": split,
-                            "streaming": streaming, "text_field": text_field}
+                            "data_files": data_files, "streaming": streaming, "text_field": text_field,
+                            "subset_field": subset_field}
 
     def total_documents(self) -> int | None:
         """The split's number of rows when the dataset's metadata records it (None for most streams)."""
@@ -273,6 +276,8 @@ class HuggingFaceSource:
                 from None
 
     def records(self, start: tuple[int, int] = (0, 0)) -> Iterator[Record]:
+        for i, path in enumerate(self.files):
+            self.file_checksums[i] = {"path": str(path), "bytes": path.stat().st_size, "sha256": file_sha256(path)}
         ds = self._load()
         _, skip = start
         if skip:
@@ -296,7 +301,3 @@ class HuggingFaceSource:
                                  f"{where}: no '{self.subset_field}' field naming the subset", "missing_subset")
                     continue
             yield Record(text, subset, position)
-        for i, path in enumerate(self.files):
-            self.file_checksums[i] = {"path": str(path), "bytes": path.stat().st_size,
-                                      "sha256": file_sha256(path)}
-
