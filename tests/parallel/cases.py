@@ -88,9 +88,11 @@ def compare_with_single_process(arch: str, steps: int = 3, **parallel) -> None:
     mesh = build_mesh(pcfg, world, "cpu", model_cfg)
     parallelize_model(model, mesh, pcfg, model_cfg)
     assert param_names(model) == [n for n, _ in reference.named_parameters()]
+    if mesh is not None:  # one kind of parameter, so that foreach/fused optimizers can step them together
+        assert all(isinstance(p, DTensor) for p in model.parameters())
     # eps well above fp32 noise: Adam divides by sqrt(v) + eps, and for a gradient that is zero up to
     # summation-order noise (1e-10 here, 1e-12 there) a tiny eps would turn that noise into full steps.
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, eps=1e-5, weight_decay=0.1)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, eps=1e-5, weight_decay=0.1, foreach=True)
     ref_opt = torch.optim.AdamW(reference.parameters(), lr=1e-2, eps=1e-5, weight_decay=0.1)
     dp_rank, dp_size = dp_rank_and_size(mesh)
     per_rank = BATCH // dp_size

@@ -26,7 +26,7 @@ def _setup(parallel: dict, seed: int):
     model_cfg, model = make_model(ARCH, seed=seed)
     mesh = build_mesh(pcfg, world, "cpu", model_cfg)
     parallelize_model(model, mesh, pcfg, model_cfg)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, eps=1e-5, weight_decay=0.1)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, eps=1e-5, weight_decay=0.1, foreach=True)
     return pcfg, mesh, model, opt
 
 

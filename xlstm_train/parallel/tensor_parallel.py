@@ -386,4 +386,18 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, cfg: ParallelCo
         check_blocks_divisible(model, tp_mesh.size())
     plan = PLANS[arch](model, cfg.sequence_parallel, cfg.loss_parallel)
     parallelize_module(model, tp_mesh, plan)
+    replicate_remaining_params(model, tp_mesh)
     return model
+
+
+def replicate_remaining_params(model: nn.Module, tp_mesh: DeviceMesh) -> None:
+    """Make every parameter the plan left alone (the norms between TP regions, without sequence
+    parallelism) a replicated DTensor that its module uses as a local tensor.
+
+    Their gradients are already equal on all TP ranks; the point is one kind of parameter: a
+    foreach/fused optimizer cannot mix DTensors and plain tensors in one step.
+    """
+    for module in model.modules():
+        plain = [name for name, p in module.named_parameters(recurse=False) if not isinstance(p, DTensor)]
+        if plain:
+            HeadLocal({name: Replicate() for name in plain})._apply(module, tp_mesh)

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Launch `xlstm-train train` with the DeepSpeed launcher (parallel.engine=deepspeed).
+#
+#   launch/deepspeed.sh --recipe recipes/xlstm_large_1.3b.yaml parallel.zero_stage=2
+#   HOSTFILE=launch/hostfile.example launch/deepspeed.sh --recipe ...   # several nodes (pdsh + ssh)
+#
+# Environment:
+#   HOSTFILE     MPI-style hostfile (`host slots=N` per line); without it, this node only
+#   NUM_GPUS     GPUs per node to use (default: all visible)
+#   MASTER_ADDR  (multi-node) address of the first host; default: the launcher's choice
+#   MASTER_PORT  default 29500
+#
+# The launcher starts one process per GPU with RANK/LOCAL_RANK/WORLD_SIZE set; the trainer reads
+# them (no --local_rank argument is passed). engine=deepspeed is forced here so the recipe need not
+# say it.
+set -euo pipefail
+
+args=(--master_port "${MASTER_PORT:-29500}" --no_python --no_local_rank)
+if [[ -n "${HOSTFILE:-}" ]]; then
+  args+=(--hostfile "$HOSTFILE")
+  [[ -n "${MASTER_ADDR:-}" ]] && args+=(--master_addr "$MASTER_ADDR")
+fi
+[[ -n "${NUM_GPUS:-}" ]] && args+=(--num_gpus "$NUM_GPUS")
+
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-3}
+
+exec deepspeed "${args[@]}" xlstm-train train parallel.engine=deepspeed "$@"
