@@ -326,3 +326,32 @@ def test_unsafe_subset_names_get_distinct_directories(tmp_path):
     assert sorted(dirs) == ["../up", "a b", "a_b"] and len(set(dirs.values())) == 3
     assert all((tmp_path / "out" / d).is_dir() and ".." not in d for d in dirs.values())
     assert all(entry["documents"] == 2 for entry in manifest["subsets"].values())
+
+
+def test_sigkill_midway_then_rerun_gives_identical_bytes(slimpajama, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    root, _ = slimpajama
+    clean, out = tmp_path / "clean", tmp_path / "out"
+    run_prepare("--slimpajama", root, "--output", clean, "--workers", 1, *SP_ARGS)
+    # the same command in a child process, slowed down so that it is surely killed in the middle
+    script = (
+        "import sys, time\n"
+        "from xlstm_train.data import prepare\n"
+        "tokenize = prepare._tokenize\n"
+        "prepare._tokenize = lambda texts: (time.sleep(0.1), tokenize(texts))[1]\n"
+        "sys.exit(prepare.main(sys.argv[1:]))\n"
+    )
+    args = ["--slimpajama", root, "--output", out, "--workers", 1, *SP_ARGS, "--no-progress"]
+    child = subprocess.Popen([sys.executable, "-c", script, *map(str, args)], stdout=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while not (out / "progress" / "unit_00001.json").exists() and time.time() < deadline:
+        time.sleep(0.02)
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    assert (out / "progress" / "unit_00001.json").exists() and not (out / "manifest.json").exists()
+    run_prepare("--slimpajama", root, "--output", out, "--workers", 2, *SP_ARGS)
+    assert tree_bytes(out) == tree_bytes(clean)
