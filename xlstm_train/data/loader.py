@@ -95,6 +95,11 @@ class TokenStream:
         self.tokens = int(self.shard_starts[-1])
         self.num_windows = max(0, (self.tokens - 1) // seq_len)
 
+    def shard_files(self, w: int) -> str:
+        """The .bin file(s) window w reads from."""
+        first, last = np.searchsorted(self.shard_starts, [w * self.seq_len, (w + 1) * self.seq_len], side="right")
+        return ", ".join(str(self.root / f"{self.shards[i].name}.bin") for i in range(first - 1, last))
+
     def window(self, w: int, tokens_out: np.ndarray, doc_starts_out: np.ndarray) -> None:
         """Write window w's seq_len + 1 tokens, and 1 where a document starts (after position 0)."""
         begin, length = w * self.seq_len, self.seq_len + 1
@@ -229,8 +234,9 @@ def _assemble(streams: list[TokenStream], stream_ids, window_ids, seq_len: int, 
     for row, (s, w) in enumerate(zip(stream_ids.tolist(), window_ids.tolist())):
         streams[s].window(w, tokens[row], starts[row])
         if tokens[row].max() >= vocab_size:  # a damaged shard must never become a silent wrong batch
-            raise DataError(f"{streams[s].name}: window {w} holds token id {int(tokens[row].max())} "
-                            f">= vocab_size {vocab_size}; the shard is damaged or from another tokenizer")
+            raise DataError(f"{streams[s].shard_files(w)}: window {w} of {streams[s].name} holds token id "
+                            f"{int(tokens[row].max())} >= vocab_size {vocab_size}; the shard is damaged or "
+                            "was made with another tokenizer")
     doc_ids = np.cumsum(starts, axis=1, dtype=np.int32)
     labels = tokens[:, 1:].copy()
     labels[starts[:, 1:] == 1] = IGNORE_INDEX
