@@ -258,7 +258,12 @@ def test_trained_sentencepiece_round_trips(tmp_path):
                     "--train-tokenizer", "sentencepiece", "--vocab-size", 100)
     with pytest.raises(DataError, match="already exists"):
         run_prepare("--input", path, "--output", tmp_path / "out2", "--tokenizer", model,
-                    "--train-tokenizer", "sentencepiece")
+                    "--train-tokenizer", "sentencepiece", "--vocab-size", 350)
+    # re-running the same command (as after a kill) resumes with the tokenizer it trained
+    (tmp_path / "out" / "manifest.json").unlink()
+    again = run_prepare("--input", path, "--output", tmp_path / "out", "--tokenizer", model,
+                        "--train-tokenizer", "sentencepiece", "--vocab-size", 350, "--workers", 1)
+    assert again == manifest
 
 
 def test_missing_or_unusable_inputs(tmp_path):

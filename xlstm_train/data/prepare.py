@@ -285,6 +285,10 @@ def _make_source(args):
 def _train_tokenizer(args, source) -> None:
     path = Path(args.tokenizer)
     if path.exists():
+        settings = Path(args.output) / PROGRESS_DIR / "settings.json"
+        if settings.is_file() and json.loads(settings.read_text())["tokenizer"]["sha256"] == \
+                open_tokenizer(path, args.eos_token).identity["sha256"]:
+            return  # trained by this same command before it was interrupted: resume with it
         raise DataError(f"--train-tokenizer: {path} already exists; remove it or drop --train-tokenizer to use it")
     texts = []
     for record in source.records():
