@@ -40,6 +40,91 @@ def add_mlstm_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--rep-ms", type=int, default=200, help="do_bench repetition time per measurement")
     parser.add_argument("--json", dest="json_path", default=None, help="also write the rows to this JSON file")
+    parser.add_argument(
+        "--breakdown",
+        nargs="*",
+        metavar="VARIANT",
+        default=None,
+        help="instead of the table: time each of our kernels alone for launch variants such as "
+        "'L=64' or 'L=128,output.BV=128,grads.num_warps=4' (no VARIANT: a default set)",
+    )
+
+
+BREAKDOWN_VARIANTS = [
+    "L=128",
+    "L=64",
+    "L=128,output.BV=128,grads.BV=128",
+    "L=128,output.num_stages=1,grads.num_stages=1,states.num_stages=1",
+    "L=64,output.num_warps=8,grads.num_warps=8",
+    "L=128,states.BV=64,states.num_warps=8",
+]
+
+
+def run_mlstm_breakdown(args) -> list[dict]:
+    """Time each kernel of ours alone (forward states, forward output, backward states, backward
+    gradients) for launch variants; print registers and spills of every compiled kernel."""
+    import triton
+    import triton.testing
+
+    from xlstm_kernels.mlstm import triton_chunkwise as tc
+
+    if not torch.cuda.is_available():
+        sys.exit("bench_kernels.py mlstm needs a CUDA device")
+    device = torch.device("cuda")
+    print(f"# {torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__}")
+    rows = []
+    for layer in args.layers:
+        NH, DQK, DV = MLSTM_LAYERS[layer]
+        for S in args.seq_lens:
+            B = max(1, args.tokens // S)
+            q, k = (torch.randn(B, NH, S, DQK, device=device, dtype=torch.bfloat16) for _ in range(2))
+            v = torch.randn(B, NH, S, DV, device=device, dtype=torch.bfloat16)
+            i = torch.randn(B, NH, S, device=device)
+            f = 3.0 + torch.randn(B, NH, S, device=device)
+            dh = torch.randn_like(v)
+            reset = torch.zeros(B, S, device=device, dtype=torch.int8)
+            for gate in ("exp", "sigmoid"):
+                for variant in args.breakdown or BREAKDOWN_VARIANTS:
+                    settings = dict(item.split("=") for item in variant.split(","))
+                    cfg = tc._Config(q, v, int(settings.pop("L", 128)), gate, 1e-6)
+                    for key, value in settings.items():
+                        group, name = key.split(".")
+                        getattr(cfg, group)[name] = int(value)
+                    try:
+                        states = tc._launch_fwd_states(q, k, v, i, f, reset, None, None, None, cfg)
+                        h, m_tok, qn_tok = tc._launch_fwd_output(q, k, v, i, f, reset, *states, cfg)
+                        den, _, dqn = tc._normaliser_grads(dh, h, m_tok, qn_tok, cfg)
+                        d_states = tc._launch_bwd_states(q, dh, i, f, reset, m_tok, den, dqn, states[2], None, None, cfg)
+                        launches = {
+                            "fwd_states": lambda: tc._launch_fwd_states(q, k, v, i, f, reset, None, None, None, cfg),
+                            "fwd_output": lambda: tc._launch_fwd_output(q, k, v, i, f, reset, *states, cfg),
+                            "bwd_states": lambda: tc._launch_bwd_states(
+                                q, dh, i, f, reset, m_tok, den, dqn, states[2], None, None, cfg),
+                            "bwd_grads": lambda: tc._launch_bwd_grads(
+                                q, k, v, i, f, reset, dh, m_tok, den, dqn, states, d_states, cfg),
+                        }  # fmt: skip
+                        times = {
+                            name: triton.testing.do_bench(fn, warmup=10, rep=args.rep_ms, return_mode="median")
+                            for name, fn in launches.items()
+                        }
+                        del states, d_states, h
+                    except Exception as error:
+                        times = {"error": f"{type(error).__name__}: {str(error)[:200]}"}
+                    torch.cuda.empty_cache()
+                    row = dict(layer=layer, S=S, B=B, gate=gate, variant=variant, **times)
+                    rows.append(row)
+                    cells = "  ".join(f"{k} {v:7.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in times.items())
+                    print(f"{layer:>10} S={S:<6} {gate:<8} {variant:<70} {cells}", flush=True)
+    for kernel in (tc._fwd_states_kernel, tc._fwd_output_kernel, tc._bwd_states_kernel, tc._bwd_grads_kernel):
+        for caches in kernel.device_caches.values():
+            for compiled in caches[0].values():
+                print(f"  {kernel.__name__}: {compiled.n_regs} registers, {compiled.n_spills} spilled, "
+                      f"{compiled.metadata.shared} B shared, {compiled.metadata.num_warps} warps, "
+                      f"{compiled.metadata.num_stages} stages")  # fmt: skip
+    if args.json_path:
+        with open(args.json_path, "w") as file:
+            json.dump(rows, file, indent=2)
+    return rows
 
 
 def _mlstm_column(name: str, chunk_size: int | None):
@@ -212,6 +297,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.command == "slstm":
         bench_slstm.run(args)
+    elif args.breakdown is not None:
+        run_mlstm_breakdown(args)
     else:
         run_mlstm(args)
 

@@ -415,6 +415,9 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 
 class _Config:
+    """Shapes and launch parameters of one call. Each kernel's tiles and warps are plain attributes
+    so that ``scripts/bench_kernels.py mlstm --breakdown`` can time variants."""
+
     def __init__(self, q, v, chunk_size, input_gate, eps):
         self.B, self.NH, self.S, self.DQK = q.shape
         self.DV = v.shape[-1]
@@ -424,15 +427,16 @@ class _Config:
         self.eps = eps
         self.scale = self.DQK**-0.5
         self.dot_precision = _dot_precision(q.dtype)
-        # state kernels: one program per (head, DQK tile, DV tile); chunk kernels loop over tiles
-        self.state_bk = _tile(self.DQK, 64)
-        self.state_bv = _tile(self.DV, 128)
-        self.chunk_bk = _tile(self.DQK, 64)
-        self.chunk_bv = _tile(self.DV, 64 if chunk_size > 64 else 128)
-        self.num_warps = 8 if chunk_size >= 128 else 4
+        # state kernels: one program per (head, DQK tile, DV tile) walking the chunks
+        self.states = dict(BK=_tile(self.DQK, 64), BV=_tile(self.DV, 128), num_warps=4, num_stages=2)
+        # chunk kernels: one program per (chunk, head) looping over head-dim tiles
+        wide = chunk_size > 64
+        self.output = dict(BK=_tile(self.DQK, 64), BV=_tile(self.DV, 64 if wide else 128),
+                           num_warps=8 if wide else 4, num_stages=2)  # fmt: skip
+        self.grads = dict(self.output)
 
 
-def _forward(q, k, v, i, f, reset, c0, n0, m0, cfg: _Config):
+def _launch_fwd_states(q, k, v, i, f, reset, c0, n0, m0, cfg: _Config):
     BH = cfg.B * cfg.NH
     dev = q.device
     c_states = torch.empty(BH, cfg.NC + 1, cfg.DQK, cfg.DV, device=dev, dtype=torch.float32)
@@ -442,23 +446,75 @@ def _forward(q, k, v, i, f, reset, c0, n0, m0, cfg: _Config):
     m0_flat = m0.reshape(BH).float().contiguous() if m0 is not None else torch.zeros(BH, device=dev)
     c0_arg = c0.float().contiguous() if has_init else c_states
     n0_arg = n0.float().contiguous() if has_init else n_states
-    grid = (BH, triton.cdiv(cfg.DQK, cfg.state_bk), triton.cdiv(cfg.DV, cfg.state_bv))
+    launch = cfg.states
+    grid = (BH, triton.cdiv(cfg.DQK, launch["BK"]), triton.cdiv(cfg.DV, launch["BV"]))
     _fwd_states_kernel[grid](
         k, v, i, f, reset, c0_arg, n0_arg, m0_flat, c_states, n_states, m_states,
         cfg.S, cfg.NH, cfg.DQK, cfg.DV, cfg.NC,
-        HAS_INIT=has_init, IS_EXP=cfg.is_exp, L=cfg.L, BK=cfg.state_bk, BV=cfg.state_bv,
-        DOT_PRECISION=cfg.dot_precision, num_warps=4,
+        HAS_INIT=has_init, IS_EXP=cfg.is_exp, L=cfg.L, DOT_PRECISION=cfg.dot_precision, **launch,
     )  # fmt: skip
+    return c_states, n_states, m_states
+
+
+def _launch_fwd_output(q, k, v, i, f, reset, c_states, n_states, m_states, cfg: _Config):
+    dev = q.device
     h = torch.empty(cfg.B, cfg.NH, cfg.S, cfg.DV, device=dev, dtype=q.dtype)
     m_tokens = torch.empty(cfg.B, cfg.NH, cfg.S, device=dev, dtype=torch.float32)
     qn_tokens = torch.empty(cfg.B, cfg.NH, cfg.S, device=dev, dtype=torch.float32)
-    _fwd_output_kernel[(cfg.NC, BH)](
+    _fwd_output_kernel[(cfg.NC, cfg.B * cfg.NH)](
         q, k, v, i, f, reset, c_states, n_states, m_states, h, m_tokens, qn_tokens,
         cfg.S, cfg.NH, cfg.DQK, cfg.DV, cfg.NC, cfg.scale, cfg.eps,
-        IS_EXP=cfg.is_exp, L=cfg.L, BK=cfg.chunk_bk, BV=cfg.chunk_bv, DOT_PRECISION=cfg.dot_precision,
-        num_warps=cfg.num_warps,
+        IS_EXP=cfg.is_exp, L=cfg.L, DOT_PRECISION=cfg.dot_precision, **cfg.output,
     )  # fmt: skip
+    return h, m_tokens, qn_tokens
+
+
+def _forward(q, k, v, i, f, reset, c0, n0, m0, cfg: _Config):
+    c_states, n_states, m_states = _launch_fwd_states(q, k, v, i, f, reset, c0, n0, m0, cfg)
+    h, m_tokens, qn_tokens = _launch_fwd_output(q, k, v, i, f, reset, c_states, n_states, m_states, cfg)
     return h, c_states, n_states, m_states, m_tokens, qn_tokens
+
+
+def _launch_bwd_states(q, dh, i, f, reset, m_tokens, den, dqn, m_states, dc_last, dn_last, cfg: _Config):
+    BH = cfg.B * cfg.NH
+    has_dlast = dc_last is not None or dn_last is not None
+    dc_states = torch.empty(BH, cfg.NC + 1, cfg.DQK, cfg.DV, device=q.device, dtype=torch.float32)
+    dn_states = torch.empty(BH, cfg.NC + 1, cfg.DQK, device=q.device, dtype=torch.float32)
+    if has_dlast:  # autograd passes None for an output without a gradient
+        dc_last = torch.zeros_like(dc_states[:, -1]) if dc_last is None else dc_last.float().contiguous()
+        dn_last = torch.zeros_like(dn_states[:, -1]) if dn_last is None else dn_last.float().contiguous()
+    else:
+        dc_last, dn_last = dc_states, dn_states  # not read
+    launch = cfg.states
+    grid = (BH, triton.cdiv(cfg.DQK, launch["BK"]), triton.cdiv(cfg.DV, launch["BV"]))
+    _bwd_states_kernel[grid](
+        q, dh, i, f, reset, m_tokens, den, dqn, m_states, dc_last, dn_last, dc_states, dn_states,
+        cfg.S, cfg.NH, cfg.DQK, cfg.DV, cfg.NC, cfg.scale,
+        HAS_DLAST=has_dlast, IS_EXP=cfg.is_exp, L=cfg.L, DOT_PRECISION=cfg.dot_precision, **launch,
+    )  # fmt: skip
+    return dc_states, dn_states
+
+
+def _launch_bwd_grads(q, k, v, i, f, reset, dh, m_tokens, den, dqn, states, d_states, cfg: _Config):
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    d_log_f = torch.empty(cfg.B, cfg.NH, cfg.S, device=q.device, dtype=torch.float32)
+    d_log_i = torch.empty_like(d_log_f)
+    _bwd_grads_kernel[(cfg.NC, cfg.B * cfg.NH)](
+        q, k, v, i, f, reset, dh, m_tokens, den, dqn, *states, *d_states,
+        dq, dk, dv, d_log_f, d_log_i,
+        cfg.S, cfg.NH, cfg.DQK, cfg.DV, cfg.NC, cfg.scale,
+        IS_EXP=cfg.is_exp, L=cfg.L, DOT_PRECISION=cfg.dot_precision, **cfg.grads,
+    )  # fmt: skip
+    return dq, dk, dv, d_log_f, d_log_i
+
+
+def _normaliser_grads(dh, h, m_tokens, qn_tokens, cfg: _Config):
+    """den = max(|qn|, lower) + eps with h = num / den: the per-token pieces the backward needs."""
+    lower = torch.exp(-m_tokens) if cfg.is_exp else torch.ones_like(m_tokens)
+    den = torch.maximum(qn_tokens.abs(), lower) + cfg.eps
+    delta = (dh.float() * h.float()).sum(-1)  # sum_d dh * h
+    dqn = torch.where(qn_tokens.abs() >= lower, -delta / den * torch.sign(qn_tokens), 0.0)
+    return den, delta, dqn
 
 
 def _stabiliser_scan_backward(grad_m, log_f, log_i, m_tokens, m0, reset):
@@ -499,39 +555,16 @@ class _MLSTMChunkwise(torch.autograd.Function):
     def backward(ctx, dh, dc_last, dn_last, dm_last):
         q, k, v, i, f, c0, n0, m0, reset, h, c_states, n_states, m_states, m_tokens, qn_tokens = ctx.saved_tensors
         cfg: _Config = ctx.cfg
-        BH = cfg.B * cfg.NH
         dev = q.device
         dh = dh.contiguous() if dh is not None else torch.zeros_like(h)
 
-        # per-token normaliser gradients: den = max(|qn|, lower) + eps, h = num / den
-        lower = torch.exp(-m_tokens) if cfg.is_exp else torch.ones_like(m_tokens)
-        den = torch.maximum(qn_tokens.abs(), lower) + cfg.eps
-        delta = (dh.float() * h.float()).sum(-1)  # sum_d dh * h
-        dqn = torch.where(qn_tokens.abs() >= lower, -delta / den * torch.sign(qn_tokens), 0.0)
-
-        has_dlast = dc_last is not None or dn_last is not None
-        dc_last_arg = (dc_last if dc_last is not None else torch.zeros_like(c_states[:, -1])).float().contiguous()
-        dn_last_arg = (dn_last if dn_last is not None else torch.zeros_like(n_states[:, -1])).float().contiguous()
-        dc_states = torch.empty_like(c_states)
-        dn_states = torch.empty_like(n_states)
-        grid = (BH, triton.cdiv(cfg.DQK, cfg.state_bk), triton.cdiv(cfg.DV, cfg.state_bv))
-        _bwd_states_kernel[grid](
-            q, dh, i, f, reset, m_tokens, den, dqn, m_states, dc_last_arg, dn_last_arg, dc_states, dn_states,
-            cfg.S, cfg.NH, cfg.DQK, cfg.DV, cfg.NC, cfg.scale,
-            HAS_DLAST=has_dlast, IS_EXP=cfg.is_exp, L=cfg.L, BK=cfg.state_bk, BV=cfg.state_bv,
-            DOT_PRECISION=cfg.dot_precision, num_warps=4,
-        )  # fmt: skip
-        dq = torch.empty_like(q)
-        dk = torch.empty_like(k)
-        dv = torch.empty_like(v)
-        d_log_f = torch.empty(cfg.B, cfg.NH, cfg.S, device=dev, dtype=torch.float32)
-        d_log_i = torch.empty_like(d_log_f)
-        _bwd_grads_kernel[(cfg.NC, BH)](
-            q, k, v, i, f, reset, dh, m_tokens, den, dqn, c_states, n_states, m_states, dc_states, dn_states,
-            dq, dk, dv, d_log_f, d_log_i,
-            cfg.S, cfg.NH, cfg.DQK, cfg.DV, cfg.NC, cfg.scale,
-            IS_EXP=cfg.is_exp, L=cfg.L, BK=cfg.chunk_bk, BV=cfg.chunk_bv, DOT_PRECISION=cfg.dot_precision,
-            num_warps=cfg.num_warps,
+        den, delta, dqn = _normaliser_grads(dh, h, m_tokens, qn_tokens, cfg)
+        dc_states, dn_states = _launch_bwd_states(
+            q, dh, i, f, reset, m_tokens, den, dqn, m_states, dc_last, dn_last, cfg
+        )
+        dq, dk, dv, d_log_f, d_log_i = _launch_bwd_grads(
+            q, k, v, i, f, reset, dh, m_tokens, den, dqn,
+            (c_states, n_states, m_states), (dc_states, dn_states), cfg,
         )  # fmt: skip
         d_log_f, d_log_i = d_log_f.double(), d_log_i.double()
 
