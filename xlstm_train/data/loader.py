@@ -91,7 +91,7 @@ class TokenStream:
         dtype = np.dtype(manifest["dtype"])
         info = manifest["subsets"][subset]
         self.shards = [TokenShard(root, shard, dtype) for shard in info["shards"] if shard["tokens"]]
-        self.shard_starts = np.cumsum([0] + [len(s.tokens) for s in self.shards])
+        self.shard_starts = np.cumsum([0] + [s.num_tokens for s in self.shards])
         self.tokens = int(self.shard_starts[-1])
         self.num_windows = max(0, (self.tokens - 1) // seq_len)
 
@@ -109,7 +109,7 @@ class TokenStream:
         while filled < length:
             shard = self.shards[s]
             local = begin + filled - int(self.shard_starts[s])
-            take = min(length - filled, len(shard.tokens) - local)
+            take = min(length - filled, shard.num_tokens - local)
             tokens_out[filled:filled + take] = shard.tokens[local:local + take]
             ends = shard.doc_ends
             first, last = np.searchsorted(ends, [local, local + take - 1], side="right")

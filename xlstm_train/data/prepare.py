@@ -76,7 +76,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     out = parser.add_argument_group("output")
     out.add_argument("--output", required=True, metavar="DIR", help="directory for the shards and manifest.json")
     out.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="tokenizer processes")
-    out.add_argument("--docs-per-unit", type=int, default=100_000,
+    out.add_argument("--docs-per-unit", type=int, default=1_000_000,
                      help="input records per unit of work (a unit writes one shard per subset)")
     out.add_argument("--batch-docs", type=int, default=64, help="documents per tokenization task")
     out.add_argument("--subsets", default=None, help="comma-separated subsets to keep (default: all)")

@@ -91,26 +91,46 @@ def shard_files_intact(root: Path, shard: dict) -> bool:
 
 
 class TokenShard:
-    """One shard, memory-mapped: ``tokens`` and ``doc_ends`` (int64 end offset of each document)."""
+    """One shard: ``tokens`` and ``doc_ends`` (int64 end offset of each document), memory-mapped on first use.
+
+    Opening checks only sizes and the index header; the maps come later, so that a loader over
+    thousands of shards neither pays for nor holds maps of the shards it has not read yet.
+    """
 
     def __init__(self, root: Path, info: dict, dtype: np.dtype):
-        self.name = info["name"]
-        bin_path, idx_path = root / f"{self.name}.bin", root / f"{self.name}.idx"
-        for path, key in ((bin_path, "bin_bytes"), (idx_path, "idx_bytes")):
+        self.name, self.dtype = info["name"], dtype
+        self.num_tokens, self.num_documents = info["tokens"], info["documents"]
+        self.bin_path, self.idx_path = root / f"{self.name}.bin", root / f"{self.name}.idx"
+        for path, key in ((self.bin_path, "bin_bytes"), (self.idx_path, "idx_bytes")):
             if not path.is_file():
                 raise DataError(f"{path}: shard file missing (listed in {root / MANIFEST})")
             if path.stat().st_size != info[key]:
                 raise DataError(f"{path}: {path.stat().st_size} bytes on disk but the manifest records "
                                 f"{info[key]}: the shard is truncated or was rewritten; re-run prepare-data")
-        header = idx_path.open("rb").read(IDX_HEADER_BYTES)
+        with open(self.idx_path, "rb") as f:
+            header = f.read(IDX_HEADER_BYTES)
         version, code = np.frombuffer(header[8:], dtype="<u4")
         if header[:8] != IDX_MAGIC or version != FORMAT_VERSION or code != _DTYPE_CODES[dtype.name]:
-            raise DataError(f"{idx_path}: not a version-{FORMAT_VERSION} {dtype.name} shard index")
-        self.tokens = np.memmap(bin_path, dtype=dtype, mode="r") if info["tokens"] else np.zeros(0, dtype)
-        self.doc_ends = (np.memmap(idx_path, dtype="<i8", mode="r", offset=IDX_HEADER_BYTES)
-                         if info["documents"] else np.zeros(0, "<i8"))
-        if len(self.doc_ends) != info["documents"] or (len(self.doc_ends) and self.doc_ends[-1] != info["tokens"]):
-            raise DataError(f"{idx_path}: document index does not match {bin_path} and the manifest")
+            raise DataError(f"{self.idx_path}: not a version-{FORMAT_VERSION} {dtype.name} shard index")
+        self._tokens = self._doc_ends = None
+
+    @property
+    def tokens(self) -> np.ndarray:
+        if self._tokens is None:
+            self._tokens = (np.memmap(self.bin_path, dtype=self.dtype, mode="r") if self.num_tokens
+                            else np.zeros(0, self.dtype))
+        return self._tokens
+
+    @property
+    def doc_ends(self) -> np.ndarray:
+        if self._doc_ends is None:
+            ends = (np.memmap(self.idx_path, dtype="<i8", mode="r", offset=IDX_HEADER_BYTES)
+                    if self.num_documents else np.zeros(0, "<i8"))
+            if len(ends) and ends[-1] != self.num_tokens:
+                raise DataError(f"{self.idx_path}: its last document ends at token {int(ends[-1])} but "
+                                f"{self.bin_path} holds {self.num_tokens}")
+            self._doc_ends = ends
+        return self._doc_ends
 
 
 def read_manifest(path: str | Path) -> dict:
