@@ -271,7 +271,7 @@ class HuggingFaceSource:
                 return ds.to_iterable_dataset() if self.streaming else ds
             return datasets.load_dataset(self.name, self.config, split=self.split, streaming=self.streaming,
                                          data_files=self.data_files)
-        except (FileNotFoundError, ValueError, datasets.exceptions.DatasetNotFoundError) as e:
+        except (OSError, ValueError, datasets.exceptions.DatasetNotFoundError) as e:  # OSError: offline too
             raise DataError(f"Hugging Face dataset '{self.name}' (config {self.config}, split {self.split}): {e}") \
                 from None
 
