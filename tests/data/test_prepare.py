@@ -360,3 +360,14 @@ def test_sigkill_midway_then_rerun_gives_identical_bytes(slimpajama, tmp_path):
     assert (out / "progress" / "unit_00001.json").exists() and not (out / "manifest.json").exists()
     run_prepare("--slimpajama", root, "--output", out, "--workers", 2, *SP_ARGS)
     assert tree_bytes(out) == tree_bytes(clean)
+
+
+def test_progress_bar_shows_rates_and_eta(tmp_path, capsys):
+    from tests.data.conftest import prepare_args
+    from xlstm_train.data.prepare import prepare
+
+    path = write_jsonl(tmp_path / "a.jsonl.zst", [{"text": d} for d in random_documents(50, seed=8)], compress=True)
+    prepare(prepare_args("--input", path, "--output", tmp_path / "out", "--tokenizer", SAMPLE_TOKENIZER,
+                         "--workers", 1))
+    bar = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()[-1]
+    assert "100%" in bar and "docs/s" in bar and "tok/s" in bar and "<00:00" in bar
