@@ -51,12 +51,11 @@ def add_mlstm_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 BREAKDOWN_VARIANTS = [
-    "L=128",
     "L=64",
-    "L=128,output.BV=128,grads.BV=128",
-    "L=128,output.num_stages=1,grads.num_stages=1,states.num_stages=1",
-    "L=64,output.num_warps=8,grads.num_warps=8",
-    "L=128,states.BV=64,states.num_warps=8",
+    "L=128,output.num_warps=8,grads.num_warps=8",
+    "L=64,output.BV=128,grads.BV=128",
+    "L=64,states.BV=64,states.num_warps=8",
+    "L=64,output.num_stages=3,grads.num_stages=1",
 ]
 
 
@@ -86,22 +85,24 @@ def run_mlstm_breakdown(args) -> list[dict]:
             for gate in ("exp", "sigmoid"):
                 for variant in args.breakdown or BREAKDOWN_VARIANTS:
                     settings = dict(item.split("=") for item in variant.split(","))
-                    cfg = tc._Config(q, v, int(settings.pop("L", 128)), gate, 1e-6)
+                    cfg = tc._Config(q, v, int(settings.pop("L", tc.DEFAULT_CHUNK_SIZE)), gate, 1e-6)
                     for key, value in settings.items():
                         group, name = key.split(".")
                         getattr(cfg, group)[name] = int(value)
                     try:
-                        states = tc._launch_fwd_states(q, k, v, i, f, reset, None, None, None, cfg)
+                        summary = tc._ChunkSummary(i, f, reset, cfg)
+                        states = tc._launch_fwd_states(k, v, summary, None, None, None, cfg)
                         h, m_tok, qn_tok = tc._launch_fwd_output(q, k, v, i, f, reset, *states, cfg)
                         den, _, dqn = tc._normaliser_grads(dh, h, m_tok, qn_tok, cfg)
-                        d_states = tc._launch_bwd_states(q, dh, i, f, reset, m_tok, den, dqn, states[2], None, None, cfg)
+                        d_states = tc._launch_bwd_states(q, dh, summary, m_tok, den, dqn, states[2], None, None, cfg)
                         launches = {
-                            "fwd_states": lambda: tc._launch_fwd_states(q, k, v, i, f, reset, None, None, None, cfg),
+                            "summary": lambda: tc._ChunkSummary(i, f, reset, cfg),
+                            "fwd_states": lambda: tc._launch_fwd_states(k, v, summary, None, None, None, cfg),
                             "fwd_output": lambda: tc._launch_fwd_output(q, k, v, i, f, reset, *states, cfg),
                             "bwd_states": lambda: tc._launch_bwd_states(
-                                q, dh, i, f, reset, m_tok, den, dqn, states[2], None, None, cfg),
+                                q, dh, summary, m_tok, den, dqn, states[2], None, None, cfg),
                             "bwd_grads": lambda: tc._launch_bwd_grads(
-                                q, k, v, i, f, reset, dh, m_tok, den, dqn, states, d_states, cfg),
+                                q, k, v, i, f, reset, dh, m_tok, den, dqn, summary, states, d_states, cfg),
                         }  # fmt: skip
                         times = {
                             name: triton.testing.do_bench(fn, warmup=10, rep=args.rep_ms, return_mode="median")
@@ -115,7 +116,8 @@ def run_mlstm_breakdown(args) -> list[dict]:
                     rows.append(row)
                     cells = "  ".join(f"{k} {v:7.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in times.items())
                     print(f"{layer:>10} S={S:<6} {gate:<8} {variant:<70} {cells}", flush=True)
-    for kernel in (tc._fwd_states_kernel, tc._fwd_output_kernel, tc._bwd_states_kernel, tc._bwd_grads_kernel):
+    for kernel in (tc._fwd_states_kernel, tc._fwd_output_kernel, tc._bwd_states_kernel, tc._bwd_dq_kernel,
+                   tc._bwd_dkdv_kernel):
         for caches in kernel.device_caches.values():
             for compiled in caches[0].values():
                 print(f"  {kernel.__name__}: {compiled.n_regs} registers, {compiled.n_spills} spilled, "

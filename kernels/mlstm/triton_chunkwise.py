@@ -1,14 +1,16 @@
 """Chunkwise mLSTM in Triton: forward and backward, exp and sigmoid input gates, document resets.
 
-The sequence is cut into chunks of L tokens (default 128). Four kernels:
+The sequence is cut into chunks of L tokens (default 64). Kernels:
 
+* ``_chunk_summary_kernel``: per chunk, the gate sums the state kernels need (computed once).
 * ``_fwd_states_kernel``: the inter-chunk recurrence. One program per (head, DQK tile, DV tile) walks
   the chunks in order and writes the fp32 state (C, n, m) before every chunk and the final state.
 * ``_fwd_output_kernel``: one program per (chunk, head): the intra-chunk causal part as an L x L
   matrix, plus the contribution of the state before the chunk; writes h and, per token, the
   stabiliser m and the signed normaliser q.n (the backward's only per-token extras).
 * ``_bwd_states_kernel``: the reverse recurrence for dC, dn, written before every chunk.
-* ``_bwd_grads_kernel``: one program per (chunk, head): dq, dk, dv of the chunk.
+* ``_bwd_dq_kernel``, ``_bwd_dkdv_kernel``: one program per (chunk, head) each; both recompute the
+  chunk's L x L scores (cheaper than keeping dq, dk and dv accumulators live in one program).
 
 Gate gradients: with the stabilisers held fixed, every term's log-weight is a sum of log forget
 gates over an interval plus the source's log input gate, so the kernel sums the gradients of the
@@ -31,7 +33,7 @@ import triton.language as tl
 
 from xlstm_kernels.mlstm.reference import document_resets
 
-DEFAULT_CHUNK_SIZE = 128
+DEFAULT_CHUNK_SIZE = 64
 
 
 @triton.jit
@@ -75,35 +77,59 @@ def _intra_weights(log_f, log_i, segment, tau, m_prev):
 
 
 @triton.jit
-def _state_weights(log_f, log_i, segment, tau, m_prev, IS_EXP: tl.constexpr):
-    """Weights of the state update over one chunk: C_next = carry * C_prev + sum_s w_s k_s v_s^T.
-    Only the chunk's last segment reaches the next state; after a reset the carried state is dropped."""
+def _chunk_summary_kernel(
+    I, F, RESET, LOG_W, ORIGIN_FIRST, CHUNK_DECAY, CHUNK_RESET, S, NH, NC,
+    IS_EXP: tl.constexpr, L: tl.constexpr,
+):  # fmt: skip
+    """Per chunk, once, the gate sums the state kernels need, so that those (one program per state
+    tile) stay free of L x L work: per token the log-weight of its key in the state after the chunk
+    (stabiliser excluded) and the log-weight of the state before the chunk in its output (-inf after
+    a reset); per chunk the log decay over its last segment and whether it has a reset."""
+    chunk = tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    batch = pid_bh // NH
+    tau = tl.arange(0, L)
+    t = chunk * L + tau
+    valid = t < S
+    log_f, log_i, segment = _chunk_gates(I, F, RESET, pid_bh * S, batch * S, t, valid, IS_EXP)
+    visible = (segment[:, None] == segment[None, :]) & (tau[:, None] >= tau[None, :])
+    origin = tl.sum(tl.where(visible, log_f[None, :], 0.0), 1)
     last_segment = tl.max(segment, 0)
     in_last = segment == last_segment
-    decay = tl.sum(tl.where(in_last, log_f, 0.0), 0)  # log f summed over the last segment
     after = tl.sum(tl.where(tau[None, :] > tau[:, None], log_f[None, :], 0.0), 1)  # over (s, end]
-    log_w = tl.where(in_last, after + log_i, float("-inf"))
-    m_origin = tl.where(last_segment > 0, 0.0, m_prev)
+    tl.store(LOG_W + pid_bh * S + t, tl.where(in_last, after + log_i, float("-inf")), mask=valid)
+    tl.store(ORIGIN_FIRST + pid_bh * S + t, tl.where(segment == 0, origin, float("-inf")), mask=valid)
+    tl.store(CHUNK_DECAY + pid_bh * NC + chunk, tl.sum(tl.where(in_last, log_f, 0.0), 0))
+    tl.store(CHUNK_RESET + pid_bh * NC + chunk, (last_segment > 0).to(tl.int32))
+
+
+@triton.jit
+def _state_update(LOG_W, CHUNK_DECAY, CHUNK_RESET, pid_bh, chunk, t, valid, S, NC, m_prev, IS_EXP: tl.constexpr):
+    """Weights of the state update over one chunk: C_next = carry * C_prev + sum_s w_s k_s v_s^T.
+    Only the chunk's last segment reaches the next state; after a reset the carried state is dropped."""
+    log_w = tl.load(LOG_W + pid_bh * S + t, mask=valid, other=float("-inf"))
+    decay = tl.load(CHUNK_DECAY + pid_bh * NC + chunk)
+    has_reset = tl.load(CHUNK_RESET + pid_bh * NC + chunk) > 0
+    m_origin = tl.where(has_reset, 0.0, m_prev)
     if IS_EXP:
         m_next = tl.maximum(decay + m_origin, tl.max(log_w, 0))
     else:
         m_next = m_origin
-    carry = tl.where(last_segment > 0, 0.0, tl.exp(decay + m_prev - m_next))
+    carry = tl.where(has_reset, 0.0, tl.exp(decay + m_prev - m_next))
     w = tl.exp(log_w - m_next)
     return carry, w, m_next
 
 
 @triton.jit
 def _fwd_states_kernel(
-    K, V, I, F, RESET, C0, N0, M0, C_STATES, N_STATES, M_STATES,
-    S, NH, DQK, DV, NC,
+    K, V, LOG_W, CHUNK_DECAY, CHUNK_RESET, C0, N0, M0, C_STATES, N_STATES, M_STATES,
+    S, DQK, DV, NC,
     HAS_INIT: tl.constexpr, IS_EXP: tl.constexpr, L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     pid_bh = tl.program_id(0).to(tl.int64)
     pid_k = tl.program_id(1)
     pid_v = tl.program_id(2)
-    batch = pid_bh // NH
     offs_k = pid_k * BK + tl.arange(0, BK)
     offs_v = pid_v * BV + tl.arange(0, BV)
     mask_k = offs_k < DQK
@@ -129,8 +155,7 @@ def _fwd_states_kernel(
                 tl.store(M_STATES + state_index, m)
         t = chunk * L + tau
         valid = t < S
-        log_f, log_i, segment = _chunk_gates(I, F, RESET, pid_bh * S, batch * S, t, valid, IS_EXP)
-        carry, w, m = _state_weights(log_f, log_i, segment, tau, m, IS_EXP)
+        carry, w, m = _state_update(LOG_W, CHUNK_DECAY, CHUNK_RESET, pid_bh, chunk, t, valid, S, NC, m, IS_EXP)
         rows = pid_bh * S + t
         k_chunk = tl.load(K + rows[:, None] * DQK + offs_k[None, :], mask=valid[:, None] & mask_k[None, :], other=0.0)
         v_chunk = tl.load(V + rows[:, None] * DV + offs_v[None, :], mask=valid[:, None] & mask_v[None, :], other=0.0)
@@ -218,15 +243,15 @@ def _fwd_output_kernel(
 
 @triton.jit
 def _bwd_states_kernel(
-    Q, DH, I, F, RESET, M_TOKENS, DEN, DQN, M_STATES, DC_LAST, DN_LAST, DC_STATES, DN_STATES,
-    S, NH, DQK, DV, NC, scale,
+    Q, DH, LOG_W, ORIGIN_FIRST, CHUNK_DECAY, CHUNK_RESET, M_TOKENS, DEN, DQN, M_STATES, DC_LAST, DN_LAST,
+    DC_STATES, DN_STATES,
+    S, DQK, DV, NC, scale,
     HAS_DLAST: tl.constexpr, IS_EXP: tl.constexpr, L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     pid_bh = tl.program_id(0).to(tl.int64)
     pid_k = tl.program_id(1)
     pid_v = tl.program_id(2)
-    batch = pid_bh // NH
     offs_k = pid_k * BK + tl.arange(0, BK)
     offs_v = pid_v * BV + tl.arange(0, BV)
     mask_k = offs_k < DQK
@@ -252,13 +277,12 @@ def _bwd_states_kernel(
         valid = t < S
         rows = pid_bh * S + t
         m_prev = tl.load(M_STATES + state_index)
-        log_f, log_i, segment = _chunk_gates(I, F, RESET, pid_bh * S, batch * S, t, valid, IS_EXP)
-        carry, w, m_next = _state_weights(log_f, log_i, segment, tau, m_prev, IS_EXP)
-        _, log_origin = _intra_weights(log_f, log_i, segment, tau, m_prev)
+        carry, _, _ = _state_update(LOG_W, CHUNK_DECAY, CHUNK_RESET, pid_bh, chunk, t, valid, S, NC, m_prev, IS_EXP)
         m = tl.load(M_TOKENS + rows, mask=valid, other=0.0)
         den = tl.load(DEN + rows, mask=valid, other=1.0)
         dqn = tl.load(DQN + rows, mask=valid, other=0.0)
-        w_origin = tl.where((segment == 0) & valid, tl.exp(log_origin - m), 0.0)
+        origin = tl.load(ORIGIN_FIRST + rows, mask=valid, other=float("-inf"))
+        w_origin = tl.exp(origin + m_prev - m)  # zero after a reset
 
         q_tile = tl.load(Q + rows[:, None] * DQK + offs_k[None, :], mask=valid[:, None] & mask_k[None, :], other=0.0)
         dh_tile = tl.load(DH + rows[:, None] * DV + offs_v[None, :], mask=valid[:, None] & mask_v[None, :], other=0.0)
@@ -273,22 +297,13 @@ def _bwd_states_kernel(
 
 
 @triton.jit
-def _bwd_grads_kernel(
-    Q, K, V, I, F, RESET, DH, M_TOKENS, DEN, DQN, C_STATES, N_STATES, M_STATES, DC_STATES, DN_STATES,
-    DQ, DK, DV_OUT, DLOG_F, DLOG_I,
-    S, NH, DQK, DV, NC, scale,
+def _chunk_score_grads(
+    Q, K, V, I, F, RESET, DH, M_TOKENS, DEN, DQN, M_STATES, pid_bh, batch, chunk, tau, t, valid, rows,
+    S, DQK, DV, NC, scale,
     IS_EXP: tl.constexpr, L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
-    chunk = tl.program_id(0)
-    pid_bh = tl.program_id(1).to(tl.int64)
-    batch = pid_bh // NH
-    tau = tl.arange(0, L)
-    t = chunk * L + tau
-    valid = t < S
-    rows = pid_bh * S + t
-    state_index = pid_bh * (NC + 1) + chunk  # the state before this chunk
-    next_index = state_index + 1  # and after it
-
+    """The intra-chunk part of the backward, shared by the dq and the dk/dv kernels: the weighted
+    scores P and their gradient dP (dP = dh.v / den + dqn: the normaliser sums the same scores)."""
     scores = tl.zeros([L, L], dtype=tl.float32)
     for k0 in range(0, DQK, BK):
         offs_k = k0 + tl.arange(0, BK)
@@ -304,35 +319,107 @@ def _bwd_grads_kernel(
         v_tile = tl.load(V + rows[:, None] * DV + offs_v[None, :], mask=mask_v, other=0.0)
         d_scores += tl.dot(dh_tile, tl.trans(v_tile), input_precision=DOT_PRECISION)
 
-    m_prev = tl.load(M_STATES + state_index)
+    m_prev = tl.load(M_STATES + pid_bh * (NC + 1) + chunk)
     log_f, log_i, segment = _chunk_gates(I, F, RESET, pid_bh * S, batch * S, t, valid, IS_EXP)
     log_d, log_origin = _intra_weights(log_f, log_i, segment, tau, m_prev)
-    carry, w, _ = _state_weights(log_f, log_i, segment, tau, m_prev, IS_EXP)
     m = tl.load(M_TOKENS + rows, mask=valid, other=0.0)
     den = tl.load(DEN + rows, mask=valid, other=1.0)
     dqn = tl.load(DQN + rows, mask=valid, other=0.0)
     # rows past the end have no stabiliser: keep their weights at zero, not exp(large)
     d = tl.where(valid[:, None], tl.exp(log_d - m[:, None]), 0.0)
     w_origin = tl.where((segment == 0) & valid, tl.exp(log_origin - m), 0.0)
-
-    # dP = dh.v / den + dqn (the normaliser sums the same weighted scores); d(q.k) = dP * D, and
-    # the gradient of each term's log-weight is P * dP
     p = scores * scale * d
     d_p = d_scores / den[:, None] + dqn[:, None]
-    d_log_d = p * d_p
-    p = p.to(Q.dtype.element_ty)
-    d_scores = (d_p * d).to(Q.dtype.element_ty)
+    return p, d_p, d, w_origin, den, dqn
 
-    # Gate gradients from the log-weight gradients, summed directly (not as q.dq - k.dk, whose
-    # diagonal terms cancel and cost all relative precision when the forget gates are closed).
-    # log f_s enters every intra term (t, s') with s' < s <= t, the origin term of queries t >= s,
-    # the state term of keys s' < s, and the carried state's term; log i_s its keys' terms.
-    # queries_from[s, s'] = sum over queries t >= s of d_log_d[t, s'], then keep keys s' < s
+
+@triton.jit
+def _bwd_dq_kernel(
+    Q, K, V, I, F, RESET, DH, M_TOKENS, DEN, DQN, C_STATES, N_STATES, M_STATES, DQ, DLOG_F, DLOG_I,
+    S, NH, DQK, DV, NC, scale,
+    IS_EXP: tl.constexpr, L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """dq of one chunk, and the gate gradients of its intra-chunk and incoming-state terms."""
+    chunk = tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    batch = pid_bh // NH
+    tau = tl.arange(0, L)
+    t = chunk * L + tau
+    valid = t < S
+    rows = pid_bh * S + t
+    state_index = pid_bh * (NC + 1) + chunk  # the state before this chunk
+    p, d_p, d, w_origin, den, dqn = _chunk_score_grads(
+        Q, K, V, I, F, RESET, DH, M_TOKENS, DEN, DQN, M_STATES, pid_bh, batch, chunk, tau, t, valid, rows,
+        S, DQK, DV, NC, scale, IS_EXP, L, BK, BV, DOT_PRECISION,
+    )  # fmt: skip
+
+    # Gate gradients from the gradients of the log-weights (P * dP for the intra terms), summed over
+    # the intervals of gates each term spans: not as q.dq - k.dk, whose diagonal terms cancel and
+    # cost all relative precision when the forget gates are closed. log f_s enters the intra terms
+    # (t, s') with s' < s <= t: queries_from[s, s'] sums the queries t >= s, then keys s' < s count.
+    d_log_d = p * d_p
     queries_from = tl.dot(tl.where(tau[:, None] <= tau[None, :], 1.0, 0.0), d_log_d, input_precision="ieee")
     d_log_f = tl.sum(tl.where(tau[:, None] > tau[None, :], queries_from, 0.0), 1)
     d_log_i = tl.sum(d_log_d, 0)
+    d_scores = (d_p * d).to(Q.dtype.element_ty)
 
     d_log_origin = tl.zeros([L], dtype=tl.float32)  # per query: the term of the state before the chunk
+    for k0 in range(0, DQK, BK):
+        offs_k = k0 + tl.arange(0, BK)
+        mask_k = offs_k < DQK
+        mask_tk = valid[:, None] & mask_k[None, :]
+        q_tile = tl.load(Q + rows[:, None] * DQK + offs_k[None, :], mask=mask_tk, other=0.0)
+        k_tile = tl.load(K + rows[:, None] * DQK + offs_k[None, :], mask=mask_tk, other=0.0)
+        n_tile = tl.load(N_STATES + state_index * DQK + offs_k, mask=mask_k, other=0.0)
+        dq_state = (w_origin * dqn)[:, None] * n_tile[None, :]
+        for v0 in range(0, DV, BV):
+            offs_v = v0 + tl.arange(0, BV)
+            mask_v = offs_v < DV
+            dh_tile = tl.load(DH + rows[:, None] * DV + offs_v[None, :], mask=valid[:, None] & mask_v[None, :], other=0.0)
+            c_tile = tl.load(
+                C_STATES + state_index * DQK * DV + offs_k[:, None] * DV + offs_v[None, :],
+                mask=mask_k[:, None] & mask_v[None, :],
+                other=0.0,
+            )
+            dh_weighted = (dh_tile.to(tl.float32) * (w_origin / den)[:, None]).to(q_tile.dtype)
+            dq_state += tl.dot(dh_weighted, tl.trans(c_tile.to(q_tile.dtype)), input_precision=DOT_PRECISION)
+        d_log_origin += tl.sum(q_tile.to(tl.float32) * dq_state, 1) * scale
+        dq = tl.dot(d_scores, k_tile, input_precision=DOT_PRECISION) + dq_state
+        tl.store(DQ + rows[:, None] * DQK + offs_k[None, :], (dq * scale).to(DQ.dtype.element_ty), mask=mask_tk)
+
+    # the incoming state's term of query t spans the gates of its segment up to t
+    d_log_f += tl.sum(tl.where(tau[:, None] >= tau[None, :], d_log_origin[:, None], 0.0), 0)
+    tl.store(DLOG_F + rows, d_log_f, mask=valid)
+    tl.store(DLOG_I + rows, d_log_i, mask=valid)
+
+
+@triton.jit
+def _bwd_dkdv_kernel(
+    Q, K, V, I, F, RESET, DH, M_TOKENS, DEN, DQN, LOG_W, CHUNK_DECAY, CHUNK_RESET,
+    C_STATES, N_STATES, M_STATES, DC_STATES, DN_STATES, DK, DV_OUT, DLOG_F, DLOG_I,
+    S, NH, DQK, DV, NC, scale,
+    IS_EXP: tl.constexpr, L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """dk, dv of one chunk, and the gate gradients of its outgoing- and carried-state terms (added to
+    what ``_bwd_dq_kernel`` wrote)."""
+    chunk = tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    batch = pid_bh // NH
+    tau = tl.arange(0, L)
+    t = chunk * L + tau
+    valid = t < S
+    rows = pid_bh * S + t
+    state_index = pid_bh * (NC + 1) + chunk  # the state before this chunk
+    next_index = state_index + 1  # and after it
+    p, d_p, d, w_origin, den, dqn = _chunk_score_grads(
+        Q, K, V, I, F, RESET, DH, M_TOKENS, DEN, DQN, M_STATES, pid_bh, batch, chunk, tau, t, valid, rows,
+        S, DQK, DV, NC, scale, IS_EXP, L, BK, BV, DOT_PRECISION,
+    )  # fmt: skip
+    p = p.to(Q.dtype.element_ty)
+    d_scores = (d_p * d).to(Q.dtype.element_ty)
+    m_prev = tl.load(M_STATES + state_index)
+    carry, w, _ = _state_update(LOG_W, CHUNK_DECAY, CHUNK_RESET, pid_bh, chunk, t, valid, S, NC, m_prev, IS_EXP)
+
     d_log_w = tl.zeros([L], dtype=tl.float32)  # per key: its term in the state after the chunk
     d_log_carry = tl.zeros([BK], dtype=tl.float32)  # the carried state's term, summed at the end
     for k0 in range(0, DQK, BK):
@@ -343,39 +430,22 @@ def _bwd_grads_kernel(
         k_tile = tl.load(K + rows[:, None] * DQK + offs_k[None, :], mask=mask_tk, other=0.0)
         n_tile = tl.load(N_STATES + state_index * DQK + offs_k, mask=mask_k, other=0.0)
         dn_tile = tl.load(DN_STATES + next_index * DQK + offs_k, mask=mask_k, other=0.0)
-        dq_state = (w_origin * dqn)[:, None] * n_tile[None, :]
         dk_state = w[:, None] * dn_tile[None, :]
         d_log_carry += n_tile * dn_tile
         for v0 in range(0, DV, BV):
             offs_v = v0 + tl.arange(0, BV)
             mask_v = offs_v < DV
-            mask_tv = valid[:, None] & mask_v[None, :]
             tile_kv = offs_k[:, None] * DV + offs_v[None, :]
             mask_kv = mask_k[:, None] & mask_v[None, :]
-            dh_tile = tl.load(DH + rows[:, None] * DV + offs_v[None, :], mask=mask_tv, other=0.0)
-            v_tile = tl.load(V + rows[:, None] * DV + offs_v[None, :], mask=mask_tv, other=0.0)
+            v_tile = tl.load(V + rows[:, None] * DV + offs_v[None, :], mask=valid[:, None] & mask_v[None, :], other=0.0)
             c_tile = tl.load(C_STATES + state_index * DQK * DV + tile_kv, mask=mask_kv, other=0.0)
             dc_tile = tl.load(DC_STATES + next_index * DQK * DV + tile_kv, mask=mask_kv, other=0.0)
-            dh_weighted = (dh_tile.to(tl.float32) * (w_origin / den)[:, None]).to(q_tile.dtype)
             v_weighted = (v_tile.to(tl.float32) * w[:, None]).to(q_tile.dtype)
-            dq_state += tl.dot(dh_weighted, tl.trans(c_tile.to(q_tile.dtype)), input_precision=DOT_PRECISION)
             dk_state += tl.dot(v_weighted, tl.trans(dc_tile.to(q_tile.dtype)), input_precision=DOT_PRECISION)
             d_log_carry += tl.sum(c_tile * dc_tile, 1)
-        d_log_origin += tl.sum(q_tile.to(tl.float32) * dq_state, 1) * scale
         d_log_w += tl.sum(k_tile.to(tl.float32) * dk_state, 1)
-        dq = tl.dot(d_scores, k_tile, input_precision=DOT_PRECISION) + dq_state
         dk = tl.dot(tl.trans(d_scores), q_tile, input_precision=DOT_PRECISION) * scale + dk_state
-        tl.store(DQ + rows[:, None] * DQK + offs_k[None, :], (dq * scale).to(DQ.dtype.element_ty), mask=mask_tk)
         tl.store(DK + rows[:, None] * DQK + offs_k[None, :], dk.to(DK.dtype.element_ty), mask=mask_tk)
-
-    # the terms of the states before and after the chunk
-    later_or_same = tau[:, None] >= tau[None, :]  # [row, col]: row >= col
-    d_log_f += tl.sum(tl.where(later_or_same, d_log_origin[:, None], 0.0), 0)
-    d_log_f += tl.sum(tl.where(later_or_same, 0.0, d_log_w[:, None]), 0)
-    d_log_f += carry * tl.sum(d_log_carry, 0)
-    d_log_i += d_log_w
-    tl.store(DLOG_F + rows, d_log_f, mask=valid)
-    tl.store(DLOG_I + rows, d_log_i, mask=valid)
 
     for v0 in range(0, DV, BV):
         offs_v = v0 + tl.arange(0, BV)
@@ -398,6 +468,14 @@ def _bwd_grads_kernel(
             k_weighted = (k_tile.to(tl.float32) * w[:, None]).to(k_tile.dtype)
             dv += tl.dot(k_weighted, dc_tile.to(k_tile.dtype), input_precision=DOT_PRECISION)
         tl.store(DV_OUT + rows[:, None] * DV + offs_v[None, :], dv.to(DV_OUT.dtype.element_ty), mask=mask_tv)
+
+    # key s' < s puts log f_s into its outgoing-state term; the carried state spans the whole chunk
+    d_log_f = tl.load(DLOG_F + rows, mask=valid, other=0.0)
+    d_log_f += tl.sum(tl.where(tau[:, None] < tau[None, :], d_log_w[:, None], 0.0), 0)
+    d_log_f += carry * tl.sum(d_log_carry, 0)
+    d_log_i = tl.load(DLOG_I + rows, mask=valid, other=0.0) + d_log_w
+    tl.store(DLOG_F + rows, d_log_f, mask=valid)
+    tl.store(DLOG_I + rows, d_log_i, mask=valid)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -430,15 +508,28 @@ class _Config:
         # state kernels: one program per (head, DQK tile, DV tile) walking the chunks
         self.states = dict(BK=_tile(self.DQK, 64), BV=_tile(self.DV, 128), num_warps=4, num_stages=2)
         # chunk kernels: one program per (chunk, head) looping over head-dim tiles
-        wide = chunk_size > 64
-        self.output = dict(BK=_tile(self.DQK, 64), BV=_tile(self.DV, 64 if wide else 128),
-                           num_warps=8 if wide else 4, num_stages=2)  # fmt: skip
+        self.output = dict(BK=_tile(self.DQK, 64), BV=_tile(self.DV, 64), num_warps=4, num_stages=2)
         self.grads = dict(self.output)
 
 
-def _launch_fwd_states(q, k, v, i, f, reset, c0, n0, m0, cfg: _Config):
+class _ChunkSummary:
+    """Gate sums per chunk (see ``_chunk_summary_kernel``), computed once per call."""
+
+    def __init__(self, i, f, reset, cfg: _Config):
+        BH = cfg.B * cfg.NH
+        self.log_w = torch.empty(BH, cfg.S, device=i.device, dtype=torch.float32)
+        self.origin_first = torch.empty_like(self.log_w)
+        self.decay = torch.empty(BH, cfg.NC, device=i.device, dtype=torch.float32)
+        self.has_reset = torch.empty(BH, cfg.NC, device=i.device, dtype=torch.int32)
+        _chunk_summary_kernel[(cfg.NC, BH)](
+            i, f, reset, self.log_w, self.origin_first, self.decay, self.has_reset, cfg.S, cfg.NH, cfg.NC,
+            IS_EXP=cfg.is_exp, L=cfg.L, num_warps=4,
+        )  # fmt: skip
+
+
+def _launch_fwd_states(k, v, summary: _ChunkSummary, c0, n0, m0, cfg: _Config):
     BH = cfg.B * cfg.NH
-    dev = q.device
+    dev = k.device
     c_states = torch.empty(BH, cfg.NC + 1, cfg.DQK, cfg.DV, device=dev, dtype=torch.float32)
     n_states = torch.empty(BH, cfg.NC + 1, cfg.DQK, device=dev, dtype=torch.float32)
     m_states = torch.empty(BH, cfg.NC + 1, device=dev, dtype=torch.float32)
@@ -449,8 +540,8 @@ def _launch_fwd_states(q, k, v, i, f, reset, c0, n0, m0, cfg: _Config):
     launch = cfg.states
     grid = (BH, triton.cdiv(cfg.DQK, launch["BK"]), triton.cdiv(cfg.DV, launch["BV"]))
     _fwd_states_kernel[grid](
-        k, v, i, f, reset, c0_arg, n0_arg, m0_flat, c_states, n_states, m_states,
-        cfg.S, cfg.NH, cfg.DQK, cfg.DV, cfg.NC,
+        k, v, summary.log_w, summary.decay, summary.has_reset, c0_arg, n0_arg, m0_flat,
+        c_states, n_states, m_states, cfg.S, cfg.DQK, cfg.DV, cfg.NC,
         HAS_INIT=has_init, IS_EXP=cfg.is_exp, L=cfg.L, DOT_PRECISION=cfg.dot_precision, **launch,
     )  # fmt: skip
     return c_states, n_states, m_states
@@ -470,12 +561,13 @@ def _launch_fwd_output(q, k, v, i, f, reset, c_states, n_states, m_states, cfg: 
 
 
 def _forward(q, k, v, i, f, reset, c0, n0, m0, cfg: _Config):
-    c_states, n_states, m_states = _launch_fwd_states(q, k, v, i, f, reset, c0, n0, m0, cfg)
+    summary = _ChunkSummary(i, f, reset, cfg)
+    c_states, n_states, m_states = _launch_fwd_states(k, v, summary, c0, n0, m0, cfg)
     h, m_tokens, qn_tokens = _launch_fwd_output(q, k, v, i, f, reset, c_states, n_states, m_states, cfg)
-    return h, c_states, n_states, m_states, m_tokens, qn_tokens
+    return h, summary, c_states, n_states, m_states, m_tokens, qn_tokens
 
 
-def _launch_bwd_states(q, dh, i, f, reset, m_tokens, den, dqn, m_states, dc_last, dn_last, cfg: _Config):
+def _launch_bwd_states(q, dh, summary, m_tokens, den, dqn, m_states, dc_last, dn_last, cfg: _Config):
     BH = cfg.B * cfg.NH
     has_dlast = dc_last is not None or dn_last is not None
     dc_states = torch.empty(BH, cfg.NC + 1, cfg.DQK, cfg.DV, device=q.device, dtype=torch.float32)
@@ -488,22 +580,28 @@ def _launch_bwd_states(q, dh, i, f, reset, m_tokens, den, dqn, m_states, dc_last
     launch = cfg.states
     grid = (BH, triton.cdiv(cfg.DQK, launch["BK"]), triton.cdiv(cfg.DV, launch["BV"]))
     _bwd_states_kernel[grid](
-        q, dh, i, f, reset, m_tokens, den, dqn, m_states, dc_last, dn_last, dc_states, dn_states,
-        cfg.S, cfg.NH, cfg.DQK, cfg.DV, cfg.NC, cfg.scale,
+        q, dh, summary.log_w, summary.origin_first, summary.decay, summary.has_reset, m_tokens, den, dqn,
+        m_states, dc_last, dn_last, dc_states, dn_states, cfg.S, cfg.DQK, cfg.DV, cfg.NC, cfg.scale,
         HAS_DLAST=has_dlast, IS_EXP=cfg.is_exp, L=cfg.L, DOT_PRECISION=cfg.dot_precision, **launch,
     )  # fmt: skip
     return dc_states, dn_states
 
 
-def _launch_bwd_grads(q, k, v, i, f, reset, dh, m_tokens, den, dqn, states, d_states, cfg: _Config):
+def _launch_bwd_grads(q, k, v, i, f, reset, dh, m_tokens, den, dqn, summary, states, d_states, cfg: _Config):
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     d_log_f = torch.empty(cfg.B, cfg.NH, cfg.S, device=q.device, dtype=torch.float32)
     d_log_i = torch.empty_like(d_log_f)
-    _bwd_grads_kernel[(cfg.NC, cfg.B * cfg.NH)](
-        q, k, v, i, f, reset, dh, m_tokens, den, dqn, *states, *d_states,
-        dq, dk, dv, d_log_f, d_log_i,
-        cfg.S, cfg.NH, cfg.DQK, cfg.DV, cfg.NC, cfg.scale,
-        IS_EXP=cfg.is_exp, L=cfg.L, DOT_PRECISION=cfg.dot_precision, **cfg.grads,
+    c_states, n_states, m_states = states
+    common = (cfg.S, cfg.NH, cfg.DQK, cfg.DV, cfg.NC, cfg.scale)
+    launch = dict(IS_EXP=cfg.is_exp, L=cfg.L, DOT_PRECISION=cfg.dot_precision, **cfg.grads)
+    grid = (cfg.NC, cfg.B * cfg.NH)
+    _bwd_dq_kernel[grid](
+        q, k, v, i, f, reset, dh, m_tokens, den, dqn, c_states, n_states, m_states, dq, d_log_f, d_log_i,
+        *common, **launch,
+    )  # fmt: skip
+    _bwd_dkdv_kernel[grid](
+        q, k, v, i, f, reset, dh, m_tokens, den, dqn, summary.log_w, summary.decay, summary.has_reset,
+        c_states, n_states, m_states, *d_states, dk, dv, d_log_f, d_log_i, *common, **launch,
     )  # fmt: skip
     return dq, dk, dv, d_log_f, d_log_i
 
@@ -543,11 +641,12 @@ class _MLSTMChunkwise(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, i, f, c0, n0, m0, reset, input_gate, chunk_size, eps):
         cfg = _Config(q, v, chunk_size, input_gate, eps)
-        h, c_states, n_states, m_states, m_tokens, qn_tokens = _forward(q, k, v, i, f, reset, c0, n0, m0, cfg)
+        h, summary, c_states, n_states, m_states, m_tokens, qn_tokens = _forward(q, k, v, i, f, reset, c0, n0, m0, cfg)
         c_last = c_states[:, -1].reshape(cfg.B, cfg.NH, cfg.DQK, cfg.DV)
         n_last = n_states[:, -1].reshape(cfg.B, cfg.NH, cfg.DQK)
         m_last = m_states[:, -1].reshape(cfg.B, cfg.NH, 1)
         ctx.save_for_backward(q, k, v, i, f, c0, n0, m0, reset, h, c_states, n_states, m_states, m_tokens, qn_tokens)
+        ctx.summary = summary
         ctx.cfg = cfg
         return h, c_last, n_last, m_last
 
@@ -559,11 +658,10 @@ class _MLSTMChunkwise(torch.autograd.Function):
         dh = dh.contiguous() if dh is not None else torch.zeros_like(h)
 
         den, delta, dqn = _normaliser_grads(dh, h, m_tokens, qn_tokens, cfg)
-        dc_states, dn_states = _launch_bwd_states(
-            q, dh, i, f, reset, m_tokens, den, dqn, m_states, dc_last, dn_last, cfg
-        )
+        summary = ctx.summary
+        dc_states, dn_states = _launch_bwd_states(q, dh, summary, m_tokens, den, dqn, m_states, dc_last, dn_last, cfg)
         dq, dk, dv, d_log_f, d_log_i = _launch_bwd_grads(
-            q, k, v, i, f, reset, dh, m_tokens, den, dqn,
+            q, k, v, i, f, reset, dh, m_tokens, den, dqn, summary,
             (c_states, n_states, m_states), (dc_states, dn_states), cfg,
         )  # fmt: skip
         d_log_f, d_log_i = d_log_f.double(), d_log_i.double()
