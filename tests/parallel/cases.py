@@ -119,3 +119,26 @@ def compare_with_single_process(arch: str, steps: int = 3, **parallel) -> None:
         ref_opt.zero_grad()
     for name, p, ref in zip(param_names(model), model.parameters(), reference.parameters()):
         assert_close(full(p.detach()), ref.detach(), what=f"{arch} {parallel} weight {name} after {steps} steps")
+
+
+def check_bf16_compute_fp32_reduce() -> None:
+    """FSDP with bf16 parameters for compute: the forward runs in bf16, the sharded master weights
+    and the reduced gradients stay fp32, and the loss is the fp32 loss to bf16 accuracy."""
+    import torch.distributed as dist
+
+    pcfg = ParallelConfig()
+    model_cfg, model = make_model("llama")
+    reference = copy.deepcopy(model)
+    mesh = build_mesh(pcfg, dist.get_world_size(), "cpu", model_cfg)
+    parallelize_model(model, mesh, pcfg, model_cfg, param_dtype=torch.bfloat16)
+    dp_rank, dp_size = dp_rank_and_size(mesh)
+    rows = slice(dp_rank * BATCH // dp_size, (dp_rank + 1) * BATCH // dp_size)
+    inputs, labels, doc_ids = batch(0)
+    logits = model(inputs[rows], doc_ids[rows])
+    assert logits.dtype == torch.bfloat16
+    loss = F.cross_entropy(logits.float().flatten(0, 1), labels[rows].flatten())
+    loss.backward()
+    ref_loss = F.cross_entropy(reference(inputs, doc_ids).flatten(0, 1), labels.flatten())
+    assert_close(dp_mean(loss, mesh), ref_loss, rtol=2e-2, what="bf16 loss")
+    for p in model.parameters():
+        assert p.dtype == torch.float32 and p.grad.dtype == torch.float32

@@ -200,19 +200,27 @@ def setup_rank_logging(rank: int, level: int = logging.INFO) -> None:
     root.setLevel(level if rank == 0 else logging.WARNING)
 
 
-def run_on_every_rank(fn: Callable[[], Any], rank: int | None = None) -> Any:
-    """Call ``fn``; if it raises, print the traceback with this rank and end the process.
+def run_on_every_rank(fn: Callable[[], Any], expected: tuple[type[BaseException], ...] = ()) -> Any:
+    """Call ``fn``; if it raises, name this rank and make sure the job ends.
 
-    Exiting (instead of returning into a collective) lets the launcher see a failed worker and stop
-    the others at once; the message names the rank where the error happened.
+    Errors of the ``expected`` types (bad input the caller reports itself) are re-raised as they
+    are: the process exits, and the launcher stops the other ranks. Any other error is printed with
+    its rank and traceback; in a multi-process run the process then exits at once rather than
+    unwinding into a collective (or a checkpoint thread) that the other ranks will never join.
     """
     try:
         return fn()
+    except expected:
+        raise
     except Exception as error:  # noqa: BLE001 - every error must surface with its rank
-        if rank is None:
-            rank = dist.get_rank() if dist.is_initialized() else _env_int("RANK", 0)
+        rank = dist.get_rank() if dist.is_initialized() else _env_int("RANK", 0)
         sys.stderr.write(f"[rank {rank}] {type(error).__name__}: {error}\n{traceback.format_exc()}")
         sys.stderr.flush()
         if dist.is_initialized() and dist.get_world_size() > 1:
-            os._exit(1)  # never enter a collective the other ranks will not join
+            os._exit(1)
         raise
+
+
+def rank_prefix() -> str:
+    """``"[rank N] "`` in a multi-process run (from the launcher's environment), else ``""``."""
+    return f"[rank {_env_int('RANK', 0)}] " if _env_int("WORLD_SIZE", 1) > 1 else ""

@@ -116,6 +116,12 @@ def parallelize_model(
     blocks = block_list(model, model_cfg)
     apply_activation_checkpointing(blocks, cfg.activation_checkpointing)
     if cfg.compile:
+        if mesh is not None and mesh["tp"].size() > 1:
+            raise ConfigError(
+                "parallel.compile = true with parallel.tp > 1: a compiled block's backward fails at the "
+                "DTensor redistributions of the TP plan in this torch version; compile with tp = 1 "
+                "(FSDP and checkpointing compose with it)"
+            )
         for block in blocks:
             block.compile()
     if mesh is not None and dp_mesh(mesh).size() > 1:
