@@ -42,9 +42,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--columns", type=int, nargs="+", default=[None], help="triton: output units per program (tuning)"
     )
-    parser.add_argument(
-        "--syncs", nargs="+", default=[None], help="triton: exchange synchronisation modes (tuning; see SYNC_MODES)"
-    )
     parser.add_argument("--json", dest="json_path", default=None, help="also write the rows to this JSON file")
 
 
@@ -72,14 +69,14 @@ def _peak_mib(fn) -> float:
     return (torch.cuda.max_memory_allocated() - before) / 2**20
 
 
-def _ours(impl, x_gates, columns, sync):
+def _ours(impl, x_gates, columns):
     """Our implementation as a function of (x_gates, R, b) -> y (B, S, NH, DH)."""
     from xlstm_kernels import slstm
     from xlstm_kernels.slstm.triton_kernel import slstm_triton
 
-    if impl == "triton" and (columns, sync) != (None, None):
+    if impl == "triton" and columns is not None:
         zeros = torch.zeros(x_gates.shape[0], x_gates.shape[2], x_gates.shape[4], device=x_gates.device)
-        return lambda x, r, bias: slstm_triton(x, r, bias, (zeros,) * 4, None, columns=columns, sync=sync)[0]
+        return lambda x, r, bias: slstm_triton(x, r, bias, (zeros,) * 4, None, columns=columns)[0]
     return lambda x, r, bias: slstm(x, r, bias, impl=impl)
 
 
@@ -158,26 +155,25 @@ def run(args) -> list[dict]:
             b = torch.randn(args.heads, 4, head_dim, generator=gen, device=device)
             first_output = None
             for impl in args.impls:
-                variants = [(c, m) for c in args.columns for m in args.syncs] if impl == "triton" else [(None, None)]
-                for columns, sync in variants:
+                variants = args.columns if impl == "triton" else [None]
+                for columns in variants:
                     if impl == "official":
                         if official_shapes is not None and (embedding_dim, batch) not in official_shapes:
                             continue
                         fn, params = _official(x_gates, R, b)
                     else:
-                        fn, params = _ours(impl, x_gates, columns, sync), []
+                        fn, params = _ours(impl, x_gates, columns), []
                     y, result = _bench_one(impl, fn, params, x_gates, R, b, args.reps, args.warmup)
                     if first_output is None:
                         first_output = y.float()
-                    label = ",".join(f"{k}={v}" for k, v in (("W", columns), ("sync", sync)) if v is not None)
-                    row = {"impl": f"{impl}({label})" if label else impl}
+                    row = {"impl": impl if columns is None else f"{impl}(W={columns})"}
                     row.update(E=embedding_dim, heads=args.heads, head_dim=head_dim, B=batch, S=args.seq_len)
                     row.update(result)
                     # All implementations compute one function: report how far each is from the first.
                     row["rel_diff_y"] = ((y.float() - first_output).norm() / first_output.norm()).item()
                     rows.append(row)
                     print(
-                        f"  {row['impl']:>28} E={embedding_dim} B={batch}: fwd {row['forward_ms']:.2f} ms, "
+                        f"  {row['impl']:>16} E={embedding_dim} B={batch}: fwd {row['forward_ms']:.2f} ms, "
                         f"fwd+bwd {row['forward_backward_ms']:.2f} ms, rel. diff of y {row['rel_diff_y']:.1e}",
                         flush=True,
                     )
@@ -213,7 +209,7 @@ def _print_kernel_report() -> None:
 def _print_table(rows: list[dict]) -> None:
     official = {(r["E"], r["B"]): r for r in rows if r["impl"] == "official"}
     header = (
-        f"{'impl':>28} {'E':>5} {'NH':>3} {'B':>3} {'S':>5} | {'fwd ms':>8} {'fwd+bwd ms':>10} | "
+        f"{'impl':>16} {'E':>5} {'NH':>3} {'B':>3} {'S':>5} | {'fwd ms':>8} {'fwd+bwd ms':>10} | "
         f"{'fwd MiB':>8} {'f+b MiB':>8} | {'speedup f+b vs official':>23}"
     )
     print(header)
@@ -222,7 +218,7 @@ def _print_table(rows: list[dict]) -> None:
         base = official.get((r["E"], r["B"]))
         speedup = f"{base['forward_backward_ms'] / r['forward_backward_ms']:.2f}x" if base else "-"
         print(
-            f"{r['impl']:>28} {r['E']:>5} {r['heads']:>3} {r['B']:>3} {r['S']:>5} | {r['forward_ms']:>8.2f} "
+            f"{r['impl']:>16} {r['E']:>5} {r['heads']:>3} {r['B']:>3} {r['S']:>5} | {r['forward_ms']:>8.2f} "
             f"{r['forward_backward_ms']:>10.2f} | {r['forward_peak_mib']:>8.0f} {r['forward_backward_peak_mib']:>8.0f} "
             f"| {speedup:>23}"
         )

@@ -46,10 +46,10 @@ import triton.language as tl
 # On-chip bytes one program may spend on its slice of R; beyond this the slice is re-read from
 # cache every step instead of being held.
 _HELD_R_BYTES = 128 * 1024
+# A head whose whole R is at most this is one program (no exchange). The backward keeps R in two
+# layouts, so a 128 KiB R would overflow shared memory.
+_SINGLE_PROGRAM_R_BYTES = 64 * 1024
 _DEFAULT_COLUMNS = 32
-# How a group's programs learn that a step's exchange is complete (see _receive).
-SYNC_MODES = ("poll_gpu", "poll_volatile", "counter")
-_DEFAULT_SYNC = "poll_gpu"
 
 
 @triton.jit
@@ -72,55 +72,21 @@ def _pack(values, tag):
 
 
 @triton.jit
-def _arrive(counter_ptr):
-    """Publish this program's stores of the step (CTA barrier, then a gpu-scope release)."""
-    tl.debug_barrier()
-    tl.atomic_add(counter_ptr, 1, sem="release", scope="gpu")
+def _load_relaxed(ptrs):
+    """gpu-scope relaxed 64-bit loads: served by L2 (never a stale L1 line) and, not being pure,
+    never hoisted out of a polling loop. Every pointer must be valid."""
+    return tl.inline_asm_elementwise(
+        "ld.relaxed.gpu.global.b64 $0, [$1];", "=l,l", [ptrs], dtype=tl.int64, is_pure=False, pack=1
+    )
 
 
 @triton.jit
-def _wait(counter_ptr, target):
-    """Spin until the group's counter reaches `target`."""
-    count = tl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu")
-    while count < target:
-        count = tl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu")
-    tl.debug_barrier()
-
-
-@triton.jit
-def _load_words(ptrs, mask, SYNC: tl.constexpr):
-    if SYNC == "poll_gpu":
-        # A gpu-scope relaxed load: coherent in L2, never served from a stale L1 line, and not
-        # hoisted out of the polling loop. (`ptrs` must be valid everywhere; `mask` is not applied.)
-        return tl.inline_asm_elementwise(
-            "ld.relaxed.gpu.global.b64 $0, [$1];", "=l,l", [ptrs], dtype=tl.int64, is_pure=False, pack=1
-        )
-    else:
-        return tl.load(ptrs, mask=mask, other=0, volatile=True)
-
-
-@triton.jit
-def _send(ptrs, values, tag, mask, counter_ptr, SYNC: tl.constexpr):
-    """Publish fp32 `values` as tagged words (see the module docstring)."""
-    tl.store(ptrs, _pack(values, tag), mask=mask)
-    if SYNC == "counter":
-        _arrive(counter_ptr)
-
-
-@triton.jit
-def _receive(ptrs, mask, tag, counter_ptr, target, SYNC: tl.constexpr):
-    """Wait until the words under `mask` carry `tag`; return their fp32 values (0 elsewhere).
-
-    SYNC "poll_gpu" / "poll_volatile": poll the words themselves. "counter": wait for `target`
-    arrivals at the group's counter, then read once.
-    """
-    if SYNC == "counter":
-        _wait(counter_ptr, target)
-        words = tl.load(ptrs, mask=mask, other=0, cache_modifier=".cg")
-    else:
-        words = _load_words(ptrs, mask, SYNC)
-        while tl.min(tl.where(mask, (words >> 32).to(tl.int32), tag)) != tag:
-            words = _load_words(ptrs, mask, SYNC)
+def _receive(ptrs, mask, tag):
+    """Poll the words at `ptrs` until every one under `mask` carries `tag`; return their fp32
+    values (0 outside `mask`)."""
+    words = _load_relaxed(ptrs)
+    while tl.min(tl.where(mask, (words >> 32).to(tl.int32), tag)) != tag:
+        words = _load_relaxed(ptrs)
     values = words.to(tl.int32).to(tl.float32, bitcast=True)
     return tl.where(mask, values, 0.0)
 
@@ -184,7 +150,6 @@ def slstm_forward_kernel(
     n_ptr,  #   T_STATES = 2 and [:, 1] receives the final state.
     m_ptr,
     exchange_ptr,  # (groups, 2, BLOCK_B, BLOCK_DH) int64; slot 1 holds y0 with tag 0
-    counter_ptr,  # (groups,) int32 zeros, used with SYNC == "counter"
     B,
     S,
     T_STATES,
@@ -200,7 +165,6 @@ def slstm_forward_kernel(
     SAVE_STATES: tl.constexpr,
     OPERAND: tl.constexpr,
     PRECISION: tl.constexpr,
-    SYNC: tl.constexpr,
 ):
     pid = tl.program_id(0)
     split = pid % NUM_SPLITS
@@ -243,14 +207,7 @@ def slstm_forward_kernel(
             r_i, r_f, r_z, r_o = _load_r_slices(r_ptr, r_offsets, r_mask, DH)
         if NUM_SPLITS > 1:
             # y_{t-1} was published at step t - 1 with tag t, in slot (t - 1) % 2.
-            y_prev = _receive(
-                slots + ((t + 1) % 2) * (BLOCK_B * BLOCK_DH) + slot_rows + k[None, :],
-                row_mask,
-                t,
-                counter_ptr + group,
-                NUM_SPLITS * t,
-                SYNC,
-            )
+            y_prev = _receive(slots + ((t + 1) % 2) * (BLOCK_B * BLOCK_DH) + slot_rows + k[None, :], row_mask, t)
         else:
             y_prev = y
         acc_i = _split_dot(y_prev, r_i, tl.zeros((BLOCK_B, W), tl.float32), OPERAND, PRECISION)
@@ -271,7 +228,7 @@ def slstm_forward_kernel(
 
         if NUM_SPLITS > 1:
             slot = slots + (t % 2) * (BLOCK_B * BLOCK_DH)
-            _send(slot + slot_rows + cols[None, :], y, t + 1, slice_mask, counter_ptr + group, SYNC)
+            tl.store(slot + slot_rows + cols[None, :], _pack(y, t + 1), mask=slice_mask)
         tl.store(out_ptr + out_row_offsets + t * NH * DH, y.to(out_ptr.dtype.element_ty), mask=slice_mask)
         if SAVE_STATES:
             tl.store(raw_ptr + x_offsets, raw_i, mask=slice_mask)
@@ -305,7 +262,6 @@ def slstm_backward_kernel(
     d_first_ptr,  # (4, B, NH, DH) fp32 out: gradients of state0 (y, c, n, m)
     db_ptr,  # (NUM_BATCH_TILES, NH, 4, DH) fp32 out: per-tile bias gradients
     exchange_ptr,  # (groups, 2, NUM_SPLITS, BLOCK_B, BLOCK_DH) int64; slot 1, split 0 holds d y_T
-    counter_ptr,  # (groups,) int32 zeros, used with SYNC == "counter"
     B,
     S,
     NH: tl.constexpr,
@@ -320,7 +276,6 @@ def slstm_backward_kernel(
     HAS_RESETS: tl.constexpr,
     OPERAND: tl.constexpr,
     PRECISION: tl.constexpr,
-    SYNC: tl.constexpr,
 ):
     pid = tl.program_id(0)
     split = pid % NUM_SPLITS
@@ -392,14 +347,7 @@ def slstm_backward_kernel(
 
         if NUM_SPLITS > 1:
             # The partials of d y_t were published at step - 1 with tag `step`, in slot (step - 1) % 2.
-            partials = _receive(
-                slots + ((step + 1) % 2) * slot_size + read_offsets,
-                read_mask,
-                step,
-                counter_ptr + group,
-                NUM_SPLITS * step,
-                SYNC,
-            )
+            partials = _receive(slots + ((step + 1) % 2) * slot_size + read_offsets, read_mask, step)
             dy_rec = tl.sum(partials, axis=0)
         dy = dy_out + dy_rec
 
@@ -446,14 +394,12 @@ def slstm_backward_kernel(
             partial = partial * keep
         if NUM_SPLITS > 1:
             slot = slots + (step % 2) * slot_size
-            _send(slot + write_offsets, partial, step + 1, row_mask, counter_ptr + group, SYNC)
+            tl.store(slot + write_offsets, _pack(partial, step + 1), mask=row_mask)
         else:
             dy_rec = partial
 
     if NUM_SPLITS > 1:
-        partials = _receive(
-            slots + ((S + 1) % 2) * slot_size + read_offsets, read_mask, S, counter_ptr + group, NUM_SPLITS * S, SYNC
-        )
+        partials = _receive(slots + ((S + 1) % 2) * slot_size + read_offsets, read_mask, S)
         dy_rec = tl.sum(partials, axis=0)
     tl.store(d_first_ptr + last_offsets, dy_rec, mask=slice_mask)
     tl.store(d_first_ptr + state_size + last_offsets, dc, mask=slice_mask)
@@ -466,9 +412,7 @@ def slstm_backward_kernel(
     tl.store(db_ptr + db_offsets + 3 * DH, tl.sum(db_o, axis=0), mask=col_ok)
 
 
-def _launch_plan(
-    batch: int, head_dim: int, num_heads: int, dtype: torch.dtype, device: torch.device, columns, sync=None
-):
+def _launch_plan(batch: int, head_dim: int, num_heads: int, dtype: torch.dtype, device: torch.device, columns):
     """Batch tile, columns per program W, programs per group, whether R is held on chip."""
     block_b = min(max(16, triton.next_power_of_2(batch)), 64)
     num_batch_tiles = triton.cdiv(batch, block_b)
@@ -481,15 +425,13 @@ def _launch_plan(
         width = block_dh
     elif columns is not None:
         width = columns
-    elif r_bytes(block_dh) <= _HELD_R_BYTES:
+    elif r_bytes(block_dh) <= _SINGLE_PROGRAM_R_BYTES:
         width = block_dh
     else:
         width = min(_DEFAULT_COLUMNS, block_dh)
         # Every program of a group must be resident at once; widen the slices until they fit.
         while width < block_dh and num_heads * num_batch_tiles * triton.cdiv(head_dim, width) > max_programs:
             width *= 2
-    if sync is not None and sync not in SYNC_MODES:
-        raise ValueError(f"slstm: sync must be one of {SYNC_MODES}, got {sync!r}")
     if width < 16 or width & (width - 1) or width > block_dh:
         raise ValueError(f"slstm: columns per program must be a power of two in [16, {block_dh}], got {width}")
     num_splits = triton.cdiv(head_dim, width)
@@ -515,7 +457,6 @@ def _launch_plan(
         num_warps=8 if r_bytes(width) >= 32 * 1024 else 4,
         OPERAND=operand,
         PRECISION="ieee",
-        SYNC=sync or _DEFAULT_SYNC,
     )
 
 
@@ -524,11 +465,11 @@ def _packed(values: torch.Tensor) -> torch.Tensor:
     return values.float().contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
 
 
-def slstm_forward(x_gates, R, b, state0, starts, *, save_states: bool, columns=None, sync=None):
+def slstm_forward(x_gates, R, b, state0, starts, *, save_states: bool, columns=None):
     """Launch the forward kernel. Returns y (B, S, NH, DH) and the fp32 state buffers (y, c, n, m),
     each (B, S + 1, NH, DH) with save_states (state0 first), else (B, 2, NH, DH) (state0, final)."""
     batch, seq_len, num_heads, _, head_dim = x_gates.shape
-    plan = _launch_plan(batch, head_dim, num_heads, x_gates.dtype, x_gates.device, columns, sync)
+    plan = _launch_plan(batch, head_dim, num_heads, x_gates.dtype, x_gates.device, columns)
     out = torch.empty((batch, seq_len, num_heads, head_dim), dtype=x_gates.dtype, device=x_gates.device)
     raw = torch.empty(x_gates.shape if save_states else (1,), dtype=torch.float32, device=x_gates.device)
     time_states = seq_len + 1 if save_states else 2
@@ -546,7 +487,6 @@ def slstm_forward(x_gates, R, b, state0, starts, *, save_states: bool, columns=N
         y0[:batch, :, :head_dim] = state0[0]
         y0 = y0.view(plan["NUM_BATCH_TILES"], block_b, num_heads, block_dh).permute(2, 0, 1, 3)
         exchange[:, 1] = _packed(y0).reshape(groups, block_b, block_dh)
-    counters = torch.zeros(groups, dtype=torch.int32, device=x_gates.device)
     slstm_forward_kernel[(groups * plan["NUM_SPLITS"],)](
         x_gates,
         R,
@@ -556,7 +496,6 @@ def slstm_forward(x_gates, R, b, state0, starts, *, save_states: bool, columns=N
         raw,
         *states,
         exchange,
-        counters,
         batch,
         seq_len,
         time_states,
@@ -569,10 +508,10 @@ def slstm_forward(x_gates, R, b, state0, starts, *, save_states: bool, columns=N
     return out, raw, states
 
 
-def slstm_backward(raw, R, starts, states, dy, d_last, *, columns=None, sync=None):
+def slstm_backward(raw, R, starts, states, dy, d_last, *, columns=None):
     """Launch the backward kernel. Returns (d x_gates in R's dtype, d state0 (4, B, NH, DH), db)."""
     batch, seq_len, num_heads, _, head_dim = raw.shape
-    plan = _launch_plan(batch, head_dim, num_heads, R.dtype, raw.device, columns, sync)
+    plan = _launch_plan(batch, head_dim, num_heads, R.dtype, raw.device, columns)
     groups = num_heads * plan["NUM_BATCH_TILES"]
     block_b, block_dh, splits = plan["BLOCK_B"], plan["BLOCK_DH"], plan["NUM_SPLITS"]
     dx = torch.empty(raw.shape, dtype=R.dtype, device=raw.device)
@@ -585,7 +524,6 @@ def slstm_backward(raw, R, starts, states, dy, d_last, *, columns=None, sync=Non
         dy_last[:batch, :, :head_dim] = d_last[0]
         dy_last = dy_last.view(plan["NUM_BATCH_TILES"], block_b, num_heads, block_dh).permute(2, 0, 1, 3)
         exchange[:, 1, 0] = _packed(dy_last).reshape(groups, block_b, block_dh)
-    counters = torch.zeros(groups, dtype=torch.int32, device=raw.device)
     slstm_backward_kernel[(groups * splits,)](
         raw,
         R,
@@ -597,7 +535,6 @@ def slstm_backward(raw, R, starts, states, dy, d_last, *, columns=None, sync=Non
         d_first,
         db,
         exchange,
-        counters,
         batch,
         seq_len,
         NH=num_heads,
@@ -613,12 +550,10 @@ class SLSTMTritonFunction(torch.autograd.Function):
     """Autograd over the two kernels. Inputs must be contiguous; R in x_gates' dtype, b in fp32."""
 
     @staticmethod
-    def forward(ctx, x_gates, R, b, y0, c0, n0, m0, starts, columns, sync):
+    def forward(ctx, x_gates, R, b, y0, c0, n0, m0, starts, columns):
         save = any(ctx.needs_input_grad)
-        y, raw, states = slstm_forward(
-            x_gates, R, b, (y0, c0, n0, m0), starts, save_states=save, columns=columns, sync=sync
-        )
-        ctx.columns, ctx.sync = columns, sync
+        y, raw, states = slstm_forward(x_gates, R, b, (y0, c0, n0, m0), starts, save_states=save, columns=columns)
+        ctx.columns = columns
         if save:
             ctx.save_for_backward(raw, R, starts, *states)
         return y, *(s[:, -1] for s in states)
@@ -630,7 +565,7 @@ class SLSTMTritonFunction(torch.autograd.Function):
         zeros = torch.zeros((batch, num_heads, head_dim), dtype=torch.float32, device=raw.device)
         d_last = torch.stack([zeros if g is None else g.float() for g in d_final])
         dy = torch.zeros_like(raw[:, :, :, 0]) if dy is None else dy.contiguous()
-        dx, d_first, db = slstm_backward(raw, R, starts, states, dy, d_last, columns=ctx.columns, sync=ctx.sync)
+        dx, d_first, db = slstm_backward(raw, R, starts, states, dy, d_last, columns=ctx.columns)
         dR = None
         if ctx.needs_input_grad[1]:
             # dR[h] = sum over (b, t) of y_{t-1}^T d raw_t, where y_{t-1} is zero at document starts.
@@ -642,17 +577,17 @@ class SLSTMTritonFunction(torch.autograd.Function):
             dR = torch.einsum("bshk,bshgj->hkgj", y_hi, dx)
             if dx.dtype != torch.float32:
                 dR += torch.einsum("bshk,bshgj->hkgj", (y_prev - y_hi.float()).to(dx.dtype), dx)
-        return dx, dR, db, *d_first, None, None, None
+        return dx, dR, db, *d_first, None, None
 
 
 TRITON_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
-def slstm_triton(x_gates, R, b, state0, starts, columns=None, sync=None):
+def slstm_triton(x_gates, R, b, state0, starts, columns=None):
     """The fused kernels behind autograd. R is cast to x_gates' dtype (the matmul operands), b to fp32.
 
-    columns (output units per program, a power of two >= 16) and sync (one of SYNC_MODES) replace
-    the launch defaults; for tests and tuning.
+    columns: output units per program (a power of two >= 16) instead of the launch heuristic; for
+    tests and tuning.
     """
     if x_gates.dtype not in TRITON_DTYPES:
         raise ValueError(f"slstm: impl='triton' takes x_gates in {TRITON_DTYPES}, got {x_gates.dtype}")
@@ -666,6 +601,5 @@ def slstm_triton(x_gates, R, b, state0, starts, columns=None, sync=None):
         *states,
         starts,
         columns,
-        sync,
     )
     return y, tuple(final)

@@ -11,7 +11,7 @@ import torch
 from tests.kernels.test_slstm_reference import random_cell, random_state
 from xlstm_kernels import slstm
 from xlstm_kernels.slstm import document_starts
-from xlstm_kernels.slstm.triton_kernel import SYNC_MODES, slstm_triton
+from xlstm_kernels.slstm.triton_kernel import slstm_triton
 
 F64 = torch.float64
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -35,7 +35,6 @@ def compare_with_reference(
     with_state=True,
     doc_ids=None,
     columns=None,
-    sync=None,
 ):
     """Outputs, final states and all gradients of the kernels vs autograd through the fp64 reference.
 
@@ -56,10 +55,10 @@ def compare_with_reference(
             if cast(x_gates).dtype == F64:
                 state = tuple(s.detach().double().requires_grad_() for s in state)
         docs = None if doc_ids is None else doc_ids.to(device)
-        if (columns, sync) != (None, None) and impl == "triton":
-            starts = None if docs is None else document_starts(docs, batch, seq_len, device)
+        if columns is not None and impl == "triton":
+            starts = None if docs is None else document_starts(docs, batch, seq_len, inputs[0].device)
             zeros = torch.zeros(batch, num_heads, head_dim, device=device)
-            y, final = slstm_triton(*inputs, state or (zeros,) * 4, starts, columns=columns, sync=sync)
+            y, final = slstm_triton(*inputs, state or (zeros,) * 4, starts, columns=columns)
         else:
             y, final = slstm(*inputs, state0=state, doc_ids=docs, return_state=True, impl=impl)
         loss = sum((o.double() * g.to(device)).sum() for o, g in zip((y, *final), out_grads))
@@ -147,11 +146,10 @@ def test_gpu_groups_match_reference_bf16(batch, num_heads, head_dim, columns):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("sync", SYNC_MODES)
-def test_gpu_every_exchange_sync_mode(sync):
+def test_gpu_document_resets_with_forced_column_split_bf16():
     doc_ids = torch.tensor([[0] * 30 + [1] * 34] * 8)
     compare_with_reference(
-        8, 64, 4, 256, dtype=torch.bfloat16, seed=13, tol=1e-2, state_tol=1e-5, doc_ids=doc_ids, sync=sync
+        8, 64, 4, 256, dtype=torch.bfloat16, seed=13, tol=1e-2, state_tol=1e-5, doc_ids=doc_ids, columns=64
     )
 
 
