@@ -274,6 +274,9 @@ def test_missing_or_unusable_inputs(tmp_path):
         run_prepare("--input", tmp_path / "x.csv", "--output", tmp_path / "o", "--tokenizer", SAMPLE_TOKENIZER)
     with pytest.raises(DataError, match="no such directory"):
         run_prepare("--slimpajama", tmp_path, "--output", tmp_path / "o", "--tokenizer", SAMPLE_TOKENIZER)
+    with pytest.raises(DataError, match="exists and is not a directory"):
+        run_prepare("--input", write_jsonl(tmp_path / "e.jsonl", [{"text": "t"}]), "--output", tmp_path / "x.csv",
+                    "--tokenizer", SAMPLE_TOKENIZER)
     with pytest.raises(DataError, match="tokenizer not found"):
         run_prepare("--input", write_jsonl(tmp_path / "d.jsonl", [{"text": "t"}]), "--output", tmp_path / "o2",
                     "--tokenizer", tmp_path / "none.model")

@@ -335,6 +335,8 @@ def prepare(args) -> dict:
         "max_tokens_per_subset": args.max_tokens_per_subset, "caps": caps, "on_bad_record": args.on_bad_record,
     }
     settings_path = root / PROGRESS_DIR / "settings.json"
+    if root.exists() and not root.is_dir():
+        raise DataError(f"--output {root}: exists and is not a directory")
     if args.overwrite and root.exists():
         shutil.rmtree(root)
     if root.is_dir() and any(root.iterdir()) and not settings_path.is_file():
