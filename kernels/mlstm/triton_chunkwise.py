@@ -193,7 +193,7 @@ def _fwd_output_kernel(
         mask_k = offs_k < DQK
         q_tile = tl.load(Q + rows[:, None] * DQK + offs_k[None, :], mask=valid[:, None] & mask_k[None, :], other=0.0)
         k_tile = tl.load(K + rows[:, None] * DQK + offs_k[None, :], mask=valid[:, None] & mask_k[None, :], other=0.0)
-        scores += tl.dot(q_tile, tl.trans(k_tile), input_precision=DOT_PRECISION)
+        scores = tl.dot(q_tile, tl.trans(k_tile), scores, input_precision=DOT_PRECISION)
         n_tile = tl.load(N_STATES + state_index * DQK + offs_k, mask=mask_k, other=0.0)
         q_n += tl.sum(q_tile.to(tl.float32) * n_tile[None, :], 1)
     scores *= scale
@@ -222,8 +222,9 @@ def _fwd_output_kernel(
     for v0 in range(0, DV, BV):
         offs_v = v0 + tl.arange(0, BV)
         mask_v = offs_v < DV
-        v_tile = tl.load(V + rows[:, None] * DV + offs_v[None, :], mask=valid[:, None] & mask_v[None, :], other=0.0)
-        acc = tl.dot(p, v_tile, input_precision=DOT_PRECISION)
+        # accumulate through tl.dot's acc argument, starting from zeros: Triton 3.6 miscompiled
+        # `acc = tl.dot(p, v)` followed by a loop of `acc += tl.dot(...)` (wrong rows on H200)
+        acc = tl.zeros([L, BV], dtype=tl.float32)
         for k0 in range(0, DQK, BK):
             offs_k = k0 + tl.arange(0, BK)
             mask_k = offs_k < DQK
@@ -236,7 +237,9 @@ def _fwd_output_kernel(
                 other=0.0,
             )
             q_weighted = (q_tile.to(tl.float32) * q_coef[:, None]).to(q_tile.dtype)
-            acc += tl.dot(q_weighted, c_tile.to(q_tile.dtype), input_precision=DOT_PRECISION)
+            acc = tl.dot(q_weighted, c_tile.to(q_tile.dtype), acc, input_precision=DOT_PRECISION)
+        v_tile = tl.load(V + rows[:, None] * DV + offs_v[None, :], mask=valid[:, None] & mask_v[None, :], other=0.0)
+        acc = tl.dot(p, v_tile, acc, input_precision=DOT_PRECISION)
         h = acc / den[:, None]
         tl.store(H + rows[:, None] * DV + offs_v[None, :], h.to(H.dtype.element_ty), mask=valid[:, None] & mask_v[None, :])
 
@@ -310,14 +313,14 @@ def _chunk_score_grads(
         mask_k = valid[:, None] & (offs_k < DQK)[None, :]
         q_tile = tl.load(Q + rows[:, None] * DQK + offs_k[None, :], mask=mask_k, other=0.0)
         k_tile = tl.load(K + rows[:, None] * DQK + offs_k[None, :], mask=mask_k, other=0.0)
-        scores += tl.dot(q_tile, tl.trans(k_tile), input_precision=DOT_PRECISION)
+        scores = tl.dot(q_tile, tl.trans(k_tile), scores, input_precision=DOT_PRECISION)
     d_scores = tl.zeros([L, L], dtype=tl.float32)
     for v0 in range(0, DV, BV):
         offs_v = v0 + tl.arange(0, BV)
         mask_v = valid[:, None] & (offs_v < DV)[None, :]
         dh_tile = tl.load(DH + rows[:, None] * DV + offs_v[None, :], mask=mask_v, other=0.0)
         v_tile = tl.load(V + rows[:, None] * DV + offs_v[None, :], mask=mask_v, other=0.0)
-        d_scores += tl.dot(dh_tile, tl.trans(v_tile), input_precision=DOT_PRECISION)
+        d_scores = tl.dot(dh_tile, tl.trans(v_tile), d_scores, input_precision=DOT_PRECISION)
 
     m_prev = tl.load(M_STATES + pid_bh * (NC + 1) + chunk)
     log_f, log_i, segment = _chunk_gates(I, F, RESET, pid_bh * S, batch * S, t, valid, IS_EXP)
@@ -371,7 +374,8 @@ def _bwd_dq_kernel(
         q_tile = tl.load(Q + rows[:, None] * DQK + offs_k[None, :], mask=mask_tk, other=0.0)
         k_tile = tl.load(K + rows[:, None] * DQK + offs_k[None, :], mask=mask_tk, other=0.0)
         n_tile = tl.load(N_STATES + state_index * DQK + offs_k, mask=mask_k, other=0.0)
-        dq_state = (w_origin * dqn)[:, None] * n_tile[None, :]
+        # accumulated through tl.dot's acc argument from zeros, as in _fwd_output_kernel
+        dq_state = tl.zeros([L, BK], dtype=tl.float32)
         for v0 in range(0, DV, BV):
             offs_v = v0 + tl.arange(0, BV)
             mask_v = offs_v < DV
@@ -382,7 +386,8 @@ def _bwd_dq_kernel(
                 other=0.0,
             )
             dh_weighted = (dh_tile.to(tl.float32) * (w_origin / den)[:, None]).to(q_tile.dtype)
-            dq_state += tl.dot(dh_weighted, tl.trans(c_tile.to(q_tile.dtype)), input_precision=DOT_PRECISION)
+            dq_state = tl.dot(dh_weighted, tl.trans(c_tile.to(q_tile.dtype)), dq_state, input_precision=DOT_PRECISION)
+        dq_state += (w_origin * dqn)[:, None] * n_tile[None, :]
         d_log_origin += tl.sum(q_tile.to(tl.float32) * dq_state, 1) * scale
         dq = tl.dot(d_scores, k_tile, input_precision=DOT_PRECISION) + dq_state
         tl.store(DQ + rows[:, None] * DQK + offs_k[None, :], (dq * scale).to(DQ.dtype.element_ty), mask=mask_tk)
@@ -430,7 +435,7 @@ def _bwd_dkdv_kernel(
         k_tile = tl.load(K + rows[:, None] * DQK + offs_k[None, :], mask=mask_tk, other=0.0)
         n_tile = tl.load(N_STATES + state_index * DQK + offs_k, mask=mask_k, other=0.0)
         dn_tile = tl.load(DN_STATES + next_index * DQK + offs_k, mask=mask_k, other=0.0)
-        dk_state = w[:, None] * dn_tile[None, :]
+        dk_state = tl.zeros([L, BK], dtype=tl.float32)
         d_log_carry += n_tile * dn_tile
         for v0 in range(0, DV, BV):
             offs_v = v0 + tl.arange(0, BV)
@@ -441,8 +446,9 @@ def _bwd_dkdv_kernel(
             c_tile = tl.load(C_STATES + state_index * DQK * DV + tile_kv, mask=mask_kv, other=0.0)
             dc_tile = tl.load(DC_STATES + next_index * DQK * DV + tile_kv, mask=mask_kv, other=0.0)
             v_weighted = (v_tile.to(tl.float32) * w[:, None]).to(q_tile.dtype)
-            dk_state += tl.dot(v_weighted, tl.trans(dc_tile.to(q_tile.dtype)), input_precision=DOT_PRECISION)
+            dk_state = tl.dot(v_weighted, tl.trans(dc_tile.to(q_tile.dtype)), dk_state, input_precision=DOT_PRECISION)
             d_log_carry += tl.sum(c_tile * dc_tile, 1)
+        dk_state += w[:, None] * dn_tile[None, :]
         d_log_w += tl.sum(k_tile.to(tl.float32) * dk_state, 1)
         dk = tl.dot(tl.trans(d_scores), q_tile, input_precision=DOT_PRECISION) * scale + dk_state
         tl.store(DK + rows[:, None] * DQK + offs_k[None, :], dk.to(DK.dtype.element_ty), mask=mask_tk)
@@ -451,9 +457,7 @@ def _bwd_dkdv_kernel(
         offs_v = v0 + tl.arange(0, BV)
         mask_v = offs_v < DV
         mask_tv = valid[:, None] & mask_v[None, :]
-        dh_tile = tl.load(DH + rows[:, None] * DV + offs_v[None, :], mask=mask_tv, other=0.0)
-        dh_scaled = (dh_tile.to(tl.float32) / den[:, None]).to(dh_tile.dtype)
-        dv = tl.dot(tl.trans(p), dh_scaled, input_precision=DOT_PRECISION)
+        dv = tl.zeros([L, BV], dtype=tl.float32)
         for k0 in range(0, DQK, BK):
             offs_k = k0 + tl.arange(0, BK)
             mask_k = offs_k < DQK
@@ -466,7 +470,10 @@ def _bwd_dkdv_kernel(
                 other=0.0,
             )
             k_weighted = (k_tile.to(tl.float32) * w[:, None]).to(k_tile.dtype)
-            dv += tl.dot(k_weighted, dc_tile.to(k_tile.dtype), input_precision=DOT_PRECISION)
+            dv = tl.dot(k_weighted, dc_tile.to(k_tile.dtype), dv, input_precision=DOT_PRECISION)
+        dh_tile = tl.load(DH + rows[:, None] * DV + offs_v[None, :], mask=mask_tv, other=0.0)
+        dh_scaled = (dh_tile.to(tl.float32) / den[:, None]).to(dh_tile.dtype)
+        dv = tl.dot(tl.trans(p), dh_scaled, dv, input_precision=DOT_PRECISION)
         tl.store(DV_OUT + rows[:, None] * DV + offs_v[None, :], dv.to(DV_OUT.dtype.element_ty), mask=mask_tv)
 
     # key s' < s puts log f_s into its outgoing-state term; the carried state spans the whole chunk
@@ -508,7 +515,7 @@ class _Config:
         # state kernels: one program per (head, DQK tile, DV tile) walking the chunks
         self.states = dict(BK=_tile(self.DQK, 64), BV=_tile(self.DV, 128), num_warps=4, num_stages=2)
         # chunk kernels: one program per (chunk, head) looping over head-dim tiles
-        self.output = dict(BK=_tile(self.DQK, 64), BV=_tile(self.DV, 64), num_warps=4, num_stages=2)
+        self.output = dict(BK=_tile(self.DQK, 64), BV=_tile(self.DV, 128), num_warps=4, num_stages=2)
         self.grads = dict(self.output)
 
 
