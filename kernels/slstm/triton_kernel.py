@@ -14,10 +14,12 @@ interpreter, which runs programs one after another) y stays in registers and not
 exchanged.
 
 The exchange carries its own readiness: each value travels as one 64-bit word, the step's tag
-in the high half and the fp32 bits in the low half. A 64-bit store is seen whole or not at all,
-so a reader polls the words it needs until every tag is the step it waits for; no fence, counter
-or second round trip. Two slots (even and odd steps) suffice: a program can only overwrite a
-slot after every program of its group has read it, because it needs their next slice first.
+in the high half and the fp32 bits in the low half. An aligned 64-bit store is seen whole or not
+at all (the premise of NCCL's low-latency protocol too), so a reader polls the words it needs with
+gpu-scope loads until every tag is the step it waits for: no fence, counter or second round
+trip. (Measured against a counter with release/acquire atomics: the backward took half the time.)
+Two slots (even and odd steps) suffice: a program can only overwrite a slot after every program
+of its group has read it, because it needs their next slice first.
 
 Numerics. R and x are used as given (bf16 on the GPU); the states, y included, stay fp32. The
 recurrent matmul takes y as a pair of bf16 matrices, hi = bf16(y) and lo = bf16(y - hi), and
@@ -27,13 +29,13 @@ recurrent product d raw_t @ R^T is split the same way.
 
 Forward (per step, per program):
     raw_g = keep_t * (y_{t-1} @ R[:, g, slice]) + x_t[g, slice] + b[g, slice]
-    pointwise gate math in fp32; y_t stored in x's dtype (the output), and with SAVE_STATES
-    y, c, n, m stored in fp32 for the backward.
-Backward (reverse loop): raw_t is recomputed with the same matmul, the pointwise backward runs
-in fp32 on the program's slice, d raw_t is stored (it is d x_gates), and d y_{t-1} =
-sum_g d raw_g @ R[:, g, :]^T is a sum over the group: each program publishes its partial
-(B, DH) product and sums the peers' partials for the units it owns. dR is one batched matmul
-over (B, t) after the loop; db is summed per program.
+    pointwise gate math in fp32; y_t stored in x's dtype (the output), and with SAVE_STATES the
+    fp32 pre-activations raw and states y, c, n, m for the backward (O(B S 4 DH) per head).
+Backward (reverse loop): the gate values are recomputed pointwise from the saved raw_t and
+state_{t-1}, the pointwise backward runs in fp32 on the program's slice, d raw_t is stored (it
+is d x_gates), and d y_{t-1} = sum_g d raw_g @ R[:, g, :]^T is a sum over the group: each
+program publishes its partial (B, DH) product and sums the peers' partials for the units it
+owns. dR is one batched matmul over (B, t) after the loop; db is summed per program.
 
 Document resets: where a token starts a new document the previous state (y, c, n, m) is
 replaced by zeros, so raw loses its recurrent term and the gradient stops there.
@@ -469,6 +471,9 @@ def slstm_forward(x_gates, R, b, state0, starts, *, save_states: bool, columns=N
     """Launch the forward kernel. Returns y (B, S, NH, DH) and the fp32 state buffers (y, c, n, m),
     each (B, S + 1, NH, DH) with save_states (state0 first), else (B, 2, NH, DH) (state0, final)."""
     batch, seq_len, num_heads, _, head_dim = x_gates.shape
+    if seq_len * num_heads * 4 * head_dim >= 2**31:
+        # The kernels index one batch row of x_gates with 32-bit offsets.
+        raise ValueError(f"slstm: S * 4 * E = {seq_len * num_heads * 4 * head_dim} must be below 2**31 for impl='triton'")
     plan = _launch_plan(batch, head_dim, num_heads, x_gates.dtype, x_gates.device, columns)
     out = torch.empty((batch, seq_len, num_heads, head_dim), dtype=x_gates.dtype, device=x_gates.device)
     raw = torch.empty(x_gates.shape if save_states else (1,), dtype=torch.float32, device=x_gates.device)
