@@ -1,0 +1,348 @@
+"""``export-hf`` end to end: train a few steps, export the checkpoint, load it with transformers or the
+official ``xlstm`` package and compare logits with ours (fp32, CPU) on fresh random tokens."""
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors import safe_open
+
+from xlstm_train.config import ConfigError
+from xlstm_train.data.tokenizer import open_tokenizer, train_byte_level_bpe
+from xlstm_train.export import hf
+from xlstm_train.export.hf import export_hf, load_model_state, read_checkpoint_config
+from xlstm_train.models import build_model
+from xlstm_train.train.config import load_config
+from xlstm_train.train.trainer import train
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE_TOKENIZER = REPO / "data" / "tokenizer" / "austen_sp4096.model"
+
+COMMON = {
+    "optim": {"lr": 1e-2, "warmup_steps": 1},
+    "train": {"steps": 2, "micro_batch_size": 2, "eval_interval": 0, "eval_batches": 1, "sample_tokens": 0},
+    "logging": {"interval": 1, "wandb": "disabled"},
+    "checkpoint": {"interval": 0},
+}
+SYNTHETIC = {"source": "synthetic", "task": "parity", "task_options": {"max_len": 12}, "seq_len": 16}
+RUNS = {
+    # xLSTM Large on the bundled text sample with its SentencePiece tokenizer
+    "xlstm_large": {
+        "model": {"arch": "xlstm_large", "vocab_size": 4096, "embedding_dim": 128, "num_blocks": 2, "num_heads": 2,
+                  "chunk_size": 16},
+        "data": {"source": "shards", "datasets": [{"path": str(REPO / "data" / "sample")}],
+                 "tokenizer": str(SAMPLE_TOKENIZER), "seq_len": 16},
+    },
+    # Llama with grouped-query attention and a tied head
+    "llama": {
+        "model": {"arch": "llama", "embedding_dim": 64, "num_blocks": 2, "num_heads": 4, "num_kv_heads": 2,
+                  "max_seq_len": 64, "tie_embeddings": True, "rope_theta": 500.0},
+        "data": SYNTHETIC,
+    },
+    # xLSTM[1:1]: an mLSTM and an sLSTM block
+    "xlstm_blocks": {
+        "model": {"arch": "xlstm_blocks", "embedding_dim": 32, "num_blocks": 2, "slstm_at": [1], "mlstm_num_heads": 2,
+                  "slstm_num_heads": 2, "chunk_size": 8},
+        "data": SYNTHETIC,
+    },
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """arch -> the final checkpoint of a few training steps (made on first use)."""
+    root = tmp_path_factory.mktemp("runs")
+    made = {}
+
+    def get(arch: str) -> Path:
+        if arch not in made:
+            recipe = root / f"{arch}.yaml"
+            recipe.write_text(yaml.safe_dump({"name": arch, **COMMON, **RUNS[arch]}))
+            made[arch] = Path(train(load_config(recipe, [f"run_dir={root / arch}"]))["checkpoint"])
+        return made[arch]
+
+    return get
+
+
+def our_model(checkpoint: Path):
+    cfg = read_checkpoint_config(checkpoint)
+    model = build_model(cfg.model)
+    model.load_state_dict(load_model_state(checkpoint, cfg.model))
+    return model.eval(), cfg
+
+
+def rel_error(got: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((got.double() - expected.double()).norm() / expected.double().norm()).item()
+
+
+def assert_no_leftovers(out: Path) -> None:
+    assert not out.with_name(out.name + ".tmp").exists()
+    assert not out.with_name(out.name + ".old").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# Each architecture loads in its target library and computes our logits
+
+
+def test_xlstm_large_loads_in_transformers_with_its_tokenizer(checkpoints, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    checkpoint = checkpoints("xlstm_large")
+    out = export_hf(checkpoint, tmp_path / "large")
+    assert_no_leftovers(out)
+    assert {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+            "tokenizer_config.json", "README.md", "training_config.yaml"} <= {p.name for p in out.iterdir()}  # fmt: skip
+    ours, cfg = our_model(checkpoint)
+    out_norm = ours.backbone.out_norm.weight
+    assert not torch.equal(out_norm, torch.ones_like(out_norm))  # trained, not at init
+
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert type(model).__name__ == "xLSTMForCausalLM"
+    ids = torch.randint(0, cfg.model.vocab_size, (2, 77))  # more than one 64-token chunk, not a multiple
+    with torch.no_grad():
+        assert rel_error(model(ids, use_cache=False).logits, ours(ids)) <= 1e-4
+
+    # the tokenizer is the training one: same ids on text it has not seen, same special tokens
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    ours_tok = open_tokenizer(SAMPLE_TOKENIZER)
+    text = "Mr. Darcy's  letter,\nwritten at eight o'clock -- 1811 -- reached Elizabeth   ünïcödé 😀\n\n"
+    assert tokenizer(text, add_special_tokens=False).input_ids == ours_tok.encode(text)
+    assert tokenizer.eos_token_id == ours_tok.eos_id == model.generation_config.eos_token_id
+
+
+def test_llama_loads_in_transformers(checkpoints, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    checkpoint = checkpoints("llama")
+    out = export_hf(checkpoint, tmp_path / "llama")
+    ours, cfg = our_model(checkpoint)
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert type(model).__name__ == "LlamaForCausalLM"
+    assert model.config.num_key_value_heads == 2 and model.config.tie_word_embeddings
+    with safe_open(out / "model.safetensors", "pt") as f:
+        assert "lm_head.weight" not in f.keys()  # the tied head is stored once
+    ids = torch.randint(0, cfg.model.vocab_size, (3, 64))
+    with torch.no_grad():
+        assert rel_error(model(ids, use_cache=False).logits, ours(ids)) <= 1e-4
+    assert "no text tokenizer" in (out / "README.md").read_text()
+
+
+def test_llama_rope_permutation_matches_rotate_half():
+    """Our adjacent-pair RoPE of x equals transformers' rotate_half RoPE of the permuted x (ours
+    rotates in fp32, transformers here in fp64)."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    from xlstm_train.models.llama import apply_rope, rope_tables
+
+    torch.manual_seed(0)
+    heads, head_dim, seq, dim = 3, 8, 11, 5
+    weight = torch.randn(heads * head_dim, dim, dtype=torch.float64)
+    x = torch.randn(2, seq, dim, dtype=torch.float64)
+    cos, sin = rope_tables(head_dim, seq, 10000.0)
+    ours = apply_rope((x @ weight.T).view(2, seq, heads, head_dim), cos.double(), sin.double())
+    permuted = hf.llama_qk_to_rotate_half(weight, heads)
+    theirs_in = (x @ permuted.T).view(2, seq, heads, head_dim).transpose(1, 2)  # (B, H, S, D)
+    cos_full, sin_full = torch.cat([cos, cos], -1).double()[None], torch.cat([sin, sin], -1).double()[None]
+    theirs, _ = apply_rotary_pos_emb(theirs_in, theirs_in, cos_full, sin_full)
+    # the same permutation applied to our output gives theirs
+    ours_permuted = ours.reshape(2, seq, heads, head_dim // 2, 2).transpose(-1, -2).reshape(2, seq, heads, head_dim)
+    torch.testing.assert_close(theirs.transpose(1, 2), ours_permuted, rtol=1e-5, atol=1e-5)
+
+
+def test_xlstm_blocks_load_in_the_official_package_as_the_readme_says(checkpoints, tmp_path):
+    checkpoint = checkpoints("xlstm_blocks")
+    out = export_hf(checkpoint, tmp_path / "blocks")
+    assert {p.name for p in out.iterdir()} == {"config.yaml", "model.safetensors", "README.md", "training_config.yaml"}
+    readme = (out / "README.md").read_text()
+    snippet = readme.split("```python\n")[1].split("```")[0]
+    assert 'directory = Path("blocks")' in snippet
+    namespace = {}
+    exec(snippet.replace('Path("blocks")', f"Path({str(out)!r})"), namespace)  # the README's own code
+    official = namespace["model"]
+    assert type(official).__name__ == "xLSTMLMModel"
+
+    ours, cfg = our_model(checkpoint)
+    ids = torch.randint(0, cfg.model.vocab_size, (2, cfg.data.seq_len))
+    with torch.no_grad():
+        assert rel_error(official(ids), ours(ids)) <= 1e-4
+
+    # the cuda backend's layout is ours as is
+    cuda = export_hf(checkpoint, tmp_path / "blocks_cuda", slstm_backend="cuda")
+    assert yaml.safe_load((cuda / "config.yaml").read_text())["slstm_block"]["slstm"]["backend"] == "cuda"
+    state = ours.state_dict()
+    with safe_open(cuda / "model.safetensors", "pt") as f:
+        assert set(f.keys()) == set(state)
+        assert all(torch.equal(f.get_tensor(k), state[k]) for k in f.keys())
+
+
+def test_bfloat16_sharded_export(checkpoints, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    checkpoint = checkpoints("xlstm_large")
+    out = export_hf(checkpoint, tmp_path / "bf16", dtype="bfloat16", max_shard_size="400KB")
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 1 and not (out / "model.safetensors").exists()
+    with safe_open(out / shards[0], "pt") as f:
+        assert all(f.get_tensor(k).dtype == torch.bfloat16 for k in f.keys())
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+
+    ours, cfg = our_model(checkpoint)
+    with torch.no_grad():
+        for p in ours.parameters():
+            p.copy_(p.to(torch.bfloat16).float())  # the weights as exported
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    ids = torch.randint(0, cfg.model.vocab_size, (1, 40))
+    with torch.no_grad():
+        assert rel_error(model(ids, use_cache=False).logits, ours(ids)) <= 1e-4
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenizers transformers can and cannot reproduce
+
+
+def test_hugging_face_tokenizer_json_is_exported(checkpoints, tmp_path):
+    from transformers import AutoTokenizer
+
+    texts = ["It is a truth universally acknowledged, that a single man in possession of a good fortune, "
+             "must be in want of a wife.", "However little known the feelings or views of such a man may be."]
+    path = train_byte_level_bpe(texts * 20, tmp_path / "bpe" / "tokenizer.json", vocab_size=300)
+    out = export_hf(checkpoints("xlstm_large"), tmp_path / "out", tokenizer=path)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    ours = open_tokenizer(path)
+    text = "A wife, a fortune and  universal truths.\n"
+    assert tokenizer(text, add_special_tokens=False).input_ids == ours.encode(text)
+    assert tokenizer.eos_token == "<|endoftext|>" and tokenizer.eos_token_id == ours.eos_id
+    assert json.loads((out / "config.json").read_text())["eos_token_id"] == ours.eos_id
+
+
+def test_sentencepiece_bpe_model_is_kept_with_instructions(checkpoints, tmp_path):
+    """transformers' conversions do not reproduce a SentencePiece BPE model: no AutoTokenizer files,
+    the model kept under a name AutoTokenizer ignores, and the README saying how to tokenize."""
+    import sentencepiece as spm
+
+    text = (REPO / "data" / "README.md").read_text()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(text.split("\n\n")), model_prefix=str(tmp_path / "bpe"),
+                                   vocab_size=200, model_type="bpe", minloglevel=2)  # fmt: skip
+    out = export_hf(checkpoints("xlstm_large"), tmp_path / "out", tokenizer=tmp_path / "bpe.model")
+    names = {p.name for p in out.iterdir()}
+    assert "sentencepiece.model" in names and not names & {"tokenizer.json", "tokenizer_config.json", "tokenizer.model"}
+    readme = (out / "README.md").read_text()
+    assert "No `AutoTokenizer` files" in readme and "SentencePieceProcessor(model_file='sentencepiece.model')" in readme
+
+
+def test_sentencepiece_unigram_conversion_matches_on_the_corpus():
+    """The converted sample tokenizer gives SentencePiece's ids on whole chapters of the corpus."""
+    import zstandard
+
+    converted, special = hf.sentencepiece_to_tokenizers(SAMPLE_TOKENIZER)
+    assert special == {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+    ours = open_tokenizer(SAMPLE_TOKENIZER)
+    raw = zstandard.ZstdDecompressor().decompress((REPO / "data/austen/austen.jsonl.zst").read_bytes())
+    chapters = [json.loads(line)["text"] for line in raw.splitlines()[::40]]
+    for text in chapters:
+        assert converted.encode(text, add_special_tokens=False).ids == ours.encode(text)
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad input: one clear error, nothing (half-)written
+
+
+def _copy_with_config(checkpoint: Path, tmp_path: Path, **model_changes) -> Path:
+    """A copy of ``checkpoint`` whose saved config differs in ``model_changes`` (same weights)."""
+    copy = tmp_path / "run" / checkpoint.name
+    shutil.copytree(checkpoint, copy)
+    config = yaml.safe_load((copy / "config.yaml").read_text())
+    config["model"].update(model_changes)
+    (copy / "config.yaml").write_text(yaml.safe_dump(config))
+    return copy
+
+
+def test_not_a_checkpoint(checkpoints, tmp_path):
+    checkpoint = checkpoints("llama")
+    out = tmp_path / "out"
+    with pytest.raises(ConfigError, match="no such directory"):
+        export_hf(tmp_path / "missing", out)
+    with pytest.raises(ConfigError, match=r"has no \.metadata"):
+        export_hf(checkpoint.parent, out)  # the run directory, not a checkpoint in it
+    unfinished = tmp_path / "step-0000009.tmp"
+    shutil.copytree(checkpoint, unfinished)
+    with pytest.raises(ConfigError, match="never completed"):
+        export_hf(unfinished, out)
+    assert not out.exists()
+    assert_no_leftovers(out)
+
+
+def test_occupied_output_needs_overwrite(checkpoints, tmp_path):
+    checkpoint = checkpoints("llama")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="already exists and is not empty; pass --overwrite"):
+        export_hf(checkpoint, out)
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    with pytest.raises(ConfigError, match="contains or lies inside checkpoint"):
+        export_hf(checkpoint, checkpoint.parent, overwrite=True)
+
+    # the command line: --overwrite replaces the directory as a whole
+    parser = argparse.ArgumentParser()
+    hf.add_arguments(parser)
+    assert hf.run(parser.parse_args([str(checkpoint), str(out), "--overwrite"])) == 0
+    assert not (out / "keep.txt").exists() and (out / "config.json").is_file()
+    assert_no_leftovers(out)
+
+
+@pytest.mark.parametrize("arch, change, message", [
+    ("xlstm_large", {"input_gate": "sigmoid"}, r"model.input_gate = 'sigmoid': transformers' xLSTM supports only 'exp'"),
+    ("xlstm_large", {"use_bias": True}, r"model.use_bias = True"),
+    ("xlstm_blocks", {"input_gate": "sigmoid"}, r"model.input_gate = 'sigmoid': the official .* allowed: 'exp'"),
+    ("xlstm_blocks", {"cell_eps": 1e-4}, r"model.cell_eps = 0.0001: .* allowed: 1e-06"),
+])  # fmt: skip
+def test_unsupported_settings_are_refused(checkpoints, tmp_path, arch, change, message):
+    checkpoint = _copy_with_config(checkpoints(arch), tmp_path, **change)
+    out = tmp_path / "out"
+    with pytest.raises(ConfigError, match=message) as error:
+        export_hf(checkpoint, out)
+    assert str(checkpoint / "config.yaml") in str(error.value)
+    assert not out.exists()
+    assert_no_leftovers(out)
+
+
+def test_missing_tokenizer_and_bad_options(checkpoints, tmp_path):
+    checkpoint = checkpoints("xlstm_large")
+    copy = tmp_path / "run" / checkpoint.name
+    shutil.copytree(checkpoint, copy)
+    config = yaml.safe_load((copy / "config.yaml").read_text())
+    config["data"]["tokenizer"] = str(tmp_path / "moved" / "austen_sp4096.model")
+    (copy / "config.yaml").write_text(yaml.safe_dump(config))
+    out = tmp_path / "out"
+    with pytest.raises(ConfigError, match=r"moved/austen_sp4096.model.*pass --tokenizer PATH"):
+        export_hf(copy, out)
+    with pytest.raises(ConfigError, match="has 4096 tokens, more than the model's model.vocab_size = 6"):
+        export_hf(checkpoints("llama"), out, tokenizer=SAMPLE_TOKENIZER)
+    with pytest.raises(ConfigError, match="dtype = 'float16': expected one of float32, bfloat16"):
+        export_hf(checkpoint, out, dtype="float16")
+    assert not out.exists()
+
+
+def test_a_failed_write_leaves_the_previous_export(checkpoints, tmp_path, monkeypatch):
+    checkpoint = checkpoints("llama")
+    out = export_hf(checkpoint, tmp_path / "out")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def disk_full(*args, **kwargs):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(hf, "_write_weights", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        export_hf(checkpoint, out, overwrite=True, dtype="bfloat16")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert_no_leftovers(out)
+    with pytest.raises(OSError, match="No space left"):
+        export_hf(checkpoint, tmp_path / "fresh")
+    assert not (tmp_path / "fresh").exists()
+    assert_no_leftovers(tmp_path / "fresh")
