@@ -195,10 +195,13 @@ def test_bad_input_names_file_and_line(tmp_path, case):
 def test_bad_records_skipped_and_counted_when_asked(tmp_path):
     cases = _corrupt_inputs(tmp_path)
     files = [path for path, _ in cases.values()]
-    good = write_jsonl(tmp_path / "z_good.jsonl", [{"text": "A good document."}])
+    good = write_jsonl(tmp_path / "z_good.jsonl", [{"text": "A good document."}, {"text": ""}])
+    with open(good, "a") as f:
+        f.write("\n")  # a blank line
     manifest = run_prepare("--input", *files, good, "--output", tmp_path / "out", "--tokenizer", SAMPLE_TOKENIZER,
                            "--workers", 1, "--on-bad-record", "skip")
-    assert manifest["skipped"] == {"bad_json": 1, "missing_text": 1, "empty_file": 1, "corrupt_file": 2}
+    assert manifest["skipped"] == {"bad_json": 1, "missing_text": 1, "empty_file": 1, "corrupt_file": 2,
+                                   "empty_document": 2}
     # a.jsonl: 2 good lines; b.jsonl: 1; d.jsonl.zst: the complete lines before the cut; z_good.jsonl: 1
     readable = zstandard.ZstdDecompressor().decompressobj().decompress((tmp_path / "d.jsonl.zst").read_bytes())
     assert manifest["documents"] == 2 + 1 + readable.count(b"\n") + 1

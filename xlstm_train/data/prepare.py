@@ -151,7 +151,7 @@ def _batches(records: Iterator[Record], first_unit: int, docs_per_unit: int, bat
         elif keep_subsets is not None and record.subset not in keep_subsets:
             batch.skipped["excluded_subset"] += 1
         elif not record.text:
-            batch.skipped["empty_text"] += 1
+            batch.skipped["empty_document"] += 1
         else:
             batch.texts.append(record.text)
             batch.subsets.append(record.subset)
