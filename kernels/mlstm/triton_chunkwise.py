@@ -515,7 +515,8 @@ class _Config:
         # state kernels: one program per (head, DQK tile, DV tile) walking the chunks
         self.states = dict(BK=_tile(self.DQK, 64), BV=_tile(self.DV, 128), num_warps=4, num_stages=2)
         # chunk kernels: one program per (chunk, head) looping over head-dim tiles
-        self.output = dict(BK=_tile(self.DQK, 64), BV=_tile(self.DV, 128), num_warps=4, num_stages=2)
+        warps = 8 if chunk_size >= 128 else 4
+        self.output = dict(BK=_tile(self.DQK, 64), BV=_tile(self.DV, 128), num_warps=warps, num_stages=2)
         self.grads = dict(self.output)
 
 
@@ -613,12 +614,43 @@ def _launch_bwd_grads(q, k, v, i, f, reset, dh, m_tokens, den, dqn, summary, sta
     return dq, dk, dv, d_log_f, d_log_i
 
 
+@triton.jit
+def _normaliser_grads_kernel(
+    DH, H, M_TOKENS, QN_TOKENS, DEN, DELTA, DQN, ROWS, DV, eps,
+    IS_EXP: tl.constexpr, BR: tl.constexpr, BV: tl.constexpr,
+):  # fmt: skip
+    """Per token: den = max(|qn|, lower) + eps, delta = sum_d dh * h, and the gradient of qn."""
+    rows = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
+    valid = rows < ROWS
+    delta = tl.zeros([BR], dtype=tl.float32)
+    for v0 in range(0, DV, BV):
+        offs_v = v0 + tl.arange(0, BV)
+        mask = valid[:, None] & (offs_v < DV)[None, :]
+        dh = tl.load(DH + rows[:, None] * DV + offs_v[None, :], mask=mask, other=0.0).to(tl.float32)
+        h = tl.load(H + rows[:, None] * DV + offs_v[None, :], mask=mask, other=0.0).to(tl.float32)
+        delta += tl.sum(dh * h, 1)
+    qn = tl.load(QN_TOKENS + rows, mask=valid, other=0.0)
+    if IS_EXP:
+        lower = tl.exp(-tl.load(M_TOKENS + rows, mask=valid, other=0.0))
+    else:
+        lower = tl.full([BR], 1.0, dtype=tl.float32)
+    den = tl.maximum(tl.abs(qn), lower) + eps
+    sign = tl.where(qn >= 0, 1.0, -1.0)
+    dqn = tl.where(tl.abs(qn) >= lower, -delta / den * sign, 0.0)
+    tl.store(DEN + rows, den, mask=valid)
+    tl.store(DELTA + rows, delta, mask=valid)
+    tl.store(DQN + rows, dqn, mask=valid)
+
+
 def _normaliser_grads(dh, h, m_tokens, qn_tokens, cfg: _Config):
     """den = max(|qn|, lower) + eps with h = num / den: the per-token pieces the backward needs."""
-    lower = torch.exp(-m_tokens) if cfg.is_exp else torch.ones_like(m_tokens)
-    den = torch.maximum(qn_tokens.abs(), lower) + cfg.eps
-    delta = (dh.float() * h.float()).sum(-1)  # sum_d dh * h
-    dqn = torch.where(qn_tokens.abs() >= lower, -delta / den * torch.sign(qn_tokens), 0.0)
+    den, delta, dqn = (torch.empty_like(qn_tokens) for _ in range(3))
+    rows = qn_tokens.numel()
+    block_rows = 32
+    _normaliser_grads_kernel[(triton.cdiv(rows, block_rows),)](
+        dh, h, m_tokens, qn_tokens, den, delta, dqn, rows, cfg.DV, cfg.eps,
+        IS_EXP=cfg.is_exp, BR=block_rows, BV=_tile(cfg.DV, 128), num_warps=4,
+    )  # fmt: skip
     return den, delta, dqn
 
 

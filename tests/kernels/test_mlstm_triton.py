@@ -177,6 +177,13 @@ def test_chunkwise_kernel_bf16_on_gpu(seed, input_gate, DQK, DV):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("input_gate", ["exp", "sigmoid"])
-def test_chunkwise_kernel_bf16_on_gpu_no_state_no_docs(seed, input_gate):
+@pytest.mark.parametrize("chunk_size", [64, 128])
+def test_chunkwise_kernel_bf16_on_gpu_no_state_no_docs(seed, input_gate, chunk_size):
     inputs = make_inputs(2, 4, 517, 256, 512, input_gate=input_gate, hard=True, with_state=False, dtype=torch.bfloat16)
-    compare_with_reference(inputs, input_gate, 1e-2, seed)
+    compare_with_reference(inputs, input_gate, 1e-2, seed, chunk_size=chunk_size)
+
+
+@pytest.mark.gpu
+def test_chunkwise_kernel_fp32_on_gpu_multi_tile_head_dims(seed):
+    inputs = make_inputs(1, 2, 200, 128, 256, input_gate="exp", hard=True, with_state=True, dtype=torch.float32)
+    compare_with_reference(inputs, "exp", 1e-4, seed, doc_ids=random_doc_ids(1, 200))
