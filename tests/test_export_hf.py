@@ -10,6 +10,7 @@ import pytest
 import torch
 import yaml
 from safetensors import safe_open
+from torch.distributed.checkpoint import FileSystemReader
 
 from xlstm_train.config import ConfigError
 from xlstm_train.data.tokenizer import open_tokenizer, train_byte_level_bpe
@@ -201,6 +202,59 @@ def test_bfloat16_sharded_export(checkpoints, tmp_path):
         assert rel_error(model(ids, use_cache=False).logits, ours(ids)) <= 1e-4
 
 
+SHARDED_MODEL = {"arch": "xlstm_large", "vocab_size": 96, "embedding_dim": 128, "num_blocks": 2, "num_heads": 2,
+                 "chunk_size": 8, "kernel": "reference"}  # fmt: skip
+
+
+def _perturbed_sharded_model():
+    """The model of ``SHARDED_MODEL`` with its init plus noise (the same in every process)."""
+    from xlstm_train.models.xlstm_large import xLSTMLargeConfig
+
+    cfg = xLSTMLargeConfig(**SHARDED_MODEL)
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return cfg, model
+
+
+def _save_tensor_parallel_checkpoint(path: str) -> None:
+    """On each of 2 ranks: shard the model's heads over TP = 2 and save its DCP state dict."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    from xlstm_train.parallel import ParallelConfig, build_mesh, parallelize_model
+
+    cfg, model = _perturbed_sharded_model()
+    parallel = ParallelConfig(tp=2)
+    parallelize_model(model, build_mesh(parallel, 2, "cpu", cfg), parallel, cfg)
+    dcp.save({"model": get_model_state_dict(model)}, checkpoint_id=path)
+
+
+def test_checkpoint_of_a_tensor_parallel_run(tmp_path):
+    """DCP reshards a TP-sharded checkpoint into the single-process export."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.parallel.harness import run_distributed
+
+    checkpoint = tmp_path / "run" / "step-0000001"
+    run_distributed(_save_tensor_parallel_checkpoint, 2, str(checkpoint))
+    metadata = FileSystemReader(checkpoint).read_metadata().state_dict_metadata
+    q_weight = metadata["model.backbone.blocks.0.mlstm_layer.q.weight"]
+    assert len(q_weight.chunks) == 2  # saved as two shards, one per rank
+    recipe = {"name": "tp", "model": SHARDED_MODEL, "data": {"source": "synthetic", "task": "parity"}}
+    (checkpoint / "config.yaml").write_text(yaml.safe_dump(recipe))
+    out = export_hf(checkpoint, tmp_path / "out")
+
+    cfg, ours = _perturbed_sharded_model()
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    ids = torch.randint(0, cfg.vocab_size, (2, 20))
+    with torch.no_grad():
+        assert rel_error(model(ids, use_cache=False).logits, ours.eval()(ids)) <= 1e-4
+    assert "after" not in (out / "README.md").read_text().split("\n")[2]  # no train_state.pt: no step count
+
+
 # ----------------------------------------------------------------------------------------------
 # Tokenizers transformers can and cannot reproduce
 
@@ -208,8 +262,11 @@ def test_bfloat16_sharded_export(checkpoints, tmp_path):
 def test_hugging_face_tokenizer_json_is_exported(checkpoints, tmp_path):
     from transformers import AutoTokenizer
 
-    texts = ["It is a truth universally acknowledged, that a single man in possession of a good fortune, "
-             "must be in want of a wife.", "However little known the feelings or views of such a man may be."]
+    texts = [
+        "It is a truth universally acknowledged, that a single man in possession of a good fortune, must be in "
+        "want of a wife.",
+        "However little known the feelings or views of such a man may be.",
+    ]
     path = train_byte_level_bpe(texts * 20, tmp_path / "bpe" / "tokenizer.json", vocab_size=300)
     out = export_hf(checkpoints("xlstm_large"), tmp_path / "out", tokenizer=path)
     tokenizer = AutoTokenizer.from_pretrained(out)
@@ -310,6 +367,13 @@ def test_unsupported_settings_are_refused(checkpoints, tmp_path, arch, change, m
     assert str(checkpoint / "config.yaml") in str(error.value)
     assert not out.exists()
     assert_no_leftovers(out)
+
+
+def test_weights_that_do_not_fit_the_saved_config(checkpoints, tmp_path):
+    checkpoint = _copy_with_config(checkpoints("llama"), tmp_path, ffn_hidden_dim=99)
+    with pytest.raises(ConfigError, match=r"do not fit .* Size mismatch .* model.layers.0.feed_forward.w1.weight"):
+        export_hf(checkpoint, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_missing_tokenizer_and_bad_options(checkpoints, tmp_path):

@@ -100,6 +100,7 @@ def load_model_state(checkpoint_dir: Path, model_cfg) -> dict[str, torch.Tensor]
     The model is built on the meta device and materialised without init: every tensor of its state
     dict is then filled by DCP. Tied weights stay one tensor under both names."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
 
     with torch.device("meta"):
         model = build_model(model_cfg)
@@ -109,10 +110,12 @@ def load_model_state(checkpoint_dir: Path, model_cfg) -> dict[str, torch.Tensor]
         warnings.filterwarnings("ignore", message=r"torch\.distributed is disabled")
         try:
             dcp.load({"model": state}, checkpoint_id=checkpoint_dir, no_dist=True)
-        except Exception as e:  # DCP reports missing keys / shape mismatches as CheckpointException
+        except CheckpointException as e:  # missing keys, shape mismatches; one (exception, trace) per rank
+            causes = "; ".join(str(failure[0] if isinstance(failure, tuple) else failure)
+                               for failure in e.failures.values())  # fmt: skip
             raise ConfigError(
                 f"checkpoint '{checkpoint_dir}': its model weights do not fit the model its "
-                f"{ckpt.CONFIG_FILE} describes ({type(e).__name__}: {e})"
+                f"{ckpt.CONFIG_FILE} describes: {causes}"
             ) from None
     return state
 
@@ -258,7 +261,7 @@ def export_tokenizer(tokenizer, directory: Path) -> ExportedTokenizer:
         (directory / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
         try:
             loaded = AutoTokenizer.from_pretrained(directory, local_files_only=True)
-        except Exception as e:  # any failure to load means: not loadable by transformers
+        except Exception as e:  # noqa: BLE001 - whatever stops transformers loading it, the fallback is the same
             problem = f"transformers could not load it ({type(e).__name__}: {e})"
         else:
             mismatch = _first_mismatch(tokenizer, loaded, _probe_texts(tokenizer))
