@@ -348,15 +348,20 @@ def test_sigkill_midway_then_rerun_gives_identical_bytes(slimpajama, tmp_path):
     root, _ = slimpajama
     clean, out = tmp_path / "clean", tmp_path / "out"
     run_prepare("--slimpajama", root, "--output", clean, "--workers", 1, *SP_ARGS)
-    # the same command in a child process, slowed down so that it is surely killed in the middle
+    # the same command in a child process that stalls inside unit 2 (after unit 1 is on disk) until killed
     script = (
-        "import sys, time\n"
+        "import os, sys, time\n"
         "from xlstm_train.data import prepare\n"
         "tokenize = prepare._tokenize\n"
-        "prepare._tokenize = lambda texts: (time.sleep(0.1), tokenize(texts))[1]\n"
-        "sys.exit(prepare.main(sys.argv[1:]))\n"
+        "def stalling(texts):\n"
+        "    while os.path.exists(sys.argv[-1]):\n"
+        "        time.sleep(1)\n"
+        "    return tokenize(texts)\n"
+        "prepare._tokenize = stalling\n"
+        "sys.exit(prepare.main(sys.argv[1:-1]))\n"
     )
-    args = ["--slimpajama", root, "--output", out, "--workers", 1, *SP_ARGS, "--no-progress"]
+    args = ["--slimpajama", root, "--output", out, "--workers", 1, *SP_ARGS, "--no-progress",
+            out / "progress" / "unit_00001.json"]
     child = subprocess.Popen([sys.executable, "-c", script, *map(str, args)], stdout=subprocess.DEVNULL)
     deadline = time.time() + 60
     while not (out / "progress" / "unit_00001.json").exists() and time.time() < deadline:
