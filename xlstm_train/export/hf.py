@@ -62,10 +62,10 @@ TRAINING_CONFIG_FILE = "training_config.yaml"
 
 @dataclass
 class ExportedTokenizer:
-    """What was written for the tokenizer: ``files`` loadable by ``AutoTokenizer`` (empty when not),
-    the special-token ids for the model config, and a README paragraph."""
+    """What was written for the tokenizer: whether ``AutoTokenizer`` loads it, the special-token ids
+    for the model config, and a README paragraph."""
 
-    files: list[str]
+    auto_tokenizer: bool
     token_ids: dict[str, int | None]
     readme: str
 
@@ -233,61 +233,72 @@ def _first_mismatch(ours, theirs, texts: list[str]) -> str | None:
     return None
 
 
-def export_tokenizer(tokenizer, directory: Path) -> ExportedTokenizer:
-    """Write ``tokenizer`` for ``AutoTokenizer`` into ``directory`` if transformers reproduces it."""
+AUTO_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+def write_auto_tokenizer(tokenizer, directory: Path):
+    """Write ``tokenizer`` as ``tokenizer.json`` + ``tokenizer_config.json`` and load it back with
+    ``AutoTokenizer``. Returns ``(loaded, None)`` when it reproduces the training tokenization, else
+    ``(None, why)`` with the files removed again."""
     from transformers import AutoTokenizer
 
-    none = {"bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
+              "add_bos_token": False, "add_eos_token": False}  # fmt: skip
+    if isinstance(tokenizer, HuggingFaceTokenizer):
+        shutil.copyfile(tokenizer.path, directory / "tokenizer.json")
+        config["eos_token"] = tokenizer.eos_token
+    else:
+        converted = sentencepiece_to_tokenizers(Path(tokenizer.path))
+        if converted is None:
+            return None, ("of SentencePiece models, only unigram ones are converted to a tokenizer that transformers "
+                          "runs with the same segmentation")  # fmt: skip
+        converted_tokenizer, special_tokens = converted
+        converted_tokenizer.save(str(directory / "tokenizer.json"))
+        config.update(special_tokens)
+    (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    try:
+        loaded = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    except Exception as e:  # noqa: BLE001 - whatever stops transformers loading it, the fallback is the same
+        problem = f"transformers could not load it ({type(e).__name__}: {e})"
+    else:
+        mismatch = _first_mismatch(tokenizer, loaded, _probe_texts(tokenizer))
+        if mismatch is None:
+            return loaded, None
+        problem = f"transformers' tokenization differs from training: {mismatch}"
+    for name in AUTO_TOKENIZER_FILES:
+        (directory / name).unlink()
+    return None, problem
+
+
+def export_tokenizer(tokenizer, directory: Path) -> ExportedTokenizer:
+    """Write the run's tokenizer into ``directory``: for ``AutoTokenizer`` if transformers reproduces
+    it, else the original file under a name ``AutoTokenizer`` ignores, with instructions."""
+    no_ids = {"bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
     if tokenizer is None:
-        return ExportedTokenizer([], none, (
+        return ExportedTokenizer(False, no_ids, (
             "The model was trained on a synthetic task: token ids are the task's own symbols and there "
             "is no text tokenizer."
         ))  # fmt: skip
     source = Path(tokenizer.path)
-    tokenizer_config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
-                        "add_bos_token": False, "add_eos_token": False}  # fmt: skip
-    if isinstance(tokenizer, HuggingFaceTokenizer):
-        shutil.copyfile(source, directory / "tokenizer.json")
-        tokenizer_config["eos_token"] = tokenizer.eos_token
+    loaded, problem = write_auto_tokenizer(tokenizer, directory)
+    if loaded is not None:
+        ids = {f"{name}_token_id": getattr(loaded, f"{name}_token_id") for name in ("bos", "eos", "pad")}
+        return ExportedTokenizer(True, ids, (
+            f"`AutoTokenizer.from_pretrained` loads the training tokenizer ({source.name}). Training text "
+            "was encoded without added special tokens, i.e. `tokenizer(text, add_special_tokens=False)`, "
+            f"and every document ended with the EOS token `{loaded.eos_token}` (id {loaded.eos_token_id})."
+        ))  # fmt: skip
+    if isinstance(tokenizer, SentencePieceTokenizer):
+        kept = "sentencepiece.model"
+        usage = f"import sentencepiece\nsp = sentencepiece.SentencePieceProcessor(model_file='{kept}')\nids = sp.encode(text)"
     else:
-        converted = sentencepiece_to_tokenizers(source)
-        if converted is not None:
-            converted_tokenizer, special_tokens = converted
-            converted_tokenizer.save(str(directory / "tokenizer.json"))
-            tokenizer_config.update(special_tokens)
-    written = ["tokenizer.json", "tokenizer_config.json"]
-    problem = "transformers has no tokenizer class that segments this SentencePiece model the same way"
-    if (directory / "tokenizer.json").exists():
-        (directory / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
-        try:
-            loaded = AutoTokenizer.from_pretrained(directory, local_files_only=True)
-        except Exception as e:  # noqa: BLE001 - whatever stops transformers loading it, the fallback is the same
-            problem = f"transformers could not load it ({type(e).__name__}: {e})"
-        else:
-            mismatch = _first_mismatch(tokenizer, loaded, _probe_texts(tokenizer))
-            if mismatch is None:
-                ids = {f"{name}_token_id": getattr(loaded, f"{name}_token_id") for name in ("bos", "eos", "pad")}
-                return ExportedTokenizer(written, ids, (
-                    f"`AutoTokenizer.from_pretrained` loads the training tokenizer ({source.name}). Training "
-                    "text was encoded without added special tokens, i.e. "
-                    "`tokenizer(text, add_special_tokens=False)`; documents were separated by the EOS token "
-                    f"`{loaded.eos_token}` (id {loaded.eos_token_id})."
-                ))  # fmt: skip
-            problem = f"transformers' tokenization differs from training: {mismatch}"
-        for name in written:
-            (directory / name).unlink(missing_ok=True)
-    # Not loadable by transformers: keep the file under a name AutoTokenizer does not pick up.
-    kept = "sentencepiece.model" if isinstance(tokenizer, SentencePieceTokenizer) else "training_tokenizer.json"
+        kept = "training_tokenizer.json"
+        usage = (f"from tokenizers import Tokenizer\ntok = Tokenizer.from_file('{kept}')\n"
+                 "ids = tok.encode(text, add_special_tokens=False).ids")  # fmt: skip
     shutil.copyfile(source, directory / kept)
-    usage = (
-        f"import sentencepiece\nsp = sentencepiece.SentencePieceProcessor(model_file='{kept}')\nids = sp.encode(text)"
-        if kept.endswith(".model")
-        else f"from tokenizers import Tokenizer\ntok = Tokenizer.from_file('{kept}')\n"
-        "ids = tok.encode(text, add_special_tokens=False).ids"
-    )
-    return ExportedTokenizer([kept], {**none, "eos_token_id": tokenizer.eos_id}, (
-        f"No `AutoTokenizer` files are included: {problem}. The training tokenizer is `{kept}`; "
-        f"encode with\n\n```python\n{usage}\n```\n\nDocuments were separated by the EOS id {tokenizer.eos_id}."
+    return ExportedTokenizer(False, {**no_ids, "eos_token_id": tokenizer.eos_id}, (
+        f"No `AutoTokenizer` files are included: {problem}. The training tokenizer is `{kept}`; encode "
+        f"with\n\n```python\n{usage}\n```\n\nEvery training document ended with the EOS id {tokenizer.eos_id}."
     ))  # fmt: skip
 
 
@@ -546,7 +557,7 @@ def _write_export(directory: Path, cfg: Config, state: dict, checkpoint_dir: Pat
         hf_cfg.save_pretrained(directory)
         GenerationConfig(**{k: v for k, v in exported.token_ids.items() if v is not None}).save_pretrained(directory)
         tokenizer_line = (
-            f'tokenizer = AutoTokenizer.from_pretrained("{name}")\n' if exported.files[:1] == ["tokenizer.json"] else ""
+            f'tokenizer = AutoTokenizer.from_pretrained("{name}")\n' if exported.auto_tokenizer else ""
         )
         usage = _HF_LOAD_USAGE.format(name=name, tokenizer_line=tokenizer_line)
     else:
