@@ -80,6 +80,17 @@ def rel_error(got: torch.Tensor, expected: torch.Tensor) -> float:
     return ((got.double() - expected.double()).norm() / expected.double().norm()).item()
 
 
+def assert_same_greedy_continuation(hf_model, ours, prompt: torch.Tensor, new_tokens: int = 12) -> None:
+    """transformers' generate (with its cache: step kernels for xLSTM, a KV cache for Llama) continues
+    ``prompt`` greedily as our generate does (it may stop early at the EOS token)."""
+    from xlstm_train.models.generate import generate
+
+    expected = generate(ours, prompt, new_tokens, temperature=0)
+    got = hf_model.generate(prompt, max_new_tokens=new_tokens, do_sample=False)
+    assert got.shape[1] > prompt.shape[1]
+    assert torch.equal(got, expected[:, : got.shape[1]])
+
+
 def assert_no_leftovers(out: Path) -> None:
     assert not out.with_name(out.name + ".tmp").exists()
     assert not out.with_name(out.name + ".old").exists()
@@ -106,6 +117,7 @@ def test_xlstm_large_loads_in_transformers_with_its_tokenizer(checkpoints, tmp_p
     ids = torch.randint(0, cfg.model.vocab_size, (2, 77))  # more than one 64-token chunk, not a multiple
     with torch.no_grad():
         assert rel_error(model(ids, use_cache=False).logits, ours(ids)) <= 1e-4
+    assert_same_greedy_continuation(model, ours, ids[:1, :9])
 
     # the tokenizer is the training one: same ids on text it has not seen, same special tokens
     tokenizer = AutoTokenizer.from_pretrained(out)
@@ -129,6 +141,7 @@ def test_llama_loads_in_transformers(checkpoints, tmp_path):
     ids = torch.randint(0, cfg.model.vocab_size, (3, 64))
     with torch.no_grad():
         assert rel_error(model(ids, use_cache=False).logits, ours(ids)) <= 1e-4
+    assert_same_greedy_continuation(model, ours, ids[:1, :5])
     assert "no text tokenizer" in (out / "README.md").read_text()
 
 
