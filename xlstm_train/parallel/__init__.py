@@ -17,10 +17,10 @@ from xlstm_train.parallel.parallelize import (
     clip_grad_norm_,
     dp_max,
     dp_mean,
-    full_logits,
     grad_norm,
     loss_context,
     parallelize_model,
+    to_full,
 )
 
 __all__ = [
@@ -34,11 +34,11 @@ __all__ = [
     "dp_mesh",
     "dp_mean",
     "dp_rank_and_size",
-    "full_logits",
     "grad_norm",
     "init_distributed",
     "loss_context",
     "parallelize_model",
     "run_on_every_rank",
     "setup_rank_logging",
+    "to_full",
 ]

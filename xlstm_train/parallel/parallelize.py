@@ -111,17 +111,18 @@ def parallelize_model(
     """
     if cfg.engine != "fsdp":
         raise ConfigError(f"parallelize_model is the fsdp engine; parallel.engine = {cfg.engine!r}")
-    if mesh is not None and mesh["tp"].size() > 1:
+    tp = mesh is not None and mesh["tp"].size() > 1
+    if cfg.compile and tp:
+        raise ConfigError(
+            "parallel.compile = true with parallel.tp > 1: a compiled block's backward fails at the "
+            "DTensor redistributions of the TP plan in this torch version; compile with tp = 1 "
+            "(FSDP and checkpointing compose with it)"
+        )
+    if tp:
         apply_tensor_parallel(model, mesh["tp"], cfg, model_cfg)
     blocks = block_list(model, model_cfg)
     apply_activation_checkpointing(blocks, cfg.activation_checkpointing)
     if cfg.compile:
-        if mesh is not None and mesh["tp"].size() > 1:
-            raise ConfigError(
-                "parallel.compile = true with parallel.tp > 1: a compiled block's backward fails at the "
-                "DTensor redistributions of the TP plan in this torch version; compile with tp = 1 "
-                "(FSDP and checkpointing compose with it)"
-            )
         for block in blocks:
             block.compile()
     if mesh is not None and dp_mesh(mesh).size() > 1:
@@ -137,9 +138,10 @@ def loss_context(mesh: DeviceMesh | None, cfg: ParallelConfig):
     return contextlib.nullcontext()
 
 
-def full_logits(logits: torch.Tensor) -> torch.Tensor:
-    """Vocabulary-sharded logits gathered into a plain tensor (for sampling and evaluation)."""
-    return logits.full_tensor() if isinstance(logits, DTensor) else logits
+def to_full(tensor: torch.Tensor) -> torch.Tensor:
+    """A DTensor gathered into a plain tensor (e.g. the replicated scalar of a vocabulary-parallel
+    loss); a plain tensor as it is."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
 # ------------------------------------------------------------------------------------------------
