@@ -17,6 +17,7 @@ def _two_ranks() -> None:
         compare_with_single_process(arch, tp=2)
     compare_with_single_process("xlstm_large", tp=2, sequence_parallel=True, loss_parallel=False)
     compare_with_single_process("xlstm_blocks", tp=2, sequence_parallel=True)
+    compare_with_single_process("xlstm_blocks", tp=2, activation_checkpointing="selective")
     for arch in ARCHS:
         compare_with_single_process(arch, zero_stage=3)
     compare_with_single_process("xlstm_large", zero_stage=2, activation_checkpointing="full")
