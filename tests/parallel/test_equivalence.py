@@ -30,6 +30,7 @@ def _tp2_dp2() -> None:
     for arch in ARCHS:
         compare_with_single_process(arch, tp=2)
     compare_with_single_process("xlstm_large", tp=2, dp_replicate=2, sequence_parallel=True)
+    compare_with_single_process("xlstm_blocks", dp_replicate=2, zero_stage=2)  # HSDP: 2 replicas x 2 shards
 
 
 def test_tensor_parallel_2_and_fsdp_dp2():
