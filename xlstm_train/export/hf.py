@@ -37,26 +37,27 @@ import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 import yaml
 
 from xlstm_train.config import ConfigError, from_dict
 from xlstm_train.data import DataError
 from xlstm_train.data.tokenizer import HuggingFaceTokenizer, SentencePieceTokenizer, load_tokenizer, open_tokenizer
-from xlstm_train.export import convert
-from xlstm_train.models import build_model, count_params
-from xlstm_train.models.llama import LlamaConfig
-from xlstm_train.models.xlstm_blocks import xLSTMBlocksConfig
-from xlstm_train.models.xlstm_large import xLSTMLargeConfig
-from xlstm_train.train import checkpoint as ckpt
-from xlstm_train.train.config import Config
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-SLSTM_BACKENDS = convert.SLSTM_BACKENDS
+if TYPE_CHECKING:
+    import torch
+
+    from xlstm_train.models.llama import LlamaConfig
+    from xlstm_train.models.xlstm_blocks import xLSTMBlocksConfig
+    from xlstm_train.train.config import Config
+
+# torch, the models and the checkpoint code are imported where they are used, so that building the
+# command line parser stays fast; hence also the names below rather than torch dtypes.
+DTYPES = ("float32", "bfloat16")
+SLSTM_BACKENDS = ("vanilla", "cuda")  # convert.SLSTM_BACKENDS
 # The official mLSTM backends divide by (normaliser + 1e-6), a constant rather than a setting.
 OFFICIAL_MLSTM_EPS = 1e-6
-WEIGHTS_NAME = "model.safetensors"
 TRAINING_CONFIG_FILE = "training_config.yaml"
 
 
@@ -76,6 +77,9 @@ class ExportedTokenizer:
 
 def read_checkpoint_config(checkpoint_dir: Path) -> Config:
     """The run configuration saved with a checkpoint; a ConfigError unless the checkpoint is whole."""
+    from xlstm_train.train import checkpoint as ckpt
+    from xlstm_train.train.config import Config
+
     checkpoint_dir = Path(checkpoint_dir)
     expected = (
         "expected a complete checkpoint directory (runs/<name>/step-NNNNNNN holding .metadata and "
@@ -99,8 +103,11 @@ def load_model_state(checkpoint_dir: Path, model_cfg) -> dict[str, torch.Tensor]
 
     The model is built on the meta device and materialised without init: every tensor of its state
     dict is then filled by DCP. Tied weights stay one tensor under both names."""
+    import torch
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException
+
+    from xlstm_train.models import build_model
 
     with torch.device("meta"):
         model = build_model(model_cfg)
@@ -115,7 +122,7 @@ def load_model_state(checkpoint_dir: Path, model_cfg) -> dict[str, torch.Tensor]
                                for failure in e.failures.values())  # fmt: skip
             raise ConfigError(
                 f"checkpoint '{checkpoint_dir}': its model weights do not fit the model its "
-                f"{ckpt.CONFIG_FILE} describes: {causes}"
+                f"config.yaml describes: {causes}"
             ) from None
     return state
 
@@ -139,7 +146,7 @@ def find_tokenizer(cfg: Config, checkpoint_dir: Path, override: str | None):
         except DataError as e:
             raise ConfigError(
                 f"the tokenizer of checkpoint '{checkpoint_dir}' (data.tokenizer = {cfg.data.tokenizer!r} or "
-                f"the manifest of data.datasets[0], in its {ckpt.CONFIG_FILE}) cannot be opened from here: {e}. "
+                f"the manifest of data.datasets[0], in its config.yaml) cannot be opened from here: {e}. "
                 "Run from the directory the training ran in (relative paths), or pass --tokenizer PATH"
             ) from None
     if tokenizer.vocab_size > cfg.model.vocab_size:
@@ -175,7 +182,9 @@ def sentencepiece_to_tokenizers(model_path: Path):
         return len(piece.piece) * max_score - 0.1 if piece.type == Piece.USER_DEFINED else piece.score
 
     tokenizer = Tokenizer(
-        models.Unigram([(p.piece, score(p)) for p in proto.pieces], unk_id=spec.unk_id, byte_fallback=spec.byte_fallback)
+        models.Unigram(
+            [(p.piece, score(p)) for p in proto.pieces], unk_id=spec.unk_id, byte_fallback=spec.byte_fallback
+        )
     )
     steps = []
     if normalizer_spec.precompiled_charsmap:
@@ -195,7 +204,9 @@ def sentencepiece_to_tokenizers(model_path: Path):
     tokenizer.decoder = decoders.Sequence(decode_steps)
     special = [p.piece for p in proto.pieces if p.type in (Piece.CONTROL, Piece.UNKNOWN)]
     tokenizer.add_special_tokens([AddedToken(piece, special=True, normalized=False) for piece in special])
-    special_ids = {"bos_token": spec.bos_id, "eos_token": spec.eos_id, "unk_token": spec.unk_id, "pad_token": spec.pad_id}
+    special_ids = {
+        "bos_token": spec.bos_id, "eos_token": spec.eos_id, "unk_token": spec.unk_id, "pad_token": spec.pad_id
+    }  # fmt: skip
     return tokenizer, {name: proto.pieces[i].piece for name, i in special_ids.items() if i >= 0}
 
 
@@ -290,7 +301,8 @@ def export_tokenizer(tokenizer, directory: Path) -> ExportedTokenizer:
         ))  # fmt: skip
     if isinstance(tokenizer, SentencePieceTokenizer):
         kept = "sentencepiece.model"
-        usage = f"import sentencepiece\nsp = sentencepiece.SentencePieceProcessor(model_file='{kept}')\nids = sp.encode(text)"
+        usage = (f"import sentencepiece\nsp = sentencepiece.SentencePieceProcessor(model_file='{kept}')\n"
+                 "ids = sp.encode(text)")  # fmt: skip
     else:
         kept = "training_tokenizer.json"
         usage = (f"from tokenizers import Tokenizer\ntok = Tokenizer.from_file('{kept}')\n"
@@ -308,12 +320,14 @@ def export_tokenizer(tokenizer, directory: Path) -> ExportedTokenizer:
 
 def check_exportable(model_cfg, config_path: Path) -> None:
     """Refuse settings the target implementation cannot represent, before any weights are read."""
-    if isinstance(model_cfg, xLSTMLargeConfig):
+    if model_cfg.arch == "xlstm_large":
+        from xlstm_train.export.convert import hf_config
+
         try:
-            convert.hf_config(model_cfg)
+            hf_config(model_cfg)
         except ValueError as e:
             raise ConfigError(f"{config_path}: {e}") from None
-    elif isinstance(model_cfg, xLSTMBlocksConfig):
+    elif model_cfg.arch == "xlstm_blocks":
         if model_cfg.input_gate != "exp":
             raise ConfigError(
                 f"{config_path}: model.input_gate = {model_cfg.input_gate!r}: the official xlstm package's "
@@ -343,8 +357,9 @@ def to_hf_llama_state_dict(state: dict[str, torch.Tensor], cfg: LlamaConfig) -> 
            "lm_head.weight": state["output.weight"]}  # fmt: skip
     for n in range(cfg.num_blocks):
         ours, theirs = f"layers.{n}.", f"model.layers.{n}."
-        out[theirs + "self_attn.q_proj.weight"] = llama_qk_to_rotate_half(state[ours + "attention.wq.weight"], cfg.num_heads)
-        out[theirs + "self_attn.k_proj.weight"] = llama_qk_to_rotate_half(state[ours + "attention.wk.weight"], cfg.kv_heads)
+        wq, wk = state[ours + "attention.wq.weight"], state[ours + "attention.wk.weight"]
+        out[theirs + "self_attn.q_proj.weight"] = llama_qk_to_rotate_half(wq, cfg.num_heads)
+        out[theirs + "self_attn.k_proj.weight"] = llama_qk_to_rotate_half(wk, cfg.kv_heads)
         out[theirs + "self_attn.v_proj.weight"] = state[ours + "attention.wv.weight"]
         out[theirs + "self_attn.o_proj.weight"] = state[ours + "attention.wo.weight"]
         out[theirs + "mlp.gate_proj.weight"] = state[ours + "feed_forward.w1.weight"]
@@ -448,10 +463,11 @@ model.eval()
 """
 
 
-def _write_weights(state: dict[str, torch.Tensor], directory: Path, dtype: torch.dtype, max_shard_size) -> None:
+def _write_weights(state: dict[str, torch.Tensor], directory: Path, dtype: str, max_shard_size) -> None:
+    import torch
     from huggingface_hub import save_torch_state_dict
 
-    state = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in state.items()}
+    state = {k: v.to(getattr(torch, dtype)) if v.is_floating_point() else v for k, v in state.items()}
     save_torch_state_dict(state, directory, max_shard_size=max_shard_size)
 
 
@@ -493,7 +509,7 @@ def export_hf(
         raise ConfigError(f"slstm_backend = {slstm_backend!r}: expected one of {', '.join(SLSTM_BACKENDS)}")
     cfg = read_checkpoint_config(checkpoint_dir)
     _check_out_dir(out_dir, checkpoint_dir, overwrite)
-    check_exportable(cfg.model, checkpoint_dir / ckpt.CONFIG_FILE)
+    check_exportable(cfg.model, checkpoint_dir / "config.yaml")
     run_tokenizer = find_tokenizer(cfg, checkpoint_dir, None if tokenizer is None else str(tokenizer))
     state = load_model_state(checkpoint_dir, cfg.model)
 
@@ -526,7 +542,12 @@ def _replace_dir(new: Path, target: Path) -> None:
 
 def _write_export(directory: Path, cfg: Config, state: dict, checkpoint_dir: Path, name: str, tokenizer, *,
                   dtype: str, slstm_backend: str, max_shard_size) -> None:  # fmt: skip
+    import torch
+
     from xlstm_train.config import to_dict
+    from xlstm_train.export import convert
+    from xlstm_train.models import build_model, count_params
+    from xlstm_train.train import checkpoint as ckpt
 
     model_cfg = cfg.model
     arch = model_cfg.arch
@@ -548,7 +569,7 @@ def _write_export(directory: Path, cfg: Config, state: dict, checkpoint_dir: Pat
         target = f"the official `xlstm` package's `xLSTMLMModel` (sLSTM backend `{slstm_backend}`)"
     if model_cfg.tie_embeddings:
         weights.pop("lm_head.weight")
-    _write_weights(weights, directory, DTYPES[dtype], max_shard_size)
+    _write_weights(weights, directory, dtype, max_shard_size)
 
     if hf_cfg is not None:
         from transformers import GenerationConfig
@@ -579,9 +600,10 @@ def _write_export(directory: Path, cfg: Config, state: dict, checkpoint_dir: Pat
     trained = f" after {step} steps" if step is not None else ""
     (directory / "README.md").write_text(
         f"# {cfg.name}\n\n"
-        f"A language model of architecture `{arch}` with {num_params:,} parameters ({dtype}), trained with xlstm-train{trained} "
-        f"and exported from checkpoint `{checkpoint_dir}` for {target}. `{TRAINING_CONFIG_FILE}` is the "
-        f"training configuration.\n\n## Loading\n\n{usage}\n\n## Tokenizer\n\n{exported.readme}\n"
+        f"A language model of architecture `{arch}` with {num_params:,} parameters ({dtype}), trained with "
+        f"xlstm-train{trained} and exported from checkpoint `{checkpoint_dir}` for {target}. "
+        f"`{TRAINING_CONFIG_FILE}` is the training configuration.\n\n"
+        f"## Loading\n\n{usage}\n\n## Tokenizer\n\n{exported.readme}\n"
     )
 
 
@@ -592,11 +614,11 @@ def _write_export(directory: Path, cfg: Config, state: dict, checkpoint_dir: Pat
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", metavar="CHECKPOINT", help="a checkpoint directory, e.g. runs/tiny/step-0000350")
     parser.add_argument("out_dir", metavar="OUT_DIR", help="the directory to write (must be absent or empty)")
-    parser.add_argument("--dtype", choices=list(DTYPES), default="float32", help="dtype of the written weights")
+    parser.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype of the written weights")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
     parser.add_argument("--tokenizer", default=None, metavar="PATH",
                         help="the tokenizer to export instead of the run's (SentencePiece .model or tokenizer.json)")
-    parser.add_argument("--slstm-backend", choices=list(SLSTM_BACKENDS), default="vanilla",
+    parser.add_argument("--slstm-backend", choices=SLSTM_BACKENDS, default="vanilla",
                         help="xlstm_blocks: the official sLSTM backend whose weight layout to write")
     parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors file before sharding")
 
