@@ -23,11 +23,13 @@ def _triton_available() -> bool:
     return True
 
 
-def _resolve_impl(impl: str, device: torch.device) -> str:
+def _resolve_impl(impl: str, tensor: torch.Tensor) -> str:
     if impl not in IMPLS:
         raise ValueError(f"mlstm: impl must be one of {IMPLS}, got {impl!r}")
     if impl == "auto":
-        return "triton" if device.type == "cuda" and _triton_available() else "reference"
+        # fp64 stays on the reference: the kernels compute in fp32
+        on_gpu = tensor.device.type == "cuda" and tensor.dtype != torch.float64
+        return "triton" if on_gpu and _triton_available() else "reference"
     if impl == "triton" and not _triton_available():
         raise ValueError("mlstm: impl='triton' needs the triton package, which does not import here")
     return impl
@@ -59,7 +61,7 @@ def mlstm(
     ``(h, (c, n, m))`` with fp32 states (m is None for the sigmoid input gate).
     """
     check_inputs(q, k, v, i, f, c0, n0, m0, input_gate, doc_ids)
-    impl = _resolve_impl(impl, q.device)
+    impl = _resolve_impl(impl, q)
     if impl == "triton":
         from xlstm_kernels.mlstm.triton_chunkwise import mlstm_chunkwise_triton
 
@@ -87,7 +89,7 @@ def mlstm_step(q, k, v, i, f, c, n, m, *, input_gate: str = "exp", eps: float = 
     )
     if impl == "auto" and needs_grad:
         impl = "reference"
-    impl = _resolve_impl(impl, q.device)
+    impl = _resolve_impl(impl, q)
     if impl == "triton":
         from xlstm_kernels.mlstm.triton_step import mlstm_step_triton
 
