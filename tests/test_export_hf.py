@@ -3,6 +3,7 @@ official ``xlstm`` package and compare logits with ours (fp32, CPU) on fresh ran
 
 import argparse
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -339,7 +340,8 @@ def test_not_a_checkpoint(checkpoints, tmp_path):
     out = tmp_path / "out"
     with pytest.raises(ConfigError, match="no such directory"):
         export_hf(tmp_path / "missing", out)
-    with pytest.raises(ConfigError, match=r"has no \.metadata"):
+    latest = re.escape(str(checkpoint))
+    with pytest.raises(ConfigError, match=rf"has no \.metadata.* the latest checkpoint .* is '{latest}'"):
         export_hf(checkpoint.parent, out)  # the run directory, not a checkpoint in it
     unfinished = tmp_path / "step-0000009.tmp"
     shutil.copytree(checkpoint, unfinished)

@@ -91,7 +91,9 @@ def read_checkpoint_config(checkpoint_dir: Path) -> Config:
         raise ConfigError(f"checkpoint '{checkpoint_dir}' is a save that never completed (.tmp); {expected}")
     missing = [name for name in (".metadata", ckpt.CONFIG_FILE) if not (checkpoint_dir / name).is_file()]
     if missing:
-        raise ConfigError(f"checkpoint '{checkpoint_dir}' has no {' or '.join(missing)}; {expected}")
+        latest = ckpt.latest_checkpoint(checkpoint_dir)
+        hint = f"; the latest checkpoint in this run directory is '{latest}'" if latest is not None else ""
+        raise ConfigError(f"checkpoint '{checkpoint_dir}' has no {' or '.join(missing)}; {expected}{hint}")
     try:
         return from_dict(Config, ckpt.read_config(checkpoint_dir), where=str(checkpoint_dir / ckpt.CONFIG_FILE))
     except yaml.YAMLError as e:
@@ -620,7 +622,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the tokenizer to export instead of the run's (SentencePiece .model or tokenizer.json)")
     parser.add_argument("--slstm-backend", choices=SLSTM_BACKENDS, default="vanilla",
                         help="xlstm_blocks: the official sLSTM backend whose weight layout to write")
-    parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors file before sharding")
+    parser.add_argument("--max-shard-size", default="5GB", metavar="SIZE",
+                        help="largest safetensors file before the weights are split into shards (default: 5GB)")
 
 
 def run(args: argparse.Namespace) -> int:
