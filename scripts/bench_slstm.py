@@ -42,13 +42,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--columns", type=int, nargs="+", default=[None], help="triton: output units per program (tuning)"
     )
-    parser.add_argument(
-        "--poll-hints",
-        nargs="+",
-        choices=("on", "off"),
-        default=[None],
-        help="triton: spin on one word per peer before reading an exchanged block (tuning)",
-    )
     parser.add_argument("--json", dest="json_path", default=None, help="also write the rows to this JSON file")
 
 
@@ -145,8 +138,6 @@ def _bench_one(impl, fn, extra_leaves, x_gates, R, b, reps, warmup):
 def run(args) -> list[dict]:
     if not torch.cuda.is_available():
         sys.exit("bench_slstm: needs a CUDA device")
-    from xlstm_kernels.slstm import triton_kernel
-
     device = torch.device("cuda")
     official_shapes = None
     if args.official_shapes is not None:
@@ -164,10 +155,8 @@ def run(args) -> list[dict]:
             b = torch.randn(args.heads, 4, head_dim, generator=gen, device=device)
             first_output = None
             for impl in args.impls:
-                variants = [(c, h) for c in args.columns for h in args.poll_hints] if impl == "triton" else [(None, None)]
-                for columns, hints in variants:
-                    if hints is not None:
-                        triton_kernel.POLL_HINTS = hints == "on"
+                variants = args.columns if impl == "triton" else [None]
+                for columns in variants:
                     if impl == "official":
                         if official_shapes is not None and (embedding_dim, batch) not in official_shapes:
                             continue
@@ -177,15 +166,14 @@ def run(args) -> list[dict]:
                     y, result = _bench_one(impl, fn, params, x_gates, R, b, args.reps, args.warmup)
                     if first_output is None:
                         first_output = y.float()
-                    label = ",".join(f"{k}={v}" for k, v in (("W", columns), ("hints", hints)) if v is not None)
-                    row = {"impl": f"{impl}({label})" if label else impl}
+                    row = {"impl": impl if columns is None else f"{impl}(W={columns})"}
                     row.update(E=embedding_dim, heads=args.heads, head_dim=head_dim, B=batch, S=args.seq_len)
                     row.update(result)
                     # All implementations compute one function: report how far each is from the first.
                     row["rel_diff_y"] = ((y.float() - first_output).norm() / first_output.norm()).item()
                     rows.append(row)
                     print(
-                        f"  {row['impl']:>22} E={embedding_dim} B={batch}: fwd {row['forward_ms']:.2f} ms, "
+                        f"  {row['impl']:>16} E={embedding_dim} B={batch}: fwd {row['forward_ms']:.2f} ms, "
                         f"fwd+bwd {row['forward_backward_ms']:.2f} ms, rel. diff of y {row['rel_diff_y']:.1e}",
                         flush=True,
                     )
@@ -221,7 +209,7 @@ def _print_kernel_report() -> None:
 def _print_table(rows: list[dict]) -> None:
     official = {(r["E"], r["B"]): r for r in rows if r["impl"] == "official"}
     header = (
-        f"{'impl':>22} {'E':>5} {'NH':>3} {'B':>3} {'S':>5} | {'fwd ms':>8} {'fwd+bwd ms':>10} | "
+        f"{'impl':>16} {'E':>5} {'NH':>3} {'B':>3} {'S':>5} | {'fwd ms':>8} {'fwd+bwd ms':>10} | "
         f"{'fwd MiB':>8} {'f+b MiB':>8} | {'speedup f+b vs official':>23}"
     )
     print(header)
@@ -230,7 +218,7 @@ def _print_table(rows: list[dict]) -> None:
         base = official.get((r["E"], r["B"]))
         speedup = f"{base['forward_backward_ms'] / r['forward_backward_ms']:.2f}x" if base else "-"
         print(
-            f"{r['impl']:>22} {r['E']:>5} {r['heads']:>3} {r['B']:>3} {r['S']:>5} | {r['forward_ms']:>8.2f} "
+            f"{r['impl']:>16} {r['E']:>5} {r['heads']:>3} {r['B']:>3} {r['S']:>5} | {r['forward_ms']:>8.2f} "
             f"{r['forward_backward_ms']:>10.2f} | {r['forward_peak_mib']:>8.0f} {r['forward_backward_peak_mib']:>8.0f} "
             f"| {speedup:>23}"
         )

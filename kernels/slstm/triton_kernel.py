@@ -52,8 +52,6 @@ _HELD_R_BYTES = 128 * 1024
 # layouts, so a 128 KiB R would overflow shared memory.
 _SINGLE_PROGRAM_R_BYTES = 64 * 1024
 _DEFAULT_COLUMNS = 32
-# Spin on one word per peer before reading a whole exchanged block (see _receive).
-POLL_HINTS = True
 
 
 @triton.jit
@@ -85,20 +83,9 @@ def _load_relaxed(ptrs):
 
 
 @triton.jit
-def _receive(ptrs, mask, tag, base, hint_ptrs, hint_mask, HINTS: tl.constexpr):
+def _receive(ptrs, mask, tag):
     """Poll the words at `ptrs` until every one under `mask` carries `tag`; return their fp32
-    values (0 outside `mask`).
-
-    With HINTS, first spin on one word per peer (`hint_ptrs`) until each carries `tag`, and only
-    then read the whole block (again until every tag matches: the hints promise nothing about the
-    other words, they only keep the spinning off the rest of the block). Lanes outside `mask`
-    then read the word at `base`.
-    """
-    if HINTS:
-        hints = _load_relaxed(hint_ptrs)
-        while tl.min(tl.where(hint_mask, (hints >> 32).to(tl.int32), tag)) != tag:
-            hints = _load_relaxed(hint_ptrs)
-        ptrs = tl.where(mask, ptrs, base)
+    values (0 outside `mask`)."""
     words = _load_relaxed(ptrs)
     while tl.min(tl.where(mask, (words >> 32).to(tl.int32), tag)) != tag:
         words = _load_relaxed(ptrs)
@@ -174,14 +161,12 @@ def slstm_forward_kernel(
     BLOCK_DH: tl.constexpr,
     W: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
-    SPLITS_POW2: tl.constexpr,
     NUM_BATCH_TILES: tl.constexpr,
     HOLD_R: tl.constexpr,
     HAS_RESETS: tl.constexpr,
     SAVE_STATES: tl.constexpr,
     OPERAND: tl.constexpr,
     PRECISION: tl.constexpr,
-    HINTS: tl.constexpr,
 ):
     pid = tl.program_id(0)
     split = pid % NUM_SPLITS
@@ -214,8 +199,6 @@ def slstm_forward_kernel(
 
     slots = exchange_ptr + group * (2 * BLOCK_B * BLOCK_DH)
     slot_rows = local_rows[:, None] * BLOCK_DH
-    hint_cols = tl.minimum(tl.arange(0, SPLITS_POW2), NUM_SPLITS - 1) * W
-    hint_mask = tl.arange(0, SPLITS_POW2) < NUM_SPLITS
     x_row_offsets = rows[:, None] * S * NH * 4 * DH + head * 4 * DH + cols[None, :]
     out_row_offsets = (rows[:, None] * S * NH + head) * DH + cols[None, :]
     for t in range(S):
@@ -226,9 +209,7 @@ def slstm_forward_kernel(
             r_i, r_f, r_z, r_o = _load_r_slices(r_ptr, r_offsets, r_mask, DH)
         if NUM_SPLITS > 1:
             # y_{t-1} was published at step t - 1 with tag t, in slot (t - 1) % 2.
-            slot = slots + ((t + 1) % 2) * (BLOCK_B * BLOCK_DH)
-            # hint: each peer's first word of row 0
-            y_prev = _receive(slot + slot_rows + k[None, :], row_mask, t, slot, slot + hint_cols, hint_mask, HINTS)
+            y_prev = _receive(slots + ((t + 1) % 2) * (BLOCK_B * BLOCK_DH) + slot_rows + k[None, :], row_mask, t)
         else:
             y_prev = y
         acc_i = _split_dot(y_prev, r_i, tl.zeros((BLOCK_B, W), tl.float32), OPERAND, PRECISION)
@@ -297,7 +278,6 @@ def slstm_backward_kernel(
     HAS_RESETS: tl.constexpr,
     OPERAND: tl.constexpr,
     PRECISION: tl.constexpr,
-    HINTS: tl.constexpr,
 ):
     pid = tl.program_id(0)
     split = pid % NUM_SPLITS
@@ -342,9 +322,6 @@ def slstm_backward_kernel(
         peers[:, None, None] * (BLOCK_B * BLOCK_DH) + local_rows[None, :, None] * BLOCK_DH + cols[None, None, :]
     )
     read_mask = (tl.arange(0, SPLITS_POW2)[:, None, None] < NUM_SPLITS) & slice_mask[None, :, :]
-    # hint: each peer's partial at row 0, this program's first unit
-    hint_offsets = peers * (BLOCK_B * BLOCK_DH) + split * W
-    hint_mask = tl.arange(0, SPLITS_POW2) < NUM_SPLITS
 
     x_row_offsets = rows[:, None] * S * NH * 4 * DH + head * 4 * DH + cols[None, :]
     state_row_offsets = (rows[:, None] * (S + 1) * NH + head) * DH + cols[None, :]
@@ -372,8 +349,7 @@ def slstm_backward_kernel(
 
         if NUM_SPLITS > 1:
             # The partials of d y_t were published at step - 1 with tag `step`, in slot (step - 1) % 2.
-            slot = slots + ((step + 1) % 2) * slot_size
-            partials = _receive(slot + read_offsets, read_mask, step, slot, slot + hint_offsets, hint_mask, HINTS)
+            partials = _receive(slots + ((step + 1) % 2) * slot_size + read_offsets, read_mask, step)
             dy_rec = tl.sum(partials, axis=0)
         dy = dy_out + dy_rec
 
@@ -425,8 +401,7 @@ def slstm_backward_kernel(
             dy_rec = partial
 
     if NUM_SPLITS > 1:
-        slot = slots + ((S + 1) % 2) * slot_size
-        partials = _receive(slot + read_offsets, read_mask, S, slot, slot + hint_offsets, hint_mask, HINTS)
+        partials = _receive(slots + ((S + 1) % 2) * slot_size + read_offsets, read_mask, S)
         dy_rec = tl.sum(partials, axis=0)
     tl.store(d_first_ptr + last_offsets, dy_rec, mask=slice_mask)
     tl.store(d_first_ptr + state_size + last_offsets, dc, mask=slice_mask)
@@ -484,8 +459,6 @@ def _launch_plan(batch: int, head_dim: int, num_heads: int, dtype: torch.dtype, 
         num_warps=8 if r_bytes(width) >= 32 * 1024 else 4,
         OPERAND=operand,
         PRECISION="ieee",
-        SPLITS_POW2=triton.next_power_of_2(num_splits),
-        HINTS=POLL_HINTS,
     )
 
 
@@ -571,6 +544,7 @@ def slstm_backward(raw, R, starts, states, dy, d_last, *, columns=None):
         seq_len,
         NH=num_heads,
         DH=head_dim,
+        SPLITS_POW2=triton.next_power_of_2(splits),
         HAS_RESETS=starts is not None,
         **plan,
     )
