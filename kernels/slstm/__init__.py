@@ -8,7 +8,6 @@ Layouts (those of the official CUDA backend, see the xLSTM reference §2.2):
 """
 
 import torch
-
 from xlstm_kernels.slstm.reference import slstm_reference, slstm_step_reference, state_dtype
 
 try:
@@ -48,8 +47,7 @@ def _check_state(state, batch: int, num_heads: int, head_dim: int, device: torch
     for label, tensor in zip("ycnm", state):
         if tuple(tensor.shape) != (batch, num_heads, head_dim):
             raise ValueError(
-                f"slstm: {name} {label} must be (B, NH, DH) = {(batch, num_heads, head_dim)}; "
-                f"got {tuple(tensor.shape)}"
+                f"slstm: {name} {label} must be (B, NH, DH) = {(batch, num_heads, head_dim)}; got {tuple(tensor.shape)}"
             )
         if tensor.device != device:
             raise ValueError(f"slstm: {name} {label} is on {tensor.device} but x_gates on {device}")

@@ -419,7 +419,7 @@ def _launch_plan(batch: int, head_dim: int, num_heads: int, dtype: torch.dtype, 
     block_b = min(max(16, triton.next_power_of_2(batch)), 64)
     num_batch_tiles = triton.cdiv(batch, block_b)
     block_dh = max(16, triton.next_power_of_2(head_dim))
-    r_bytes = lambda w: block_dh * 4 * w * torch.finfo(dtype).bits // 8  # noqa: E731
+    r_bytes = lambda w: block_dh * 4 * w * torch.finfo(dtype).bits // 8
     on_gpu = device.type == "cuda"
     max_programs = torch.cuda.get_device_properties(device).multi_processor_count if on_gpu else None
     if not on_gpu:
@@ -448,18 +448,18 @@ def _launch_plan(batch: int, head_dim: int, num_heads: int, dtype: torch.dtype, 
     # The interpreter's dot takes no 16-bit floats: it multiplies in fp32, where bf16 products are
     # exact, so its results match the GPU's split products to fp32 rounding.
     operand = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}.get(dtype, tl.float32) if on_gpu else tl.float32
-    return dict(
-        BLOCK_B=block_b,
-        BLOCK_DH=block_dh,
-        W=width,
-        NUM_SPLITS=num_splits,
-        NUM_BATCH_TILES=num_batch_tiles,
-        HOLD_R=r_bytes(width) <= _HELD_R_BYTES,
+    return {
+        "BLOCK_B": block_b,
+        "BLOCK_DH": block_dh,
+        "W": width,
+        "NUM_SPLITS": num_splits,
+        "NUM_BATCH_TILES": num_batch_tiles,
+        "HOLD_R": r_bytes(width) <= _HELD_R_BYTES,
         # A held slice of 32 KiB or more needs 8 warps' registers to stay out of local memory.
-        num_warps=8 if r_bytes(width) >= 32 * 1024 else 4,
-        OPERAND=operand,
-        PRECISION="ieee",
-    )
+        "num_warps": 8 if r_bytes(width) >= 32 * 1024 else 4,
+        "OPERAND": operand,
+        "PRECISION": "ieee",
+    }
 
 
 def _packed(values: torch.Tensor) -> torch.Tensor:
@@ -473,7 +473,9 @@ def slstm_forward(x_gates, R, b, state0, starts, *, save_states: bool, columns=N
     batch, seq_len, num_heads, _, head_dim = x_gates.shape
     if seq_len * num_heads * 4 * head_dim >= 2**31:
         # The kernels index one batch row of x_gates with 32-bit offsets.
-        raise ValueError(f"slstm: S * 4 * E = {seq_len * num_heads * 4 * head_dim} must be below 2**31 for impl='triton'")
+        raise ValueError(
+            f"slstm: S * 4 * E = {seq_len * num_heads * 4 * head_dim} must be below 2**31 for impl='triton'"
+        )
     plan = _launch_plan(batch, head_dim, num_heads, x_gates.dtype, x_gates.device, columns)
     out = torch.empty((batch, seq_len, num_heads, head_dim), dtype=x_gates.dtype, device=x_gates.device)
     raw = torch.empty(x_gates.shape if save_states else (1,), dtype=torch.float32, device=x_gates.device)
@@ -566,7 +568,7 @@ class SLSTMTritonFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy, *d_final):
         raw, R, starts, *states = ctx.saved_tensors
-        batch, seq_len, num_heads, _, head_dim = raw.shape
+        batch, _, num_heads, _, head_dim = raw.shape
         zeros = torch.zeros((batch, num_heads, head_dim), dtype=torch.float32, device=raw.device)
         d_last = torch.stack([zeros if g is None else g.float() for g in d_final])
         dy = torch.zeros_like(raw[:, :, :, 0]) if dy is None else dy.contiguous()

@@ -3,7 +3,6 @@
 import pytest
 import torch
 import torch.nn.functional as F
-
 from xlstm_kernels import slstm
 from xlstm_kernels.slstm import slstm_step
 from xlstm_kernels.slstm.reference import slstm_pointwise
@@ -114,7 +113,9 @@ def test_matches_official_vanilla_backend():
 
     # And from the zero state, where the official code takes the "fresh state" branch at t = 0.
     y_vanilla, _ = cell(x_vanilla)
-    torch.testing.assert_close(slstm(x_gates, R, b, impl="reference"), y_vanilla.transpose(1, 2), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(
+        slstm(x_gates, R, b, impl="reference"), y_vanilla.transpose(1, 2), rtol=1e-12, atol=1e-12
+    )
 
 
 def test_gradcheck_all_inputs():

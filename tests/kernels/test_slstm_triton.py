@@ -7,11 +7,11 @@ sequences.
 
 import pytest
 import torch
-
-from tests.kernels.test_slstm_reference import random_cell, random_state
 from xlstm_kernels import slstm
 from xlstm_kernels.slstm import document_starts
 from xlstm_kernels.slstm.triton_kernel import slstm_triton
+
+from tests.kernels.test_slstm_reference import random_cell, random_state
 
 F64 = torch.float64
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -67,14 +67,11 @@ def compare_with_reference(
         return [y, *final], grads
 
     # The reference sees the kernel's rounded inputs, so only the kernel's arithmetic differs.
-    rounded = lambda t: t.to(dtype).to(F64)  # noqa: E731
+    rounded = lambda t: t.to(dtype).to(F64)
     outs_ref, grads_ref = run("reference", DEVICE, rounded)
     outs, grads = run("triton", DEVICE, lambda t: t.to(dtype))
     names = ["y", "y_T", "c_T", "n_T", "m_T", "d x_gates", "d R", "d b", "d y0", "d c0", "d n0", "d m0"]
-    errors = {
-        name: relative_error(a, e)
-        for name, a, e in zip(names, outs + grads, outs_ref + grads_ref)
-    }
+    errors = {name: relative_error(a, e) for name, a, e in zip(names, outs + grads, outs_ref + grads_ref)}
     state_names = ("y_T", "c_T", "n_T", "m_T")
     limits = {name: (state_tol or tol) if name in state_names else tol for name in names}
     bad = {name: err for name, err in errors.items() if not err <= limits[name]}
