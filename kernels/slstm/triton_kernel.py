@@ -557,8 +557,9 @@ class SLSTMTritonFunction(torch.autograd.Function):
     """Autograd over the two kernels. Inputs must be contiguous; R in x_gates' dtype, b in fp32."""
 
     @staticmethod
-    def forward(ctx, x_gates, R, b, y0, c0, n0, m0, starts, columns):
-        save = any(ctx.needs_input_grad)
+    def forward(ctx, x_gates, R, b, y0, c0, n0, m0, starts, columns, save):
+        # save: whether a backward can follow. The caller decides: inside forward grad mode is off,
+        # and needs_input_grad is set under torch.no_grad() as well.
         y, raw, states = slstm_forward(x_gates, R, b, (y0, c0, n0, m0), starts, save_states=save, columns=columns)
         ctx.columns = columns
         if save:
@@ -584,7 +585,7 @@ class SLSTMTritonFunction(torch.autograd.Function):
             dR = torch.einsum("bshk,bshgj->hkgj", y_hi, dx)
             if dx.dtype != torch.float32:
                 dR += torch.einsum("bshk,bshgj->hkgj", (y_prev - y_hi.float()).to(dx.dtype), dx)
-        return dx, dR, db, *d_first, None, None
+        return dx, dR, db, *d_first, None, None, None
 
 
 TRITON_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -601,6 +602,7 @@ def slstm_triton(x_gates, R, b, state0, starts, columns=None):
     states = [s.to(torch.float32).contiguous() for s in state0]
     if starts is not None:
         starts = starts.to(torch.int8).contiguous()
+    save = torch.is_grad_enabled() and any(t.requires_grad for t in (x_gates, R, b, *states))
     y, *final = SLSTMTritonFunction.apply(
         x_gates.contiguous(),
         R.to(x_gates.dtype).contiguous(),
@@ -608,5 +610,6 @@ def slstm_triton(x_gates, R, b, state0, starts, columns=None):
         *states,
         starts,
         columns,
+        save,
     )
     return y, tuple(final)

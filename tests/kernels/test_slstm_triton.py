@@ -98,14 +98,27 @@ def test_bf16_inputs_within_bf16_tolerance():
     compare_with_reference(2, 24, 2, 32, dtype=torch.bfloat16, seed=5, tol=1e-2, state_tol=1e-5)
 
 
-def test_forward_only_needs_no_saved_states_and_matches():
+def test_no_grad_forward_saves_nothing_and_matches(monkeypatch):
+    from xlstm_kernels.slstm import triton_kernel
+
+    launches = []
+    real_forward = triton_kernel.slstm_forward
+
+    def recording_forward(*args, save_states, **kwargs):
+        launches.append(save_states)
+        return real_forward(*args, save_states=save_states, **kwargs)
+
+    monkeypatch.setattr(triton_kernel, "slstm_forward", recording_forward)
     x_gates, R, b = random_cell(2, 15, 2, 16, seed=6, dtype=torch.float32)
     state0 = random_state(2, 2, 16, seed=7, dtype=torch.float32)
-    x_gates, R, b = x_gates.to(DEVICE), R.to(DEVICE), b.to(DEVICE)
+    # Weights that require grad, as in a model evaluated under torch.no_grad().
+    x_gates, R, b = x_gates.to(DEVICE), R.to(DEVICE).requires_grad_(), b.to(DEVICE).requires_grad_()
     state0 = tuple(s.to(DEVICE) for s in state0)
     with torch.no_grad():
         y, final = slstm(x_gates, R, b, state0=state0, return_state=True, impl="triton")
-    y_ref, final_ref = slstm(x_gates, R, b, state0=state0, return_state=True, impl="reference")
+        y_ref, final_ref = slstm(x_gates, R, b, state0=state0, return_state=True, impl="reference")
+    slstm(x_gates, R, b, impl="triton")
+    assert launches == [False, True]
     assert relative_error(y, y_ref) < 2e-6
     for a, e in zip(final, final_ref):
         assert relative_error(a, e) < 2e-6
