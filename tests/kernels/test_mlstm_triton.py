@@ -126,6 +126,24 @@ def test_chunkwise_kernel_matches_reference_fp32(seed, input_gate, S, DQK, DV, c
 
 
 @pytest.mark.parametrize("input_gate", ["exp", "sigmoid"])
+def test_gradients_of_h_alone_with_a_partial_initial_state(seed, input_gate):
+    """return_state=False (no gradient flows in through the final state) and only n0 (and m0) given."""
+    B, NH, S, DQK, DV = 1, 2, 21, 16, 16
+    inputs = make_inputs(B, NH, S, DQK, DV, input_gate=input_gate, hard=True, with_state=True, dtype=torch.float32)
+    del inputs["c0"]
+    weights = torch.randn(B, NH, S, DV, device=DEVICE, dtype=torch.float64)
+
+    def grads(impl, dtype):
+        leaves = {name: t.to(dtype).requires_grad_(True) for name, t in inputs.items()}
+        h = mlstm(**leaves, input_gate=input_gate, impl=impl, chunk_size=16)
+        return torch.autograd.grad((h * weights.to(dtype)).sum(), list(leaves.values()))
+
+    for name, actual, expected in zip(inputs, grads("triton", torch.float32), grads("reference", torch.float64)):
+        err = ((actual.double() - expected).norm() / expected.norm()).item()
+        assert err < 1e-4, f"d{name}: relative error {err:.2e} (seed {seed})"
+
+
+@pytest.mark.parametrize("input_gate", ["exp", "sigmoid"])
 def test_step_kernel_matches_reference_step(seed, input_gate):
     B, NH, DQK, DV = 2, 3, 32, 48
     inputs = make_inputs(B, NH, 1, DQK, DV, input_gate=input_gate, hard=True, with_state=True, dtype=torch.float32)
