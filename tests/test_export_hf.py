@@ -128,6 +128,12 @@ def test_xlstm_large_loads_in_transformers_with_its_tokenizer(checkpoints, tmp_p
     assert tokenizer(text, add_special_tokens=False).input_ids == ours_tok.encode(text)
     assert tokenizer.eos_token_id == ours_tok.eos_id == model.generation_config.eos_token_id
 
+    # the README's example loads both and samples text
+    snippet = (out / "README.md").read_text().split("```python\n")[1].split("```")[0]
+    namespace = {}
+    exec(snippet.replace('"large"', repr(str(out))), namespace)
+    assert namespace["tokenizer"].eos_token_id == ours_tok.eos_id and "model" in namespace
+
 
 def test_llama_loads_in_transformers(checkpoints, tmp_path):
     from transformers import AutoModelForCausalLM

@@ -438,11 +438,17 @@ def official_blocks_config(cfg: xLSTMBlocksConfig, context_length: int, slstm_ba
     return official
 
 
-_HF_LOAD_USAGE = """```python
-from transformers import AutoModelForCausalLM, AutoTokenizer
+HF_LOAD_SNIPPET = """from transformers import AutoModelForCausalLM
 
 model = AutoModelForCausalLM.from_pretrained("{name}")
-{tokenizer_line}```"""
+"""
+HF_TOKENIZER_SNIPPET = """from transformers import AutoModelForCausalLM, AutoTokenizer
+
+model = AutoModelForCausalLM.from_pretrained("{name}")
+tokenizer = AutoTokenizer.from_pretrained("{name}")
+prompt = tokenizer({prompt}, return_tensors="pt", add_special_tokens=False).input_ids
+print(tokenizer.decode(model.generate(prompt, max_new_tokens=40, do_sample=True, top_k=50)[0]))
+"""
 
 BLOCKS_LOAD_SNIPPET = """import glob
 from pathlib import Path
@@ -579,10 +585,9 @@ def _write_export(directory: Path, cfg: Config, state: dict, checkpoint_dir: Pat
         hf_cfg.dtype = dtype
         hf_cfg.save_pretrained(directory)
         GenerationConfig(**{k: v for k, v in exported.token_ids.items() if v is not None}).save_pretrained(directory)
-        tokenizer_line = (
-            f'tokenizer = AutoTokenizer.from_pretrained("{name}")\n' if exported.auto_tokenizer else ""
-        )
-        usage = _HF_LOAD_USAGE.format(name=name, tokenizer_line=tokenizer_line)
+        snippet = HF_TOKENIZER_SNIPPET if exported.auto_tokenizer else HF_LOAD_SNIPPET
+        prompt = json.dumps((cfg.train.sample_prompts or ["The"])[0], ensure_ascii=False)  # a Python literal too
+        usage = f"```python\n{snippet.format(name=name, prompt=prompt)}```"
     else:
         official = official_blocks_config(model_cfg, cfg.data.seq_len, slstm_backend)
         (directory / "config.yaml").write_text(yaml.safe_dump(official, sort_keys=False))
