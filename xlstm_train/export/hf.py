@@ -166,8 +166,11 @@ def sentencepiece_to_tokenizers(model_path: Path):
 
     SentencePiece normalises (precompiled map, whitespace cleanup, dummy "▁" prefix, spaces -> "▁")
     and then runs a Viterbi search over the piece scores of the whole text; user-defined pieces
-    score ``len(piece) * max_score - 0.1`` there, which makes them win wherever they occur. Control
-    and byte pieces are never matched in text (byte pieces only stand in for uncovered characters).
+    score ``len(piece) * max_score - 0.1`` there, which makes them win wherever they occur.
+
+    Two spellings tokenize differently, as in transformers tokenizers generally: the text of a
+    control piece (``</s>``) is read as that special token, and the text of a byte piece
+    (``<0x41>``) as that piece; SentencePiece spells both out character by character.
     """
     from sentencepiece import sentencepiece_model_pb2
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers
@@ -299,7 +302,8 @@ def export_tokenizer(tokenizer, directory: Path) -> ExportedTokenizer:
         return ExportedTokenizer(True, ids, (
             f"`AutoTokenizer.from_pretrained` loads the training tokenizer ({source.name}). Training text "
             "was encoded without added special tokens, i.e. `tokenizer(text, add_special_tokens=False)`, "
-            f"and every document ended with the EOS token `{loaded.eos_token}` (id {loaded.eos_token_id})."
+            f"and every document ended with the EOS token `{loaded.eos_token}` (id {loaded.eos_token_id}). "
+            f"Special tokens written out in text (such as `{loaded.eos_token}`) are read as those tokens."
         ))  # fmt: skip
     if isinstance(tokenizer, SentencePieceTokenizer):
         kept = "sentencepiece.model"
