@@ -546,7 +546,11 @@ def _replace_dir(new: Path, target: Path) -> None:
         if old.exists():
             shutil.rmtree(old)
         os.replace(target, old)
-        os.replace(new, target)
+        try:
+            os.replace(new, target)
+        except BaseException:
+            os.replace(old, target)
+            raise
         shutil.rmtree(old)
     else:
         os.replace(new, target)  # rename(2) replaces an empty directory
