@@ -26,6 +26,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
@@ -220,6 +221,77 @@ class GateFromAllHeads(ParallelStyle):
         return module
 
 
+class _SumOverRanks(torch.autograd.Function):
+    """All-reduce (sum) in the forward, identity in the backward: the partial embeddings of the
+    vocabulary shards add up to the full ones, and each shard's gradient is the output's."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
+        x = x.contiguous()
+        dist.all_reduce(x, group=group)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, None
+
+
+class _ReduceScatterSequence(torch.autograd.Function):
+    """Sum over ranks and keep this rank's slice of the sequence (dim 1); the backward all-gathers."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
+        ctx.group = group
+        world = dist.get_world_size(group)
+        chunks = [c.contiguous() for c in x.chunk(world, dim=1)]
+        out = torch.empty_like(chunks[dist.get_rank(group)])
+        dist.reduce_scatter(out, chunks, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        world = dist.get_world_size(ctx.group)
+        parts = [torch.empty_like(grad) for _ in range(world)]
+        dist.all_gather(parts, grad.contiguous(), group=ctx.group)
+        return torch.cat(parts, dim=1), None
+
+
+class VocabParallelEmbedding(ParallelStyle):
+    """An ``nn.Embedding`` whose rows (the vocabulary) are split over the TP ranks.
+
+    Each rank looks up the ids in its rows (zeros for the others) and the ranks' outputs are
+    summed (all-reduce, or reduce-scatter over the sequence with sequence parallelism). Unlike
+    ``RowwiseParallel`` on an embedding, the output leaves through a plain autograd function rather
+    than a DTensor, which a compiled block after it needs for its backward.
+    """
+
+    def __init__(self, sequence_parallel: bool = False):
+        super().__init__()
+        self.sequence_parallel = sequence_parallel
+
+    def _apply(self, module: nn.Module, mesh: DeviceMesh) -> nn.Module:
+        weight = module.weight
+        module.register_parameter(
+            "weight", nn.Parameter(distribute_tensor(weight.data, mesh, [Shard(0)]), weight.requires_grad)
+        )
+        group = mesh.get_group()
+        rows_per_rank = -(-weight.shape[0] // mesh.size())  # torch.chunk's split: ceil
+        first = rows_per_rank * mesh.get_local_rank()
+
+        def forward(input_ids: torch.Tensor) -> torch.Tensor:
+            local_weight = module.weight.to_local()
+            local_ids = input_ids - first
+            mine = (local_ids >= 0) & (local_ids < local_weight.shape[0])
+            out = nn.functional.embedding(local_ids.clamp(0, local_weight.shape[0] - 1), local_weight)
+            out = out * mine.unsqueeze(-1).to(out.dtype)
+            if self.sequence_parallel:
+                return _ReduceScatterSequence.apply(out, group)
+            return _SumOverRanks.apply(out, group)
+
+        module.forward = forward
+        return module
+
+
 class Compose(ParallelStyle):
     """Several styles on one module, applied in order."""
 
@@ -240,7 +312,7 @@ class Compose(ParallelStyle):
 def _embedding_and_head(embedding: str, final_norm: str, head: str, sp: bool, loss_parallel: bool) -> dict:
     residual = Shard(1) if sp else Replicate()
     plan = {
-        embedding: RowwiseParallel(input_layouts=Replicate(), output_layouts=residual),
+        embedding: VocabParallelEmbedding(sequence_parallel=sp),
         head: ColwiseParallel(
             input_layouts=residual,
             output_layouts=Shard(-1) if loss_parallel else Replicate(),
