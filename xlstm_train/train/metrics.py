@@ -52,6 +52,10 @@ def perplexity(loss: float) -> float:
     return math.exp(loss) if loss < 700 else math.inf
 
 
+def _finite_or_none(value):
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
 def _si(x: float) -> str:
     for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
         if abs(x) >= scale:
@@ -115,8 +119,9 @@ class MetricsLogger:
         self._jsonl.write(json.dumps({"kind": "event", "event": event, "time": time.time(), **fields}) + "\n")
 
     def _write(self, kind: str, metrics: dict) -> None:
-        record = {"kind": kind, "time": time.time(), **metrics}
-        self._jsonl.write(json.dumps(record) + "\n")
+        # strict JSON has no NaN/Infinity: a non-finite value (a skipped step's loss) is written as null
+        record = {"kind": kind, "time": time.time(), **{k: _finite_or_none(v) for k, v in metrics.items()}}
+        self._jsonl.write(json.dumps(record, allow_nan=False) + "\n")
         if self._wandb_run is not None:
             prefix = "train" if kind == "train" else "val"
             self._wandb_run.log(

@@ -126,14 +126,19 @@ def find_resume_checkpoint(cfg: Config) -> Path | None:
     return latest
 
 
+# Model settings that change how the computation runs but not the parameters: free to change on resume.
+RESUMABLE_MODEL_KEYS = {"kernel", "chunk_size", "dropout"}
+
+
 def check_checkpoint_matches(path: Path, cfg: Config) -> None:
-    """Resuming with another model (or sequence length) cannot be exact: refuse it by name."""
+    """A checkpoint only fits the model it was made with (and the sequence length its data position
+    counts in): refuse any other by name."""
     saved = ckpt.read_config(path)
     now = to_dict(cfg)
     differing = [
         f"model.{k} = {v!r} (checkpoint: {saved['model'].get(k)!r})"
         for k, v in now["model"].items()
-        if saved["model"].get(k) != v
+        if k not in RESUMABLE_MODEL_KEYS and saved["model"].get(k) != v
     ]
     if saved["data"]["seq_len"] != cfg.data.seq_len:
         differing.append(f"data.seq_len = {cfg.data.seq_len} (checkpoint: {saved['data']['seq_len']})")
@@ -302,6 +307,9 @@ def train(cfg: Config) -> dict:
     if resume_from is not None:
         print(f"resumed from {resume_from} at step {state.step}", flush=True)
         logger.log_event("resume", step=state.step, checkpoint=str(resume_from))
+        if state.step >= cfg.train.steps:
+            print(f"the run is complete at step {state.step} (train.steps = {cfg.train.steps}); "
+                  "raise train.steps to train further", flush=True)
     else:
         logger.log_event("start", step=0, params=num_params)
 
@@ -335,6 +343,8 @@ def train(cfg: Config) -> dict:
                         "or set train.on_nonfinite=skip to skip such steps"
                     )
                 state.skipped_steps += 1
+                print(f"step {state.step + 1}: non-finite loss {loss_value} or gradient norm "
+                      f"{grad_norm_value}; update skipped ({state.skipped_steps} so far)", flush=True)
             else:
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -373,8 +383,6 @@ def train(cfg: Config) -> dict:
         logger.close()
 
     final = ckpt.latest_checkpoint(run_dir)
-    if resume_from is not None and state.step == cfg.train.steps and val_loss is None:
-        print(f"the run is complete at step {state.step} (train.steps); raise train.steps to go on", flush=True)
     print(f"checkpoint: {final}", flush=True)
 
     samples = []
