@@ -6,7 +6,6 @@ import pytest
 
 from tests.parallel.cases import check_bf16_compute_fp32_reduce, compare_with_single_process
 from tests.parallel.harness import run_distributed
-from xlstm_train.config import ConfigError
 
 ARCHS = ("xlstm_large", "llama", "xlstm_blocks")
 
@@ -22,8 +21,6 @@ def _two_ranks() -> None:
         compare_with_single_process(arch, zero_stage=3)
     compare_with_single_process("xlstm_large", zero_stage=2, activation_checkpointing="full")
     check_bf16_compute_fp32_reduce()
-    with pytest.raises(ConfigError, match="parallel.compile = true with parallel.tp > 1"):
-        compare_with_single_process("llama", tp=2, compile=True)
 
 
 def _tp2_dp2() -> None:

@@ -111,14 +111,7 @@ def parallelize_model(
     """
     if cfg.engine != "fsdp":
         raise ConfigError(f"parallelize_model is the fsdp engine; parallel.engine = {cfg.engine!r}")
-    tp = mesh is not None and mesh["tp"].size() > 1
-    if cfg.compile and tp:
-        raise ConfigError(
-            "parallel.compile = true with parallel.tp > 1: a compiled block's backward fails at the "
-            "DTensor redistributions of the TP plan in this torch version; compile with tp = 1 "
-            "(FSDP and checkpointing compose with it)"
-        )
-    if tp:
+    if mesh is not None and mesh["tp"].size() > 1:
         apply_tensor_parallel(model, mesh["tp"], cfg, model_cfg)
     blocks = block_list(model, model_cfg)
     apply_activation_checkpointing(blocks, cfg.activation_checkpointing)
