@@ -158,7 +158,7 @@ def run_sweep(args: argparse.Namespace) -> list[dict]:
             f"--warmup={args.warmup}", f"--steps={args.steps}", "--json", out, *overrides, *args.overrides,
         ]  # fmt: skip
         print("$", " ".join(cmd), flush=True)
-        proc = subprocess.run(cmd)
+        proc = subprocess.run(cmd, check=False)
         if proc.returncode != 0:
             rows.append({"name": name, "gpus": gpus, "error": f"exit code {proc.returncode}"})
             continue

@@ -32,7 +32,7 @@ def _worker(rank: int, world_size: int, port: int, fn, args, errors) -> None:
     try:
         init_distributed(timeout_s=120, device_type="cpu")
         fn(*args)
-    except BaseException:  # noqa: BLE001 - reported to the parent with the rank
+    except BaseException:
         errors.put(f"rank {rank}:\n{traceback.format_exc()}")
         raise
     finally:

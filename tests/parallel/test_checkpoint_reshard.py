@@ -13,7 +13,14 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 
 from tests.parallel.cases import BATCH, batch, full, make_model
 from tests.parallel.harness import run_distributed
-from xlstm_train.parallel import ParallelConfig, build_mesh, dp_mean, dp_rank_and_size, loss_context, parallelize_model
+from xlstm_train.parallel import (
+    ParallelConfig,
+    build_mesh,
+    dp_mean,
+    dp_rank_and_size,
+    loss_context,
+    parallelize_model,
+)
 
 ARCH = "xlstm_blocks"  # mLSTM and sLSTM blocks: every TP style is exercised by the reshard
 

@@ -27,6 +27,11 @@ def run_config(stage: int):
     return cfg
 
 
+def _local_loss(engine, step: int, rows: slice) -> torch.Tensor:
+    inputs, labels, doc_ids = batch(step)
+    return F.cross_entropy(engine(inputs[rows], doc_ids[rows]).flatten(0, 1), labels[rows].flatten())
+
+
 def _zero_stages(ckpt_root: str) -> None:
     import deepspeed
     import torch.distributed as dist
@@ -72,15 +77,13 @@ def _zero_stages(ckpt_root: str) -> None:
         # save, take one more step, resume and retake it: the same loss
         ckpt = os.path.join(ckpt_root, f"zero{stage}")
         save_deepspeed_checkpoint(engine, ckpt, step=3, client_state={"consumed_samples": 3 * BATCH})
-        inputs, labels, doc_ids = batch(3)
-        probe = lambda: F.cross_entropy(engine(inputs[rows], doc_ids[rows]).flatten(0, 1), labels[rows].flatten())
-        before = probe().detach()
-        engine.backward(probe())
+        before = _local_loss(engine, 3, rows).detach()
+        engine.backward(_local_loss(engine, 3, rows))
         engine.step()
-        assert not torch.allclose(probe().detach(), before)
+        assert not torch.allclose(_local_loss(engine, 3, rows).detach(), before)
         client_state = load_deepspeed_checkpoint(engine, ckpt)
         assert client_state["consumed_samples"] == 3 * BATCH
-        assert_close(probe().detach(), before, rtol=1e-6, what=f"ZeRO-{stage} loss after resume")
+        assert_close(_local_loss(engine, 3, rows).detach(), before, rtol=1e-6, what=f"ZeRO-{stage} loss after resume")
         dist.barrier()
 
 
@@ -89,7 +92,10 @@ def test_deepspeed_zero_1_2_3_match_single_process_and_resume(tmp_path):
     # the ZeRO-3 checkpoint converts to ours and loads into a plain single-process model
     import torch.distributed.checkpoint as dcp
 
-    from xlstm_train.parallel.deepspeed_engine import convert_deepspeed_checkpoint, deepspeed_to_state_dict
+    from xlstm_train.parallel.deepspeed_engine import (
+        convert_deepspeed_checkpoint,
+        deepspeed_to_state_dict,
+    )
 
     expected = deepspeed_to_state_dict(tmp_path / "zero3")
     out = convert_deepspeed_checkpoint(tmp_path / "zero3", tmp_path / "converted")

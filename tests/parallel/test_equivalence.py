@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from tests.parallel.cases import check_bf16_compute_fp32_reduce, compare_with_single_process
+from tests.parallel.cases import (
+    check_bf16_compute_fp32_reduce,
+    compare_with_single_process,
+)
 from tests.parallel.harness import run_distributed
 
 ARCHS = ("xlstm_large", "llama", "xlstm_blocks")

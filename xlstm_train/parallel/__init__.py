@@ -15,7 +15,6 @@ from xlstm_train.parallel.distributed import (
 )
 from xlstm_train.parallel.parallelize import (
     clip_grad_norm_,
-    dp_max,
     dp_mean,
     grad_norm,
     loss_context,
@@ -30,9 +29,8 @@ __all__ = [
     "check_tp_divides_heads",
     "clip_grad_norm_",
     "destroy_distributed",
-    "dp_max",
-    "dp_mesh",
     "dp_mean",
+    "dp_mesh",
     "dp_rank_and_size",
     "grad_norm",
     "init_distributed",

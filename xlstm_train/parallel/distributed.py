@@ -17,8 +17,9 @@ import logging
 import os
 import sys
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -212,7 +213,7 @@ def run_on_every_rank(fn: Callable[[], Any], expected: tuple[type[BaseException]
         return fn()
     except expected:
         raise
-    except Exception as error:  # noqa: BLE001 - every error must surface with its rank
+    except Exception as error:
         rank = dist.get_rank() if dist.is_initialized() else _env_int("RANK", 0)
         sys.stderr.write(f"[rank {rank}] {type(error).__name__}: {error}\n{traceback.format_exc()}")
         sys.stderr.flush()

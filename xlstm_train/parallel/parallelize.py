@@ -11,18 +11,24 @@ from __future__ import annotations
 import contextlib
 import math
 from collections import defaultdict
+from collections.abc import Iterable
 from functools import partial
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+    checkpoint_wrapper,
+)
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
-from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+from torch.utils.checkpoint import (
+    CheckpointPolicy,
+    create_selective_checkpoint_contexts,
+)
 
 from xlstm_train.config import ConfigError
 from xlstm_train.parallel.config import ParallelConfig
@@ -193,11 +199,3 @@ def dp_mean(value: torch.Tensor, mesh: DeviceMesh | None) -> torch.Tensor:
     value = value.detach().clone().float()
     dist.all_reduce(value, op=dist.ReduceOp.SUM, group=dp_mesh(mesh).get_group())
     return value / dp_mesh(mesh).size()
-
-
-def dp_max(value: torch.Tensor, mesh: DeviceMesh | None) -> torch.Tensor:
-    if mesh is None or dp_mesh(mesh).size() == 1:
-        return value
-    value = value.detach().clone().float()
-    dist.all_reduce(value, op=dist.ReduceOp.MAX, group=dp_mesh(mesh).get_group())
-    return value
