@@ -1,5 +1,5 @@
-"""DeepSpeed ZeRO-1/2/3 on 2 gloo ranks match a single process over 3 steps; its checkpoints save,
-resume and convert to ours."""
+"""DeepSpeed ZeRO-1/2/3 (and ZeRO-2 with the optimizer offloaded to CPU) on 2 gloo ranks match a
+single process over 3 steps; its checkpoints save, resume and convert to ours."""
 
 from __future__ import annotations
 
@@ -47,8 +47,9 @@ def _zero_stages(ckpt_root: str) -> None:
     # DeepSpeed JIT-compiles a shared-memory all-reduce for CPU inference at start-up; ZeRO does
     # not use it, and compiling it would take most of this test's time on a fresh CI machine.
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    for stage in (1, 2, 3):
+    for stage, offload in ((1, False), (2, False), (3, False), (2, True)):
         cfg = run_config(stage)
+        cfg.parallel.offload_optimizer = offload  # Adam states and fp32 master weights in CPU memory
         model_cfg, model = make_model("xlstm_large")
         reference = copy.deepcopy(model)
         ref_opt = torch.optim.AdamW(reference.parameters(), lr=1e-2, betas=(0.9, 0.95), eps=1e-5, weight_decay=0.1)
@@ -63,7 +64,7 @@ def _zero_stages(ckpt_root: str) -> None:
             ref_loss.backward()
             loss = F.cross_entropy(engine(inputs[rows], doc_ids[rows]).flatten(0, 1), labels[rows].flatten())
             engine.backward(loss)
-            where = f"ZeRO-{stage} step {step}"
+            where = f"ZeRO-{stage}{' offload' if offload else ''} step {step}"
             assert_close(dp_mean(loss, mesh), ref_loss, what=f"{where} loss")
             for name, p, ref in zip(names, engine.module.parameters(), reference.parameters()):
                 assert_close(safe_get_full_grad(p), ref.grad, what=f"{where} grad of {name}")
@@ -75,7 +76,7 @@ def _zero_stages(ckpt_root: str) -> None:
             assert_close(safe_get_full_fp32_param(p), ref.detach(), what=f"ZeRO-{stage} weight {name}")
 
         # save, take one more step, resume and retake it: the same loss
-        ckpt = os.path.join(ckpt_root, f"zero{stage}")
+        ckpt = os.path.join(ckpt_root, f"zero{stage}{'-offload' if offload else ''}")
         save_deepspeed_checkpoint(engine, ckpt, step=3, client_state={"consumed_samples": 3 * BATCH})
         before = _local_loss(engine, 3, rows).detach()
         engine.backward(_local_loss(engine, 3, rows))
