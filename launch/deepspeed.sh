@@ -25,4 +25,4 @@ fi
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-3}
 
-exec deepspeed "${args[@]}" xlstm-train train parallel.engine=deepspeed "$@"
+exec deepspeed "${args[@]}" xlstm-train train "$@" parallel.engine=deepspeed
