@@ -169,11 +169,11 @@ def deepspeed_to_state_dict(directory: str | Path, tag: str | None = None) -> di
 
 
 def convert_deepspeed_checkpoint(directory: str | Path, out_dir: str | Path, tag: str | None = None) -> Path:
-    """Write a DeepSpeed checkpoint's model as one of ours: a DCP directory holding ``{"model": ...}``.
+    """Write a DeepSpeed checkpoint's fp32 model in our format: a DCP directory ``{"model": ...}``.
 
-    The result loads into a model of any parallel layout like our own checkpoints do. Optimizer
-    moments are not converted (DeepSpeed partitions them in its own flat layout); a run resumed
-    from the converted checkpoint starts its optimizer fresh.
+    It loads into a model of any parallel layout as the model part of our checkpoints does (for
+    evaluation, export or as initial weights). It holds the model only: DeepSpeed keeps optimizer
+    moments in its own flat partitions, so they are not converted, and there is no train state.
     """
     import torch.distributed.checkpoint as dcp
 
