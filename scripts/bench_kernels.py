@@ -34,6 +34,13 @@ def add_mlstm_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seq-lens", type=int, nargs="+", default=[2048, 8192, 32768])
     parser.add_argument("--layers", nargs="+", choices=sorted(MLSTM_LAYERS), default=list(MLSTM_LAYERS))
     parser.add_argument("--columns", nargs="+", choices=MLSTM_COLUMNS, default=list(MLSTM_COLUMNS))
+    parser.add_argument(
+        "--input-gates", nargs="+", choices=("exp", "sigmoid"), default=["exp", "sigmoid"], help="for --breakdown"
+    )
+    parser.add_argument(
+        "--launch", default=None, metavar="SETTINGS",
+        help="launch settings for our kernels in the table, as in --breakdown (e.g. 'states.num_stages=3')",
+    )  # fmt: skip
     parser.add_argument("--chunk-size", type=int, default=None, help="our kernels' chunk (default 128)")
     parser.add_argument(
         "--reference-max-seq", type=int, default=8192, help="skip the (slow) reference above this length"
@@ -46,16 +53,17 @@ def add_mlstm_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="VARIANT",
         default=None,
         help="instead of the table: time each of our kernels alone for launch variants such as "
-        "'L=64' or 'L=128,output.BV=128,grads.num_warps=4' (no VARIANT: a default set)",
+        "'L=64' or 'L=128,output.BV=128,grads.num_warps=8,state_dtype=float32' (the chunk first; "
+        "no VARIANT: a default set)",
     )
 
 
 BREAKDOWN_VARIANTS = [
     "L=64",
-    "L=128,output.num_warps=8,grads.num_warps=8",
-    "L=64,output.BV=128,grads.BV=128",
-    "L=64,states.BV=64,states.num_warps=8",
-    "L=64,output.num_stages=3,grads.num_stages=1",
+    "L=64,state_dtype=float32,grads.INTRA_GATES_IN_DQ=1",  # fp32 states, intra gate gradients in dq
+    "L=64,grads.INTRA_GATES_IN_DQ=1",
+    "L=64,states.num_stages=3",
+    "L=128",
 ]
 
 
@@ -82,19 +90,19 @@ def run_mlstm_breakdown(args) -> list[dict]:
             f = 3.0 + torch.randn(B, NH, S, device=device)
             dh = torch.randn_like(v)
             reset = torch.zeros(B, S, device=device, dtype=torch.int8)
-            for gate in ("exp", "sigmoid"):
+            for gate in args.input_gates:
                 for variant in args.breakdown or BREAKDOWN_VARIANTS:
-                    settings = dict(item.split("=") for item in variant.split(","))
-                    cfg = tc._Config(q, v, int(settings.pop("L", tc.DEFAULT_CHUNK_SIZE)), gate, 1e-6)
-                    for key, value in settings.items():
-                        group, name = key.split(".")
-                        getattr(cfg, group)[name] = int(value)
+                    chunk, _, settings = variant.partition(",")
+                    cfg = tc._Config(q, v, int(chunk.removeprefix("L=")), gate, 1e-6)
+                    if settings:
+                        cfg.override(settings)
                     try:
                         summary = tc._ChunkSummary(i, f, reset, cfg)
-                        states = tc._launch_fwd_states(k, v, summary, None, None, None, cfg)
+                        states = tc._launch_fwd_states(k, v, summary, None, None, None, cfg)[:3]
                         h, m_tok, qn_tok = tc._launch_fwd_output(q, k, v, i, f, reset, *states, cfg)
                         den, _, dqn = tc._normaliser_grads(dh, h, m_tok, qn_tok, cfg)
-                        d_states = tc._launch_bwd_states(q, dh, summary, m_tok, den, dqn, states[2], None, None, cfg)
+                        d_states = tc._launch_bwd_states(
+                            q, dh, summary, m_tok, den, dqn, states[2], None, None, cfg)[:2]  # fmt: skip
                         launches = {
                             "summary": lambda: tc._ChunkSummary(i, f, reset, cfg),
                             "fwd_states": lambda: tc._launch_fwd_states(k, v, summary, None, None, None, cfg),
@@ -205,6 +213,17 @@ def run_mlstm(args) -> list[dict]:
 
     device = torch.device("cuda")
     print(f"# {torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__}")
+    if args.launch:
+        from xlstm_kernels.mlstm import triton_chunkwise as tc
+
+        default_init = tc._Config.__init__
+
+        def init_with_launch_settings(self, *init_args, **init_kwargs):
+            default_init(self, *init_args, **init_kwargs)
+            self.override(args.launch)
+
+        tc._Config.__init__ = init_with_launch_settings
+        print(f"# launch settings: {args.launch}")
     rows = []
     for layer in args.layers:
         NH, DQK, DV = MLSTM_LAYERS[layer]
@@ -218,7 +237,7 @@ def run_mlstm(args) -> list[dict]:
             for column in args.columns:
                 if column == "reference" and S > args.reference_max_seq:
                     continue
-                row = dict(layer=layer, column=column, B=B, NH=NH, S=S, DQK=DQK, DV=DV)
+                row = dict(layer=layer, column=column, B=B, NH=NH, S=S, DQK=DQK, DV=DV, launch=args.launch)
                 if column == "sdpa-flash":
                     heads, dim = 32, 128
                     qkv = [torch.randn(B, heads, S, dim, device=device, generator=gen, dtype=torch.bfloat16)

@@ -4,13 +4,15 @@ The sequence is cut into chunks of L tokens (default 64). Kernels:
 
 * ``_chunk_summary_kernel``: per chunk, the gate sums the state kernels need (computed once).
 * ``_fwd_states_kernel``: the inter-chunk recurrence. One program per (head, DQK tile, DV tile) walks
-  the chunks in order and writes the fp32 state (C, n, m) before every chunk and the final state.
+  the chunks in order, in fp32, and writes the state (C, n, m) before every chunk (C in the input
+  dtype: the chunk kernels round it to that for their products anyway) and the final state (fp32).
 * ``_fwd_output_kernel``: one program per (chunk, head): the intra-chunk causal part as an L x L
   matrix, plus the contribution of the state before the chunk; writes h and, per token, the
   stabiliser m and the signed normaliser q.n (the backward's only per-token extras).
 * ``_bwd_states_kernel``: the reverse recurrence for dC, dn, written before every chunk.
 * ``_bwd_dq_kernel``, ``_bwd_dkdv_kernel``: one program per (chunk, head) each; both recompute the
-  chunk's L x L scores (cheaper than keeping dq, dk and dv accumulators live in one program).
+  chunk's L x L score gradients (cheaper than keeping dq, dk and dv accumulators live in one
+  program); the dk/dv kernel also recomputes the scores and sums the intra-chunk gate gradients.
 
 Gate gradients: with the stabilisers held fixed, every term's log-weight is a sum of log forget
 gates over an interval plus the source's log input gate, so the kernel sums the gradients of the
@@ -122,7 +124,7 @@ def _state_update(LOG_W, CHUNK_DECAY, CHUNK_RESET, pid_bh, chunk, t, valid, S, N
 
 @triton.jit
 def _fwd_states_kernel(
-    K, V, LOG_W, CHUNK_DECAY, CHUNK_RESET, C0, N0, M0, C_STATES, N_STATES, M_STATES,
+    K, V, LOG_W, CHUNK_DECAY, CHUNK_RESET, C0, N0, M0, C_STATES, N_STATES, M_STATES, C_LAST,
     S, DQK, DV, NC,
     HAS_INIT: tl.constexpr, IS_EXP: tl.constexpr, L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -148,7 +150,7 @@ def _fwd_states_kernel(
 
     for chunk in range(NC):
         state_index = pid_bh * (NC + 1) + chunk
-        tl.store(C_STATES + state_index * DQK * DV + tile_kv, c, mask=mask_kv)
+        tl.store(C_STATES + state_index * DQK * DV + tile_kv, c.to(C_STATES.dtype.element_ty), mask=mask_kv)
         if pid_v == 0:
             tl.store(N_STATES + state_index * DQK + offs_k, n, mask=mask_k)
             if pid_k == 0:
@@ -163,8 +165,9 @@ def _fwd_states_kernel(
         c = carry * c + tl.dot(tl.trans(k_chunk), v_weighted, input_precision=DOT_PRECISION)
         n = carry * n + tl.sum(k_chunk.to(tl.float32) * w[:, None], 0)
 
+    # the final state is an output: kept in fp32 (C_STATES may hold a narrower copy)
     state_index = pid_bh * (NC + 1) + NC
-    tl.store(C_STATES + state_index * DQK * DV + tile_kv, c, mask=mask_kv)
+    tl.store(C_LAST + pid_bh * DQK * DV + tile_kv, c, mask=mask_kv)
     if pid_v == 0:
         tl.store(N_STATES + state_index * DQK + offs_k, n, mask=mask_k)
         if pid_k == 0:
@@ -247,7 +250,7 @@ def _fwd_output_kernel(
 @triton.jit
 def _bwd_states_kernel(
     Q, DH, LOG_W, ORIGIN_FIRST, CHUNK_DECAY, CHUNK_RESET, M_TOKENS, DEN, DQN, M_STATES, DC_LAST, DN_LAST,
-    DC_STATES, DN_STATES,
+    DC_STATES, DN_STATES, DC_FIRST,
     S, DQK, DV, NC, scale,
     HAS_DLAST: tl.constexpr, IS_EXP: tl.constexpr, L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -273,7 +276,7 @@ def _bwd_states_kernel(
     for step in range(NC):
         chunk = NC - 1 - step
         state_index = pid_bh * (NC + 1) + chunk
-        tl.store(DC_STATES + (state_index + 1) * DQK * DV + tile_kv, dc, mask=mask_kv)
+        tl.store(DC_STATES + (state_index + 1) * DQK * DV + tile_kv, dc.to(DC_STATES.dtype.element_ty), mask=mask_kv)
         if pid_v == 0:
             tl.store(DN_STATES + (state_index + 1) * DQK + offs_k, dn, mask=mask_k)
         t = chunk * L + tau
@@ -293,8 +296,9 @@ def _bwd_states_kernel(
         dc = carry * dc + tl.dot(tl.trans(q_tile), dh_weighted, input_precision=DOT_PRECISION)
         dn = carry * dn + tl.sum(q_tile.to(tl.float32) * (w_origin * scale * dqn)[:, None], 0)
 
+    # the gradient of the initial state is an output: fp32
     state_index = pid_bh * (NC + 1)
-    tl.store(DC_STATES + state_index * DQK * DV + tile_kv, dc, mask=mask_kv)
+    tl.store(DC_FIRST + pid_bh * DQK * DV + tile_kv, dc, mask=mask_kv)
     if pid_v == 0:
         tl.store(DN_STATES + state_index * DQK + offs_k, dn, mask=mask_k)
 
@@ -304,16 +308,19 @@ def _chunk_score_grads(
     Q, K, V, I, F, RESET, DH, M_TOKENS, DEN, DQN, M_STATES, pid_bh, batch, chunk, tau, t, valid, rows,
     S, DQK, DV, NC, scale,
     IS_EXP: tl.constexpr, L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    NEED_P: tl.constexpr,
 ):  # fmt: skip
     """The intra-chunk part of the backward, shared by the dq and the dk/dv kernels: the weighted
-    scores P and their gradient dP (dP = dh.v / den + dqn: the normaliser sums the same scores)."""
+    scores P (only if NEED_P: dq alone needs just dP and the weights) and their gradient dP
+    (dP = dh.v / den + dqn: the normaliser sums the same scores)."""
     scores = tl.zeros([L, L], dtype=tl.float32)
-    for k0 in range(0, DQK, BK):
-        offs_k = k0 + tl.arange(0, BK)
-        mask_k = valid[:, None] & (offs_k < DQK)[None, :]
-        q_tile = tl.load(Q + rows[:, None] * DQK + offs_k[None, :], mask=mask_k, other=0.0)
-        k_tile = tl.load(K + rows[:, None] * DQK + offs_k[None, :], mask=mask_k, other=0.0)
-        scores = tl.dot(q_tile, tl.trans(k_tile), scores, input_precision=DOT_PRECISION)
+    if NEED_P:
+        for k0 in range(0, DQK, BK):
+            offs_k = k0 + tl.arange(0, BK)
+            mask_k = valid[:, None] & (offs_k < DQK)[None, :]
+            q_tile = tl.load(Q + rows[:, None] * DQK + offs_k[None, :], mask=mask_k, other=0.0)
+            k_tile = tl.load(K + rows[:, None] * DQK + offs_k[None, :], mask=mask_k, other=0.0)
+            scores = tl.dot(q_tile, tl.trans(k_tile), scores, input_precision=DOT_PRECISION)
     d_scores = tl.zeros([L, L], dtype=tl.float32)
     for v0 in range(0, DV, BV):
         offs_v = v0 + tl.arange(0, BV)
@@ -337,12 +344,29 @@ def _chunk_score_grads(
 
 
 @triton.jit
+def _intra_gate_grads(p, d_p, tau):
+    """Gate gradients of the intra-chunk terms, from the gradients of their log-weights P * dP,
+    summed over the intervals of gates each term spans: not as q.dq - k.dk, whose diagonal terms
+    cancel and cost all relative precision when the forget gates are closed. log f_s enters the
+    terms (t, s') with s' < s <= t: queries_from[s, s'] sums the queries t >= s, then keys s' < s
+    count."""
+    d_log_d = p * d_p
+    queries_from = tl.dot(tl.where(tau[:, None] <= tau[None, :], 1.0, 0.0), d_log_d, input_precision="ieee")
+    d_log_f = tl.sum(tl.where(tau[:, None] > tau[None, :], queries_from, 0.0), 1)
+    d_log_i = tl.sum(d_log_d, 0)
+    return d_log_f, d_log_i
+
+
+@triton.jit
 def _bwd_dq_kernel(
     Q, K, V, I, F, RESET, DH, M_TOKENS, DEN, DQN, C_STATES, N_STATES, M_STATES, DQ, DLOG_F, DLOG_I,
     S, NH, DQK, DV, NC, scale,
     IS_EXP: tl.constexpr, L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    INTRA_GATES_IN_DQ: tl.constexpr,
 ):  # fmt: skip
-    """dq of one chunk, and the gate gradients of its intra-chunk and incoming-state terms."""
+    """dq of one chunk, and the gate gradients of its incoming-state terms (and of its intra-chunk
+    terms if INTRA_GATES_IN_DQ; otherwise ``_bwd_dkdv_kernel`` adds those, and this kernel needs
+    no scores q.k at all)."""
     chunk = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
     batch = pid_bh // NH
@@ -353,17 +377,12 @@ def _bwd_dq_kernel(
     state_index = pid_bh * (NC + 1) + chunk  # the state before this chunk
     p, d_p, d, w_origin, den, dqn = _chunk_score_grads(
         Q, K, V, I, F, RESET, DH, M_TOKENS, DEN, DQN, M_STATES, pid_bh, batch, chunk, tau, t, valid, rows,
-        S, DQK, DV, NC, scale, IS_EXP, L, BK, BV, DOT_PRECISION,
+        S, DQK, DV, NC, scale, IS_EXP, L, BK, BV, DOT_PRECISION, INTRA_GATES_IN_DQ,
     )  # fmt: skip
-
-    # Gate gradients from the gradients of the log-weights (P * dP for the intra terms), summed over
-    # the intervals of gates each term spans: not as q.dq - k.dk, whose diagonal terms cancel and
-    # cost all relative precision when the forget gates are closed. log f_s enters the intra terms
-    # (t, s') with s' < s <= t: queries_from[s, s'] sums the queries t >= s, then keys s' < s count.
-    d_log_d = p * d_p
-    queries_from = tl.dot(tl.where(tau[:, None] <= tau[None, :], 1.0, 0.0), d_log_d, input_precision="ieee")
-    d_log_f = tl.sum(tl.where(tau[:, None] > tau[None, :], queries_from, 0.0), 1)
-    d_log_i = tl.sum(d_log_d, 0)
+    if INTRA_GATES_IN_DQ:
+        d_log_f, d_log_i = _intra_gate_grads(p, d_p, tau)
+    else:
+        d_log_f = tl.zeros([L], dtype=tl.float32)
     d_scores = (d_p * d).to(Q.dtype.element_ty)
 
     d_log_origin = tl.zeros([L], dtype=tl.float32)  # per query: the term of the state before the chunk
@@ -395,7 +414,8 @@ def _bwd_dq_kernel(
     # the incoming state's term of query t spans the gates of its segment up to t
     d_log_f += tl.sum(tl.where(tau[:, None] >= tau[None, :], d_log_origin[:, None], 0.0), 0)
     tl.store(DLOG_F + rows, d_log_f, mask=valid)
-    tl.store(DLOG_I + rows, d_log_i, mask=valid)
+    if INTRA_GATES_IN_DQ:
+        tl.store(DLOG_I + rows, d_log_i, mask=valid)
 
 
 @triton.jit
@@ -404,9 +424,10 @@ def _bwd_dkdv_kernel(
     C_STATES, N_STATES, M_STATES, DC_STATES, DN_STATES, DK, DV_OUT, DLOG_F, DLOG_I,
     S, NH, DQK, DV, NC, scale,
     IS_EXP: tl.constexpr, L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    INTRA_GATES_IN_DQ: tl.constexpr,
 ):  # fmt: skip
-    """dk, dv of one chunk, and the gate gradients of its outgoing- and carried-state terms (added to
-    what ``_bwd_dq_kernel`` wrote)."""
+    """dk, dv of one chunk, and the gate gradients of its outgoing- and carried-state terms and (unless
+    INTRA_GATES_IN_DQ) of its intra-chunk terms, added to what ``_bwd_dq_kernel`` wrote."""
     chunk = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
     batch = pid_bh // NH
@@ -418,8 +439,10 @@ def _bwd_dkdv_kernel(
     next_index = state_index + 1  # and after it
     p, d_p, d, w_origin, den, dqn = _chunk_score_grads(
         Q, K, V, I, F, RESET, DH, M_TOKENS, DEN, DQN, M_STATES, pid_bh, batch, chunk, tau, t, valid, rows,
-        S, DQK, DV, NC, scale, IS_EXP, L, BK, BV, DOT_PRECISION,
+        S, DQK, DV, NC, scale, IS_EXP, L, BK, BV, DOT_PRECISION, True,
     )  # fmt: skip
+    if not INTRA_GATES_IN_DQ:
+        intra_d_log_f, intra_d_log_i = _intra_gate_grads(p, d_p, tau)
     p = p.to(Q.dtype.element_ty)
     d_scores = (d_p * d).to(Q.dtype.element_ty)
     m_prev = tl.load(M_STATES + state_index)
@@ -447,7 +470,7 @@ def _bwd_dkdv_kernel(
             dc_tile = tl.load(DC_STATES + next_index * DQK * DV + tile_kv, mask=mask_kv, other=0.0)
             v_weighted = (v_tile.to(tl.float32) * w[:, None]).to(q_tile.dtype)
             dk_state = tl.dot(v_weighted, tl.trans(dc_tile.to(q_tile.dtype)), dk_state, input_precision=DOT_PRECISION)
-            d_log_carry += tl.sum(c_tile * dc_tile, 1)
+            d_log_carry += tl.sum(c_tile.to(tl.float32) * dc_tile.to(tl.float32), 1)
         dk_state += w[:, None] * dn_tile[None, :]
         d_log_w += tl.sum(k_tile.to(tl.float32) * dk_state, 1)
         dk = tl.dot(tl.trans(d_scores), q_tile, input_precision=DOT_PRECISION) * scale + dk_state
@@ -480,7 +503,11 @@ def _bwd_dkdv_kernel(
     d_log_f = tl.load(DLOG_F + rows, mask=valid, other=0.0)
     d_log_f += tl.sum(tl.where(tau[:, None] < tau[None, :], d_log_w[:, None], 0.0), 0)
     d_log_f += carry * tl.sum(d_log_carry, 0)
-    d_log_i = tl.load(DLOG_I + rows, mask=valid, other=0.0) + d_log_w
+    if INTRA_GATES_IN_DQ:
+        d_log_i = tl.load(DLOG_I + rows, mask=valid, other=0.0) + d_log_w
+    else:
+        d_log_f += intra_d_log_f
+        d_log_i = intra_d_log_i + d_log_w
     tl.store(DLOG_F + rows, d_log_f, mask=valid)
     tl.store(DLOG_I + rows, d_log_i, mask=valid)
 
@@ -512,12 +539,30 @@ class _Config:
         self.eps = eps
         self.scale = self.DQK**-0.5
         self.dot_precision = _dot_precision(q.dtype)
+        # The chunk kernels round C and dC to the input dtype before their tensor-core products, so
+        # the states they read are stored in it: half the bytes of fp32 for bf16 inputs (the state
+        # traffic dominates at DQK x DV = 256 x 512). The recurrences run in fp32, and the final state
+        # and the initial state's gradient are fp32 outputs of their own.
+        self.state_dtype = q.dtype
         # state kernels: one program per (head, DQK tile, DV tile) walking the chunks
         self.states = dict(BK=_tile(self.DQK, 64), BV=_tile(self.DV, 128), num_warps=4, num_stages=2)
         # chunk kernels: one program per (chunk, head) looping over head-dim tiles
         warps = 8 if chunk_size >= 128 else 4
         self.output = dict(BK=_tile(self.DQK, 64), BV=_tile(self.DV, 128), num_warps=warps, num_stages=2)
-        self.grads = dict(self.output)
+        # the intra-chunk gate gradients in the dk/dv kernel: it has P and dP anyway, and the dq
+        # kernel then needs no q.k scores and holds fewer L x L tiles
+        self.grads = dict(self.output, INTRA_GATES_IN_DQ=False)
+
+    def override(self, settings: str) -> None:
+        """Apply launch settings such as ``"states.num_stages=3,grads.INTRA_GATES_IN_DQ=1,state_dtype=float32"``
+        (for benchmarks and tests of the variants)."""
+        for item in settings.split(","):
+            key, value = item.split("=")
+            if key == "state_dtype":
+                self.state_dtype = getattr(torch, value)
+            else:
+                group, name = key.split(".")
+                getattr(self, group)[name] = int(value)
 
 
 class _ChunkSummary:
@@ -538,21 +583,23 @@ class _ChunkSummary:
 def _launch_fwd_states(k, v, summary: _ChunkSummary, c0, n0, m0, cfg: _Config):
     BH = cfg.B * cfg.NH
     dev = k.device
-    c_states = torch.empty(BH, cfg.NC + 1, cfg.DQK, cfg.DV, device=dev, dtype=torch.float32)
+    # slot NC of c_states stays unwritten: the final state goes to c_last
+    c_states = torch.empty(BH, cfg.NC + 1, cfg.DQK, cfg.DV, device=dev, dtype=cfg.state_dtype)
+    c_last = torch.empty(BH, cfg.DQK, cfg.DV, device=dev, dtype=torch.float32)
     n_states = torch.empty(BH, cfg.NC + 1, cfg.DQK, device=dev, dtype=torch.float32)
     m_states = torch.empty(BH, cfg.NC + 1, device=dev, dtype=torch.float32)
     has_init = c0 is not None
     m0_flat = m0.reshape(BH).float().contiguous() if m0 is not None else torch.zeros(BH, device=dev)
-    c0_arg = c0.float().contiguous() if has_init else c_states
+    c0_arg = c0.float().contiguous() if has_init else c_last
     n0_arg = n0.float().contiguous() if has_init else n_states
     launch = cfg.states
     grid = (BH, triton.cdiv(cfg.DQK, launch["BK"]), triton.cdiv(cfg.DV, launch["BV"]))
     _fwd_states_kernel[grid](
         k, v, summary.log_w, summary.decay, summary.has_reset, c0_arg, n0_arg, m0_flat,
-        c_states, n_states, m_states, cfg.S, cfg.DQK, cfg.DV, cfg.NC,
+        c_states, n_states, m_states, c_last, cfg.S, cfg.DQK, cfg.DV, cfg.NC,
         HAS_INIT=has_init, IS_EXP=cfg.is_exp, L=cfg.L, DOT_PRECISION=cfg.dot_precision, **launch,
     )  # fmt: skip
-    return c_states, n_states, m_states
+    return c_states, n_states, m_states, c_last
 
 
 def _launch_fwd_output(q, k, v, i, f, reset, c_states, n_states, m_states, cfg: _Config):
@@ -570,29 +617,31 @@ def _launch_fwd_output(q, k, v, i, f, reset, c_states, n_states, m_states, cfg: 
 
 def _forward(q, k, v, i, f, reset, c0, n0, m0, cfg: _Config):
     summary = _ChunkSummary(i, f, reset, cfg)
-    c_states, n_states, m_states = _launch_fwd_states(k, v, summary, c0, n0, m0, cfg)
+    c_states, n_states, m_states, c_last = _launch_fwd_states(k, v, summary, c0, n0, m0, cfg)
     h, m_tokens, qn_tokens = _launch_fwd_output(q, k, v, i, f, reset, c_states, n_states, m_states, cfg)
-    return h, summary, c_states, n_states, m_states, m_tokens, qn_tokens
+    return h, summary, c_states, n_states, m_states, c_last, m_tokens, qn_tokens
 
 
 def _launch_bwd_states(q, dh, summary, m_tokens, den, dqn, m_states, dc_last, dn_last, cfg: _Config):
     BH = cfg.B * cfg.NH
     has_dlast = dc_last is not None or dn_last is not None
-    dc_states = torch.empty(BH, cfg.NC + 1, cfg.DQK, cfg.DV, device=q.device, dtype=torch.float32)
+    # slot 0 of dc_states stays unwritten: the initial state's gradient goes to dc_first
+    dc_states = torch.empty(BH, cfg.NC + 1, cfg.DQK, cfg.DV, device=q.device, dtype=cfg.state_dtype)
+    dc_first = torch.empty(BH, cfg.DQK, cfg.DV, device=q.device, dtype=torch.float32)
     dn_states = torch.empty(BH, cfg.NC + 1, cfg.DQK, device=q.device, dtype=torch.float32)
     if has_dlast:  # autograd passes None for an output without a gradient
-        dc_last = torch.zeros_like(dc_states[:, -1]) if dc_last is None else dc_last.float().contiguous()
+        dc_last = torch.zeros_like(dc_first) if dc_last is None else dc_last.float().contiguous()
         dn_last = torch.zeros_like(dn_states[:, -1]) if dn_last is None else dn_last.float().contiguous()
     else:
-        dc_last, dn_last = dc_states, dn_states  # not read
+        dc_last, dn_last = dc_first, dn_states  # not read
     launch = cfg.states
     grid = (BH, triton.cdiv(cfg.DQK, launch["BK"]), triton.cdiv(cfg.DV, launch["BV"]))
     _bwd_states_kernel[grid](
         q, dh, summary.log_w, summary.origin_first, summary.decay, summary.has_reset, m_tokens, den, dqn,
-        m_states, dc_last, dn_last, dc_states, dn_states, cfg.S, cfg.DQK, cfg.DV, cfg.NC, cfg.scale,
+        m_states, dc_last, dn_last, dc_states, dn_states, dc_first, cfg.S, cfg.DQK, cfg.DV, cfg.NC, cfg.scale,
         HAS_DLAST=has_dlast, IS_EXP=cfg.is_exp, L=cfg.L, DOT_PRECISION=cfg.dot_precision, **launch,
     )  # fmt: skip
-    return dc_states, dn_states
+    return dc_states, dn_states, dc_first
 
 
 def _launch_bwd_grads(q, k, v, i, f, reset, dh, m_tokens, den, dqn, summary, states, d_states, cfg: _Config):
@@ -680,39 +729,44 @@ class _MLSTMChunkwise(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, i, f, c0, n0, m0, reset, input_gate, chunk_size, eps):
         cfg = _Config(q, v, chunk_size, input_gate, eps)
-        h, summary, c_states, n_states, m_states, m_tokens, qn_tokens = _forward(q, k, v, i, f, reset, c0, n0, m0, cfg)
-        c_last = c_states[:, -1].reshape(cfg.B, cfg.NH, cfg.DQK, cfg.DV)
+        h, summary, c_states, n_states, m_states, c_last, m_tokens, qn_tokens = _forward(
+            q, k, v, i, f, reset, c0, n0, m0, cfg
+        )
+        c_last = c_last.view(cfg.B, cfg.NH, cfg.DQK, cfg.DV)
         n_last = n_states[:, -1].reshape(cfg.B, cfg.NH, cfg.DQK)
         m_last = m_states[:, -1].reshape(cfg.B, cfg.NH, 1)
-        ctx.save_for_backward(q, k, v, i, f, c0, n0, m0, reset, h, c_states, n_states, m_states, m_tokens, qn_tokens)
+        ctx.save_for_backward(
+            q, k, v, i, f, c0, n0, m0, reset, h, c_states, n_states, m_states, c_last, m_tokens, qn_tokens
+        )
         ctx.summary = summary
         ctx.cfg = cfg
         return h, c_last, n_last, m_last
 
     @staticmethod
     def backward(ctx, dh, dc_last, dn_last, dm_last):
-        q, k, v, i, f, c0, n0, m0, reset, h, c_states, n_states, m_states, m_tokens, qn_tokens = ctx.saved_tensors
+        q, k, v, i, f, c0, n0, m0, reset, h, c_states, n_states, m_states, c_last, m_tokens, qn_tokens = ctx.saved_tensors
         cfg: _Config = ctx.cfg
         dev = q.device
         dh = dh.contiguous() if dh is not None else torch.zeros_like(h)
 
         den, delta, dqn = _normaliser_grads(dh, h, m_tokens, qn_tokens, cfg)
         summary = ctx.summary
-        dc_states, dn_states = _launch_bwd_states(q, dh, summary, m_tokens, den, dqn, m_states, dc_last, dn_last, cfg)
+        dc_states, dn_states, dc_first = _launch_bwd_states(
+            q, dh, summary, m_tokens, den, dqn, m_states, dc_last, dn_last, cfg
+        )
         dq, dk, dv, d_log_f, d_log_i = _launch_bwd_grads(
             q, k, v, i, f, reset, dh, m_tokens, den, dqn, summary,
             (c_states, n_states, m_states), (dc_states, dn_states), cfg,
         )  # fmt: skip
         d_log_f, d_log_i = d_log_f.double(), d_log_i.double()
 
-        dc0 = dc_states[:, 0].view(cfg.B, cfg.NH, cfg.DQK, cfg.DV)
+        dc0 = dc_first.view(cfg.B, cfg.NH, cfg.DQK, cfg.DV)
         dn0 = dn_states[:, 0].view(cfg.B, cfg.NH, cfg.DQK)
         dm0 = None
         if cfg.is_exp:
             # the stabilisers enter the function only through eps: h depends on its token's m as
             # dh/dm = -h * eps / den, the final state (c, n) scales as exp(-m_last)
             grad_m = -cfg.eps * delta.double() / den.double()
-            c_last = c_states[:, -1].view(cfg.B, cfg.NH, cfg.DQK, cfg.DV)
             if dc_last is not None:
                 grad_m[..., -1] -= (dc_last.double() * c_last.double()).sum((-1, -2))
             if dn_last is not None:

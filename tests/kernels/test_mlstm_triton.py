@@ -205,3 +205,36 @@ def test_chunkwise_kernel_bf16_on_gpu_no_state_no_docs(seed, input_gate, chunk_s
 def test_chunkwise_kernel_fp32_on_gpu_multi_tile_head_dims(seed):
     inputs = make_inputs(1, 2, 200, 128, 256, input_gate="exp", hard=True, with_state=True, dtype=torch.float32)
     compare_with_reference(inputs, "exp", 1e-4, seed, doc_ids=random_doc_ids(1, 200))
+
+
+# launch variants that scripts/bench_kernels.py compares (tc._Config.override): each must compute the
+# same function as the default
+LAUNCH_VARIANTS = ["grads.INTRA_GATES_IN_DQ=1", "state_dtype=float32"]
+
+
+def with_launch_variant(monkeypatch, settings):
+    from xlstm_kernels.mlstm import triton_chunkwise as tc
+
+    default_init = tc._Config.__init__
+
+    def init(self, *args, **kwargs):
+        default_init(self, *args, **kwargs)
+        self.override(settings)
+
+    monkeypatch.setattr(tc._Config, "__init__", init)
+
+
+@pytest.mark.parametrize("settings", LAUNCH_VARIANTS)
+def test_launch_variants_match_reference_fp32(monkeypatch, seed, settings):
+    with_launch_variant(monkeypatch, settings)
+    inputs = make_inputs(1, 2, 45, 32, 16, input_gate="exp", hard=True, with_state=True, dtype=torch.float32)
+    compare_with_reference(inputs, "exp", 1e-4, seed, chunk_size=16, doc_ids=random_doc_ids(1, 45))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("input_gate", ["exp", "sigmoid"])
+@pytest.mark.parametrize("settings", LAUNCH_VARIANTS)
+def test_launch_variants_bf16_on_gpu(monkeypatch, seed, settings, input_gate):
+    with_launch_variant(monkeypatch, settings)
+    inputs = make_inputs(2, 2, 300, 256, 512, input_gate=input_gate, hard=True, with_state=True, dtype=torch.bfloat16)
+    compare_with_reference(inputs, input_gate, 1e-2, seed, doc_ids=random_doc_ids(2, 300))
