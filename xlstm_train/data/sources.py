@@ -18,7 +18,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import zstandard
 
 from xlstm_train.data import DataError
 from xlstm_train.data.tokenizer import file_sha256
@@ -116,6 +115,8 @@ def _raw_lines(path: Path, reader: _HashingReader) -> Iterator[tuple[bytes, int]
 
 def _zstd_blocks(reader: _HashingReader) -> Iterator[bytes]:
     """Decompressed bytes of a (multi-frame) zstd file; raises on corrupt data or a stream that ends mid-frame."""
+    import zstandard  # only .zst inputs need it
+
     decompressor = zstandard.ZstdDecompressor()
     frame = decompressor.decompressobj()
     fed = False
