@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import traceback
 
 import torch
@@ -29,14 +30,20 @@ def _worker(rank: int, world_size: int, port: int, fn, args, errors) -> None:
     torch.set_num_threads(1)
     from xlstm_train.parallel import destroy_distributed, init_distributed
 
+    code = 0
     try:
         init_distributed(timeout_s=120, device_type="cpu")
         fn(*args)
     except BaseException:
         errors.put(f"rank {rank}:\n{traceback.format_exc()}")
-        raise
+        code = 1
     finally:
         destroy_distributed()
+    # Leave without interpreter teardown: after a parallelized model on gloo, a native thread
+    # occasionally aborts the process while it shuts down (SIGABRT), after all the work is done.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def run_distributed(fn, world_size: int, *args) -> None:
