@@ -68,9 +68,13 @@ def test_train_with_overrides_then_resume(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "step 4/4 | val loss" in out and "--- sample 2 ---" in out
     assert (run_dir / "step-0000004").is_dir()
-    val = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    val = {r["step"]: r["val_loss"] for r in val if r["kind"] == "val"}
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    val = {r["step"]: r["val_loss"] for r in records if r["kind"] == "val"}
     assert sorted(val) == [0, 2, 4] and val[4] < val[2] < val[0]  # it learns
+    samples = [r for r in records if r.get("event") == "samples"]
+    assert len(samples) == 1 and samples[0]["prompts"] == ["Elizabeth", "It is a truth universally acknowledged"]
+    assert [text.startswith(p) for text, p in zip(samples[0]["texts"], samples[0]["prompts"])] == [True, True]
+    assert all(text in out for text in samples[0]["texts"])
     saved = yaml.safe_load((run_dir / "step-0000004" / "config.yaml").read_text())
     assert saved["model"]["num_blocks"] == 2 and saved["train"]["steps"] == 4
     # the same command with more steps continues the run

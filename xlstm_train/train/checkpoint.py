@@ -90,11 +90,17 @@ def restore_rng_state(state: dict) -> None:
 # Save and load
 
 
+# DCP warns on every save/load without a process group; a single process is a supported case here.
+_SINGLE_PROCESS_WARNING = r"torch\.distributed is disabled"
+# process-wide, for the writer thread of asynchronous saves ...
+warnings.filterwarnings("ignore", message=_SINGLE_PROCESS_WARNING, category=UserWarning)
+
+
 @contextlib.contextmanager
 def _single_process_ok():
-    """DCP warns when no process group exists; single-process save/load is intended here."""
+    """... and locally too, where something (a test runner) has reset the process-wide filters."""
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r"torch\.distributed is disabled")
+        warnings.filterwarnings("ignore", message=_SINGLE_PROCESS_WARNING, category=UserWarning)
         yield
 
 

@@ -379,17 +379,17 @@ def train(cfg: Config) -> dict:
             if (interval > 0 and state.step % interval == 0) or last_step:
                 save()
         checkpointer.wait()
+        final = ckpt.latest_checkpoint(run_dir)
+        print(f"checkpoint: {final}", flush=True)
+
+        samples = []
+        if tokenizer is not None and cfg.train.sample_tokens > 0 and cfg.train.sample_prompts:
+            samples = sample_text(model, tokenizer, cfg, device, autocast)
+            for n, text in enumerate(samples):
+                print(f"--- sample {n + 1} ---\n{text}", flush=True)
+            logger.log_event("samples", step=state.step, prompts=cfg.train.sample_prompts, texts=samples)
     finally:
         logger.close()
-
-    final = ckpt.latest_checkpoint(run_dir)
-    print(f"checkpoint: {final}", flush=True)
-
-    samples = []
-    if tokenizer is not None and cfg.train.sample_tokens > 0 and cfg.train.sample_prompts:
-        samples = sample_text(model, tokenizer, cfg, device, autocast)
-        for n, text in enumerate(samples):
-            print(f"--- sample {n + 1} ---\n{text}", flush=True)
     return {
         "step": state.step,
         "val_loss": val_loss,
