@@ -177,3 +177,11 @@ def test_prepare_data_is_wired(tmp_path, capsys):
                  str(tmp_path / "shards"), "--workers", "1", "--no-progress"])
     assert code == 0
     assert (tmp_path / "shards" / "manifest.json").is_file()
+
+
+def test_export_hf_is_wired(tmp_path, capsys):
+    (tmp_path / "step-0000004.tmp").mkdir()
+    code = main(["export-hf", str(tmp_path / "step-0000004.tmp"), str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: ") and "never completed" in err
+    assert not (tmp_path / "out").exists()

@@ -3,6 +3,7 @@
     xlstm-train train [--recipe PATH] [key.sub=value ...]
     xlstm-train info [--recipe PATH] [--json] [key.sub=value ...]
     xlstm-train prepare-data ...
+    xlstm-train export-hf CHECKPOINT OUT_DIR
 
 Bad input (an unknown key, a wrong type, a missing file, a tokenizer or sequence length the model
 cannot take, an occupied run directory) ends with one line ``error: ...`` on stderr and exit code 2,
@@ -71,6 +72,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from xlstm_train.data import prepare
+    from xlstm_train.export import hf as export_hf
 
     parser = argparse.ArgumentParser(prog="xlstm-train", description="Train xLSTM language models.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -89,6 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("prepare-data", help="tokenize text into training shards")
     prepare.add_arguments(p)
     p.set_defaults(func=prepare.run)
+
+    p = commands.add_parser("export-hf", help="a checkpoint as a Hugging Face / official xlstm model directory")
+    export_hf.add_arguments(p)
+    p.set_defaults(func=export_hf.run)
     return parser
 
 
