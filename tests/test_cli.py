@@ -21,7 +21,7 @@ SAMPLE = str(REPO / "data" / "sample")
 TOKENIZER = str(REPO / "data" / "tokenizer" / "austen_sp4096.model")
 # the tiny recipe made smaller still, with absolute data paths so tests can run from any directory
 SMALL = [f"data.datasets=[{{path: {SAMPLE}}}]", f"data.tokenizer={TOKENIZER}", "model.embedding_dim=32",
-         "model.slstm_at=[]", "model.num_blocks=2", "data.seq_len=32", "train.micro_batch_size=2",
+         "model.num_blocks=2", "model.slstm_at=[]", "data.seq_len=32", "train.micro_batch_size=2",
          "train.eval_batches=1", "train.eval_interval=2", "optim.warmup_steps=2", "logging.wandb=disabled",
          "train.sample_tokens=8"]
 
@@ -46,6 +46,15 @@ def test_info_json():
     assert info["flops_per_token"] > 6 * count_params(build_model(cfg.model), non_embedding=True)
     assert info["config"]["model"]["num_blocks"] == 4 and info["config"]["data"]["seq_len"] == 256
     assert sum(info["params_by_module"].values()) >= info["params"]  # a tied head counts in two modules
+
+
+def test_overrides_are_checked_together(capsys):
+    # num_blocks=2 alone does not fit the recipe's slstm_at [3]; with the second override it does
+    assert main(["info", "--recipe", TINY, "--json", "model.num_blocks=2", "model.slstm_at=[1]"]) == 0
+    assert json.loads(capsys.readouterr().out)["config"]["model"]["slstm_at"] == [1]
+    assert main(["info", "--recipe", TINY, "model.num_blocks=2", "train.steps=5"]) == 2
+    err = capsys.readouterr().err
+    assert "model.slstm_at = [3]" in err and "overrides 'model.num_blocks=2', 'train.steps=5'" in err
 
 
 def test_info_builds_7b_on_meta_device(capsys):
@@ -143,7 +152,8 @@ def test_bad_input_leaves_an_existing_run_alone(tmp_path, capsys):
 def test_console_script_has_no_traceback(tmp_path):
     result = run_cli("train", "train.steps=0", f"run_dir={tmp_path / 'run'}")
     assert result.returncode == 2
-    assert result.stderr == "error: train.steps = 0: expected an integer >= 1\n"
+    assert result.stderr == (f"error: train.steps = 0: expected an integer >= 1 (with overrides 'train.steps=0', "
+                             f"'run_dir={tmp_path / 'run'}')\n")
     assert not (tmp_path / "run").exists()
 
 

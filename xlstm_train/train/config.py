@@ -136,9 +136,19 @@ def load_config(recipe: str | Path | None = None, overrides: list[str] = ()) -> 
     path = Path(recipe) if recipe is not None else DEFAULT_RECIPE
     data = read_recipe(path)
     config = from_dict(Config, data, where=str(path))
-    for override in overrides:  # validated one by one so that an error names its override
-        apply_override(data, override)
-        config = from_dict(Config, data, where=f"override '{override}'")
+    if overrides:
+        # checked together, so that their order does not matter: `model.num_blocks=2
+        # model.slstm_at=[1]` is fine although the first alone does not fit the recipe's slstm_at
+        for override in overrides:
+            apply_override(data, override)
+        where = f"override{'s' if len(overrides) > 1 else ''} " + ", ".join(f"'{o}'" for o in overrides)
+        try:
+            config = from_dict(Config, data, where=where)
+        except ConfigError as e:
+            if where in str(e):
+                raise
+            # a section's own check (validate) does not know the source; the recipe alone passed them
+            raise ConfigError(f"{e} (with {where})") from None
     if config.data.source == "synthetic" and "vocab_size" not in (data.get("model") or {}):
         # a synthetic task fixes its own vocabulary; the model follows unless the recipe says otherwise
         from xlstm_train.data.synthetic import task_vocab_size
