@@ -85,6 +85,18 @@ def test_weight_decay_groups(tie):
     assert id(model.proj.bias) in undecayed and id(model.skip) in undecayed
 
 
+def test_slstm_recurrent_kernel_is_not_decayed():
+    from xlstm_train.models import build_model, xLSTMBlocksConfig
+
+    cfg = xLSTMBlocksConfig(vocab_size=32, embedding_dim=32, num_blocks=2, slstm_at=[1])
+    model = build_model(cfg)
+    decayed = {id(p) for p in param_groups(model, optim_cfg(weight_decay=0.1))[0]["params"]}
+    named = dict(model.named_parameters())
+    recurrent = [n for n in named if n.endswith("_recurrent_kernel_")]
+    assert recurrent and all(id(named[n]) not in decayed for n in recurrent)
+    assert id(named["xlstm_block_stack.blocks.0.xlstm.proj_up.weight"]) in decayed
+
+
 def test_weight_decay_flags_move_parameters():
     model = TinyLM(tie=False)
     groups = param_groups(model, optim_cfg(decay_embeddings=True, decay_norms_and_biases=True))

@@ -13,21 +13,25 @@ from xlstm_train.train.config import OptimConfig
 def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
     """Split parameters into a decayed and an undecayed group.
 
-    Matrices and higher-rank kernels (linear weights, convolutions, the sLSTM recurrent kernel) are
-    decayed. Vectors (norm weights, biases, gate biases, learnable skips) and embedding tables are
-    not, unless ``decay_norms_and_biases`` / ``decay_embeddings`` ask for it. A weight tied between
-    the embedding and the head is one parameter and counts as an embedding.
+    Matrices and higher-rank kernels (linear weights, convolutions) are decayed. Vectors (norm
+    weights, biases, gate biases, learnable skips) and embedding tables are not, unless
+    ``decay_norms_and_biases`` / ``decay_embeddings`` ask for it. A weight tied between the embedding
+    and the head is one parameter and counts as an embedding. The sLSTM recurrent kernel is never
+    decayed, as in the official xLSTM training code: it is the cell's memory mixing, which decay
+    would pull towards the zeros it is initialised at.
     """
     embedding_params = {
         id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters(recurse=False)
     }
     decay, no_decay = [], []
     seen = set()
-    for _, p in model.named_parameters():  # named_parameters already skips tied duplicates
+    for name, p in model.named_parameters():  # named_parameters already skips tied duplicates
         if not p.requires_grad or id(p) in seen:
             continue
         seen.add(id(p))
-        if id(p) in embedding_params:
+        if name.endswith("_recurrent_kernel_"):
+            wants_decay = False
+        elif id(p) in embedding_params:
             wants_decay = cfg.decay_embeddings
         elif p.ndim < 2:
             wants_decay = cfg.decay_norms_and_biases
