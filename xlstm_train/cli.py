@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 RECIPE_HELP = "YAML recipe (default: recipes/tiny.yaml, the tiny first run)"
@@ -21,11 +22,18 @@ OVERRIDES_HELP = "overrides of recipe values, e.g. model.num_blocks=4 train.step
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from xlstm_train.config import ConfigError
+    from xlstm_train.data import DataError
+    from xlstm_train.parallel import run_on_every_rank
+    from xlstm_train.parallel.distributed import exit_without_teardown
     from xlstm_train.train.config import load_config
-    from xlstm_train.train.trainer import train
+    from xlstm_train.train.trainer import NonFiniteError, train
 
     cfg = load_config(args.recipe, args.overrides)
-    train(cfg)
+    # an unexpected error on any rank is printed with the rank and ends the job (see launch/)
+    run_on_every_rank(lambda: train(cfg), expected=(ConfigError, DataError, NonFiniteError))
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        exit_without_teardown(0)
     return 0
 
 
@@ -101,16 +109,17 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from xlstm_train.config import ConfigError
     from xlstm_train.data import DataError
+    from xlstm_train.parallel.distributed import rank_prefix
     from xlstm_train.train.trainer import NonFiniteError
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except (ConfigError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"{rank_prefix()}error: {e}", file=sys.stderr)
         return 2
     except NonFiniteError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"{rank_prefix()}error: {e}", file=sys.stderr)
         return 1
 
 

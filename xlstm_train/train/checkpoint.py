@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import yaml
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
@@ -104,14 +105,30 @@ def _single_process_ok():
         yield
 
 
+def _is_main() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
 class Checkpointer:
-    """Saves to and restores from one run directory, keeping the last ``keep`` checkpoints."""
+    """Saves to and restores from one run directory, keeping the last ``keep`` checkpoints.
+
+    Every rank calls ``save``/``wait``/``load``: each writes its own shards; rank 0 alone creates
+    the directory, writes ``train_state.pt``/``config.yaml`` and commits (renames) it.
+    """
 
     def __init__(self, run_dir: Path, *, keep: int, async_save: bool = False):
         self.run_dir = run_dir
         self.keep = keep
         self.async_save = async_save
         self._pending: tuple[Future, Path, Path] | None = None
+        # An asynchronous save talks to the other ranks from a background thread: give it its own
+        # process group so that its collectives never interleave with the training step's.
+        self._async_group = dist.new_group(backend="gloo") if async_save and dist.is_initialized() else None
 
     def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
              train_state: dict, config: dict) -> Path:
@@ -120,17 +137,20 @@ class Checkpointer:
             return final
         self.wait()  # one save in flight at a time
         tmp = final.with_name(final.name + ".tmp")
-        if tmp.exists():  # a save that was killed part-way
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-        torch.save(train_state, tmp / TRAIN_STATE_FILE)
-        (tmp / CONFIG_FILE).write_text(yaml.safe_dump(config, sort_keys=False))
+        if _is_main():
+            if tmp.exists():  # a save that was killed part-way
+                shutil.rmtree(tmp)
+            tmp.mkdir(parents=True)
+            torch.save(train_state, tmp / TRAIN_STATE_FILE)
+            (tmp / CONFIG_FILE).write_text(yaml.safe_dump(config, sort_keys=False))
+        _barrier()  # the directory exists before any rank writes its shards
         model_state, optim_state = get_state_dict(model, optimizer)
         state = {"model": model_state, "optimizer": optim_state}
         with _single_process_ok():
             if self.async_save:
                 # the state is staged (copied) before async_save returns; the writes go on in a thread
-                self._pending = (dcp.async_save(state, checkpoint_id=tmp), tmp, final)
+                future = dcp.async_save(state, checkpoint_id=tmp, process_group=self._async_group)
+                self._pending = (future, tmp, final)
                 return final
             dcp.save(state, checkpoint_id=tmp)
         self._commit(tmp, final)
@@ -146,9 +166,12 @@ class Checkpointer:
         self._commit(tmp, final)
 
     def _commit(self, tmp: Path, final: Path) -> None:
-        os.replace(tmp, final)
-        for old in list_checkpoints(self.run_dir)[: -self.keep]:
-            shutil.rmtree(old)
+        _barrier()  # every rank's shards are written
+        if _is_main():
+            os.replace(tmp, final)
+            for old in list_checkpoints(self.run_dir)[: -self.keep]:
+                shutil.rmtree(old)
+        _barrier()  # no rank goes on (or looks for checkpoints) before the commit
 
     @staticmethod
     def load(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:

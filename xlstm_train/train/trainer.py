@@ -1,4 +1,4 @@
-"""The training loop: one process, on CPU or one GPU.
+"""The training loop: one process, or one of many launched by torchrun (see ``launch/``).
 
 ``train(cfg)`` reads top to bottom: check the inputs (nothing is written before they pass), build
 (device, seed, model, optimizer, schedule, loaders, checkpoint restore, loggers), then loop:
@@ -33,6 +33,18 @@ from xlstm_train.config import ConfigError, to_dict
 from xlstm_train.data import DataError, build_train_loader, build_val_loader, load_tokenizer
 from xlstm_train.models import build_model, count_params
 from xlstm_train.models.generate import generate
+from xlstm_train.parallel import (
+    build_mesh,
+    clip_grad_norm_,
+    destroy_distributed,
+    dp_mean,
+    dp_rank_and_size,
+    init_distributed,
+    loss_context,
+    parallelize_model,
+    setup_rank_logging,
+    to_full,
+)
 from xlstm_train.train import checkpoint as ckpt
 from xlstm_train.train.config import Config
 from xlstm_train.train.flops import flops_per_token
@@ -40,6 +52,20 @@ from xlstm_train.train.metrics import MetricsLogger, memory_gib, peak_flops, per
 from xlstm_train.train.optim import build_optimizer, build_scheduler
 
 IGNORE_INDEX = -100
+
+
+class _SilentLogger:
+    """The metrics logger of ranks other than 0: rank 0 logs for the whole run."""
+
+    wandb_id = None
+
+    def log_train(self, *args, **kwargs) -> None:
+        pass
+
+    log_val = log_event = log_train
+
+    def close(self) -> None:
+        pass
 
 
 class NonFiniteError(RuntimeError):
@@ -163,39 +189,43 @@ def loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
 
 
-def forward_backward(model, micro_batches: list[dict], autocast) -> torch.Tensor:
-    """Accumulate the gradient of the step's mean token loss; return that loss.
+def forward_backward(model, micro_batches: list[dict], autocast, mesh=None, parallel_cfg=None) -> torch.Tensor:
+    """Accumulate the gradient of the step's mean token loss; return this rank's share of it.
 
     Each micro-batch's summed loss is divided by the number of non-ignored tokens in the whole step,
-    so accumulating k micro-batches gives exactly the gradient of one batch k times larger.
+    so accumulating k micro-batches gives exactly the gradient of one batch k times larger. With
+    data parallelism the divisor is the mean token count per rank: FSDP averages the ranks'
+    gradients, which makes the sum over all ranks' tokens divided by all of them.
     """
-    num_tokens = count_valid_tokens(micro_batches).clamp(min=1)
+    num_tokens = dp_mean(count_valid_tokens(micro_batches).float(), mesh).clamp(min=1)
     total = 0.0
     for mb in micro_batches:
-        with autocast():
-            logits = model(mb["input_ids"], doc_ids=mb["doc_ids"])
-        loss = loss_sum(logits, mb["labels"]) / num_tokens
-        loss.backward()
-        total = total + loss.detach()
+        with loss_context(mesh, parallel_cfg):
+            with autocast():
+                logits = model(mb["input_ids"], doc_ids=mb["doc_ids"])
+            loss = loss_sum(logits, mb["labels"]) / num_tokens
+            loss.backward()
+        total = total + to_full(loss.detach())  # a DTensor under vocabulary-parallel loss
     return total
 
 
 def clip_grad_norm(model, max_norm: float) -> torch.Tensor:
-    """The total gradient norm before clipping (clipping only when ``max_norm`` > 0)."""
-    params = [p for p in model.parameters() if p.grad is not None]
-    return torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else math.inf)
+    """The total gradient norm before clipping (clipping only when ``max_norm`` > 0), over all
+    ranks' shards when the parameters are DTensors."""
+    return clip_grad_norm_(model.parameters(), max_norm)
 
 
 @torch.no_grad()
-def evaluate(model, val_loader, autocast) -> float:
-    """Mean token loss over the whole validation set."""
+def evaluate(model, val_loader, autocast, mesh=None, parallel_cfg=None) -> float:
+    """Mean token loss over the whole validation set (every rank evaluates all of it)."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     for batch in val_loader:
-        with autocast():
-            logits = model(batch["input_ids"], doc_ids=batch["doc_ids"])
-        total += loss_sum(logits, batch["labels"]).item()
+        with loss_context(mesh, parallel_cfg):
+            with autocast():
+                logits = model(batch["input_ids"], doc_ids=batch["doc_ids"])
+            total += to_full(loss_sum(logits, batch["labels"])).item()
         count += int((batch["labels"] != IGNORE_INDEX).sum())
     model.train(was_training)
     return total / max(count, 1)
@@ -233,6 +263,17 @@ def train(cfg: Config) -> dict:
     """Train as ``cfg`` says; return a summary (final step, last validation loss, paths, samples)."""
     # --- checks: every bad input ends here, before anything is written ---
     device = resolve_device(cfg.train.device)
+    if cfg.parallel.engine != "fsdp":
+        raise ConfigError(
+            f"parallel.engine = {cfg.parallel.engine!r}: the trainer drives the fsdp engine; DeepSpeed runs "
+            "through xlstm_train.parallel.build_deepspeed_engine (see scripts/bench_train.py)"
+        )
+    env = init_distributed(cfg.parallel.timeout_s, device.type)  # no-op for one process
+    device = env.device
+    if env.world_size > 1:
+        setup_rank_logging(env.rank)  # library logs (torch, DeepSpeed): warnings only off rank 0
+    mesh = build_mesh(cfg.parallel, env.world_size, device.type, cfg.model)
+    dp_rank, dp_size = dp_rank_and_size(mesh)
     check_data_paths(cfg)
     tokenizer = load_tokenizer(cfg.data)
     check_tokenizer_fits(tokenizer, cfg)
@@ -242,11 +283,10 @@ def train(cfg: Config) -> dict:
     saved_state = ckpt.read_train_state(resume_from) if resume_from is not None else {}
     state = TrainState(**saved_state.get("progress", {}))
 
-    dp_size = 1
     samples_per_step = cfg.train.micro_batch_size * cfg.train.grad_accum_steps * dp_size
     train_loader = build_train_loader(
         cfg.data, micro_batch_size=cfg.train.micro_batch_size, vocab_size=cfg.model.vocab_size,
-        consumed_samples=state.consumed_samples, device=str(device),
+        dp_rank=dp_rank, dp_size=dp_size, consumed_samples=state.consumed_samples, device=str(device),
     )
     val_loader = build_val_loader(
         cfg.data, micro_batch_size=cfg.train.micro_batch_size, vocab_size=cfg.model.vocab_size,
@@ -257,31 +297,38 @@ def train(cfg: Config) -> dict:
     seed_everything(cfg.train.seed)
     model = build_model(cfg.model).to(device)
     model.train()
+    num_params = count_params(model)  # before sharding
+    use_bf16 = device.type == "cuda" and cfg.train.dtype == "bf16"
+    # TP -> activation checkpointing -> compile -> FSDP2, as the recipe's parallel section says
+    parallelize_model(model, mesh, cfg.parallel, cfg.model, param_dtype=torch.bfloat16 if use_bf16 else None)
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
-    use_bf16 = device.type == "cuda" and cfg.train.dtype == "bf16"
     autocast = (
         (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
     )
-    num_params = count_params(model)
     flops_token = flops_per_token(cfg.model, cfg.data.seq_len)
     peak = peak_flops(device)
 
     run_dir = cfg.run_path
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if env.world_size > 1:
+        torch.distributed.barrier()  # every rank has looked at the run directory before rank 0 writes
+    if env.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
     config_dict = to_dict(cfg)
     checkpointer = ckpt.Checkpointer(run_dir, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
     if resume_from is not None:
         ckpt.Checkpointer.load(resume_from, model, optimizer)
         scheduler.load_state_dict(saved_state["scheduler"])
         ckpt.restore_rng_state(saved_state["rng"])
-    else:
+    elif env.is_main:
         (run_dir / "config.yaml").write_text(yaml.safe_dump(config_dict, sort_keys=False))
+    # rank 0 logs (console, JSONL, wandb) for the whole run
     logger = MetricsLogger(
         run_dir, total_steps=cfg.train.steps, wandb_mode=cfg.logging.wandb,
         wandb_project=cfg.logging.wandb_project, wandb_entity=cfg.logging.wandb_entity,
         run_name=cfg.name, config=config_dict, wandb_id=saved_state.get("wandb_id"),
-    )
+    ) if env.is_main else _SilentLogger()
+    say = print if env.is_main else (lambda *args, **kwargs: None)
 
     def train_state() -> dict:
         return {
@@ -295,21 +342,22 @@ def train(cfg: Config) -> dict:
         return checkpointer.save(state.step, model, optimizer, train_state(), config_dict)
 
     def run_eval() -> float:
-        val_loss = evaluate(model, val_loader, autocast)
+        val_loss = evaluate(model, val_loader, autocast, mesh, cfg.parallel)
         logger.log_val({"step": state.step, "val_loss": val_loss, "val_ppl": perplexity(val_loss)})
         return val_loss
 
-    print(
+    say(
         f"{cfg.name}: {cfg.model.arch}, {num_params / 1e6:.2f}M parameters, {device.type}, "
-        f"{samples_per_step} x {cfg.data.seq_len} tokens per step, run directory {run_dir}",
+        f"{samples_per_step} x {cfg.data.seq_len} tokens per step on {env.world_size} process(es), "
+        f"run directory {run_dir}",
         flush=True,
     )
     if resume_from is not None:
-        print(f"resumed from {resume_from} at step {state.step}", flush=True)
+        say(f"resumed from {resume_from} at step {state.step}", flush=True)
         logger.log_event("resume", step=state.step, checkpoint=str(resume_from))
         if state.step >= cfg.train.steps:
-            print(f"the run is complete at step {state.step} (train.steps = {cfg.train.steps}); "
-                  "raise train.steps to train further", flush=True)
+            say(f"the run is complete at step {state.step} (train.steps = {cfg.train.steps}); "
+                "raise train.steps to train further", flush=True)
     else:
         logger.log_event("start", step=0, params=num_params)
 
@@ -325,10 +373,10 @@ def train(cfg: Config) -> dict:
             step_start = time.perf_counter()
             rng_before_step = ckpt.capture_rng_state() if cfg.train.on_nonfinite == "stop" else None
             micro_batches = [next(train_iter) for _ in range(cfg.train.grad_accum_steps)]
-            loss = forward_backward(model, micro_batches, autocast)
+            loss = forward_backward(model, micro_batches, autocast, mesh, cfg.parallel)
             grad_norm = clip_grad_norm(model, cfg.optim.clip_grad_norm)
             lr = scheduler.get_last_lr()[0]  # the rate this update uses
-            loss_value, grad_norm_value = loss.item(), grad_norm.item()
+            loss_value, grad_norm_value = dp_mean(loss, mesh).item(), grad_norm.item()
 
             if not (math.isfinite(loss_value) and math.isfinite(grad_norm_value)):
                 optimizer.zero_grad(set_to_none=True)
@@ -343,15 +391,15 @@ def train(cfg: Config) -> dict:
                         "or set train.on_nonfinite=skip to skip such steps"
                     )
                 state.skipped_steps += 1
-                print(f"step {state.step + 1}: non-finite loss {loss_value} or gradient norm "
-                      f"{grad_norm_value}; update skipped ({state.skipped_steps} so far)", flush=True)
+                say(f"step {state.step + 1}: non-finite loss {loss_value} or gradient norm "
+                    f"{grad_norm_value}; update skipped ({state.skipped_steps} so far)", flush=True)
             else:
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             scheduler.step()
             state.step += 1
             state.consumed_samples += samples_per_step
-            step_tokens = sum(mb["input_ids"].numel() for mb in micro_batches)
+            step_tokens = sum(mb["input_ids"].numel() for mb in micro_batches) * dp_size
             state.tokens_seen += step_tokens
             window_tokens += step_tokens
             window_time += time.perf_counter() - step_start
@@ -366,7 +414,7 @@ def train(cfg: Config) -> dict:
                     "lr": lr,
                     "grad_norm": grad_norm_value,
                     "tokens_per_s": tokens_per_s,
-                    "mfu": flops_token * tokens_per_s / peak if peak else None,
+                    "mfu": flops_token * tokens_per_s / (peak * env.world_size) if peak else None,
                     "memory_gib": memory_gib(device),
                     "tokens_seen": state.tokens_seen,
                     "skipped_steps": state.skipped_steps,
@@ -380,16 +428,20 @@ def train(cfg: Config) -> dict:
                 save()
         checkpointer.wait()
         final = ckpt.latest_checkpoint(run_dir)
-        print(f"checkpoint: {final}", flush=True)
+        say(f"checkpoint: {final}", flush=True)
 
         samples = []
-        if tokenizer is not None and cfg.train.sample_tokens > 0 and cfg.train.sample_prompts:
+        # Every rank generates (FSDP's gathers need them all); under tensor parallelism the logits
+        # are vocabulary-sharded DTensors that the sampler does not take, so there is no sample.
+        tp_sharded = mesh is not None and mesh["tp"].size() > 1
+        if tokenizer is not None and cfg.train.sample_tokens > 0 and cfg.train.sample_prompts and not tp_sharded:
             samples = sample_text(model, tokenizer, cfg, device, autocast)
             for n, text in enumerate(samples):
-                print(f"--- sample {n + 1} ---\n{text}", flush=True)
+                say(f"--- sample {n + 1} ---\n{text}", flush=True)
             logger.log_event("samples", step=state.step, prompts=cfg.train.sample_prompts, texts=samples)
     finally:
         logger.close()
+    destroy_distributed()
     return {
         "step": state.step,
         "val_loss": val_loss,
