@@ -1,5 +1,6 @@
 """DeepSpeed ZeRO-1/2/3 (and ZeRO-2 with the optimizer offloaded to CPU) on 2 gloo ranks match a
-single process over 3 steps; its checkpoints save, resume and convert to ours."""
+single process over 3 steps; its checkpoints save, resume and convert to ours. The trainer with
+engine=deepspeed (ZeRO-1/2, dp=2) matches the single-process fsdp trainer, across a resume."""
 
 from __future__ import annotations
 
@@ -107,3 +108,89 @@ def test_deepspeed_zero_1_2_3_match_single_process_and_resume(tmp_path):
     assert set(expected) == set(model.state_dict())
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, expected[name]), name
+
+
+# ------------------------------------------------------------------------------------------------
+# The trainer with parallel.engine=deepspeed
+
+TRAIN_RECIPE = {
+    "name": "ds",
+    # no dropout: its masks depend on how the batch is split over ranks
+    "model": {"arch": "xlstm_blocks", "embedding_dim": 32, "num_blocks": 2, "slstm_at": [],
+              "mlstm_num_heads": 2, "slstm_num_heads": 2, "chunk_size": 16, "dropout": 0.0},
+    "data": {"source": "synthetic", "task": "parity", "task_options": {"max_len": 24}, "seq_len": 32},
+    # a schedule that does not depend on train.steps, so a 2-step run resumed to 4 steps sees the
+    # rates of a 4-step run; a clip low enough to act
+    "optim": {"lr": 3e-3, "warmup_steps": 3, "schedule": "constant", "clip_grad_norm": 0.2},
+    "train": {"steps": 4, "micro_batch_size": 4, "grad_accum_steps": 2, "dtype": "fp32",
+              "eval_interval": 0, "eval_batches": 2, "sample_tokens": 0},
+    "logging": {"interval": 1, "wandb": "disabled"},
+    "checkpoint": {"interval": 2, "keep": 2},
+}
+TRAIN_STEPS = 4
+
+
+def _train_config(root, run: str, *overrides):
+    from xlstm_train.train.config import load_config
+
+    return load_config(os.path.join(root, "recipe.yaml"), [f"run_dir={os.path.join(root, run)}", *overrides])
+
+
+def _train_records(run_dir) -> dict[int, dict]:
+    """The last train record of each step in the run's metrics.jsonl (a resumed run appends)."""
+    import json
+
+    records = {}
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        for line in f:
+            record = json.loads(line)
+            if record["kind"] == "train":
+                records[record["step"]] = record
+    return records
+
+
+def _deepspeed_train(root: str, run: str, overrides: tuple[str, ...]) -> None:
+    import deepspeed
+
+    from xlstm_train.train.trainer import train
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # see _zero_stages
+    train(_train_config(root, run, *overrides))
+
+
+def test_trainer_deepspeed_zero_1_2_match_fsdp_and_resume(tmp_path):
+    import yaml
+
+    from xlstm_train.models import build_model
+    from xlstm_train.parallel.deepspeed_engine import deepspeed_to_state_dict
+    from xlstm_train.train import checkpoint as ckpt
+    from xlstm_train.train.trainer import train
+
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(TRAIN_RECIPE))
+    for stage in (1, 2):
+        ds = ("parallel.engine=deepspeed", f"parallel.zero_stage={stage}", "train.micro_batch_size=2")
+        # two steps, then the same run directory resumed from its step-2 checkpoint to step 4
+        # (train() leaves the process group, and DeepSpeed keeps it: one launch per run)
+        run_distributed(_deepspeed_train, 2, str(tmp_path), f"zero{stage}", (*ds, "train.steps=2"))
+        run_distributed(_deepspeed_train, 2, str(tmp_path), f"zero{stage}", ds)
+    cfg = _train_config(str(tmp_path), "fsdp")
+    train(cfg)  # one process, uninterrupted
+    expected = _train_records(tmp_path / "fsdp")
+    assert len(expected) == TRAIN_STEPS
+    assert any(r["grad_norm"] > TRAIN_RECIPE["optim"]["clip_grad_norm"] for r in expected.values())
+    for stage in (1, 2):
+        run_dir = tmp_path / f"zero{stage}"
+        got = _train_records(run_dir)
+        assert sorted(got) == sorted(expected)
+        for step, record in got.items():
+            where = f"ZeRO-{stage} step {step}"
+            assert record["lr"] == pytest.approx(expected[step]["lr"], rel=1e-12), where
+            for key in ("loss", "grad_norm"):
+                assert_close(torch.tensor(record[key]), torch.tensor(expected[step][key]), what=f"{where} {key}")
+        # DeepSpeed's format with our train state beside it, and it still converts to ours
+        final = ckpt.latest_checkpoint(run_dir)
+        assert final.name == "step-0000004" and ckpt.is_deepspeed(final)
+        assert ckpt.read_train_state(final)["progress"]["step"] == TRAIN_STEPS
+        assert not list(run_dir.glob("*.tmp"))
+        assert set(deepspeed_to_state_dict(final)) == set(build_model(cfg.model).state_dict())
+

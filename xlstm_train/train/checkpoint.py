@@ -9,6 +9,11 @@ A checkpoint ``<run_dir>/step-0000100/`` holds
   RNG states of torch/cuda/python/numpy;
 - ``config.yaml``: the resolved configuration of the run that wrote it.
 
+Under ``parallel.engine: deepspeed`` the model and optimizer part is DeepSpeed's own format instead
+(``save_deepspeed_checkpoint``: a ``latest`` tag file and the ZeRO shards under ``step-0000100/``
+inside the checkpoint directory), with the same ``train_state.pt`` and ``config.yaml`` beside it;
+``convert_deepspeed_checkpoint`` turns it into the DCP model format for export.
+
 Everything is written into ``step-0000100.tmp/`` first and renamed when complete, so a directory
 without the ``.tmp`` suffix is always whole; leftover ``.tmp`` directories are ignored and replaced.
 """
@@ -32,6 +37,7 @@ import yaml
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 TRAIN_STATE_FILE = "train_state.pt"
+DEEPSPEED_TAG_FILE = "latest"  # DeepSpeed's pointer to its checkpoint tag, written last
 CONFIG_FILE = "config.yaml"
 _NAME = re.compile(r"^step-(\d{7,})$")
 
@@ -40,10 +46,15 @@ def checkpoint_name(step: int) -> str:
     return f"step-{step:07d}"
 
 
+def is_deepspeed(path: Path) -> bool:
+    """Whether checkpoint ``path`` holds the model and optimizer in DeepSpeed's format."""
+    return (path / DEEPSPEED_TAG_FILE).is_file()
+
+
 def is_complete(path: Path) -> bool:
     return (
         _NAME.match(path.name) is not None
-        and (path / ".metadata").is_file()
+        and ((path / ".metadata").is_file() or is_deepspeed(path))
         and (path / TRAIN_STATE_FILE).is_file()
     )
 
@@ -136,14 +147,7 @@ class Checkpointer:
         if final.exists():  # this step is already saved (e.g. the run ended right after resuming)
             return final
         self.wait()  # one save in flight at a time
-        tmp = final.with_name(final.name + ".tmp")
-        if _is_main():
-            if tmp.exists():  # a save that was killed part-way
-                shutil.rmtree(tmp)
-            tmp.mkdir(parents=True)
-            torch.save(train_state, tmp / TRAIN_STATE_FILE)
-            (tmp / CONFIG_FILE).write_text(yaml.safe_dump(config, sort_keys=False))
-        _barrier()  # the directory exists before any rank writes its shards
+        tmp = self._begin(final, train_state, config)
         model_state, optim_state = get_state_dict(model, optimizer)
         state = {"model": model_state, "optimizer": optim_state}
         with _single_process_ok():
@@ -155,6 +159,30 @@ class Checkpointer:
             dcp.save(state, checkpoint_id=tmp)
         self._commit(tmp, final)
         return final
+
+    def save_deepspeed(self, step: int, engine, train_state: dict, config: dict) -> Path:
+        """Save a DeepSpeed engine in its own format, committed like ``save`` (always synchronous)."""
+        from xlstm_train.parallel.deepspeed_engine import save_deepspeed_checkpoint
+
+        final = self.run_dir / checkpoint_name(step)
+        if final.exists():
+            return final
+        tmp = self._begin(final, train_state, config)
+        save_deepspeed_checkpoint(engine, tmp, step)
+        self._commit(tmp, final)
+        return final
+
+    def _begin(self, final: Path, train_state: dict, config: dict) -> Path:
+        """Rank 0 makes the fresh ``.tmp`` directory holding the train state and the config."""
+        tmp = final.with_name(final.name + ".tmp")
+        if _is_main():
+            if tmp.exists():  # a save that was killed part-way
+                shutil.rmtree(tmp)
+            tmp.mkdir(parents=True)
+            torch.save(train_state, tmp / TRAIN_STATE_FILE)
+            (tmp / CONFIG_FILE).write_text(yaml.safe_dump(config, sort_keys=False))
+        _barrier()  # the directory exists before any rank writes its shards
+        return tmp
 
     def wait(self) -> None:
         """Block until an asynchronous save in flight is written and committed."""

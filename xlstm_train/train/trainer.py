@@ -8,6 +8,11 @@
 
 and finally sample a few lines of text from the trained model.
 
+Under ``parallel.engine: deepspeed`` a DeepSpeed ZeRO engine takes the optimizer's place (see
+``xlstm_train.parallel.deepspeed_engine``): the same parameter groups, loss and schedule, with
+DeepSpeed accumulating, clipping and stepping; its checkpoints are DeepSpeed's format beside our
+train state.
+
 The run directory (``cfg.run_path``) is never deleted or overwritten. A run whose directory holds a
 complete checkpoint continues from the latest one (``checkpoint.resume: auto``); a new run needs an
 absent or empty directory, otherwise it is refused with a message (pick another ``name`` or
@@ -30,7 +35,12 @@ import torch.nn.functional as F
 import yaml
 
 from xlstm_train.config import ConfigError, to_dict
-from xlstm_train.data import DataError, build_train_loader, build_val_loader, load_tokenizer
+from xlstm_train.data import (
+    DataError,
+    build_train_loader,
+    build_val_loader,
+    load_tokenizer,
+)
 from xlstm_train.models import build_model, count_params
 from xlstm_train.models.generate import generate
 from xlstm_train.parallel import (
@@ -45,11 +55,15 @@ from xlstm_train.parallel import (
     setup_rank_logging,
     to_full,
 )
+from xlstm_train.parallel.deepspeed_engine import (
+    build_deepspeed_engine,
+    load_deepspeed_checkpoint,
+)
 from xlstm_train.train import checkpoint as ckpt
 from xlstm_train.train.config import Config
 from xlstm_train.train.flops import flops_per_token
 from xlstm_train.train.metrics import MetricsLogger, memory_gib, peak_flops, perplexity
-from xlstm_train.train.optim import build_optimizer, build_scheduler
+from xlstm_train.train.optim import build_optimizer, build_scheduler, param_groups
 
 IGNORE_INDEX = -100
 
@@ -135,6 +149,13 @@ def find_resume_checkpoint(cfg: Config) -> Path | None:
                 f"checkpoint.resume = '{resume}': not a complete checkpoint directory (step-NNNNNNN "
                 "holding .metadata and train_state.pt); allowed: auto, never, or such a path"
             )
+        if ckpt.is_deepspeed(path) != (cfg.parallel.engine == "deepspeed"):
+            raise ConfigError(
+                f"checkpoint.resume = '{resume}' was written by the "
+                f"{'deepspeed' if ckpt.is_deepspeed(path) else 'fsdp'} engine and parallel.engine = "
+                f"'{cfg.parallel.engine}'; resume with the engine that wrote it (a DeepSpeed checkpoint "
+                "converts to ours with convert_deepspeed_checkpoint, as initial weights)"
+            )
         if occupied and path.resolve().parent != run_dir.resolve():
             raise ConfigError(
                 f"run directory '{run_dir}' already holds files; starting it from another run's "
@@ -148,6 +169,12 @@ def find_resume_checkpoint(cfg: Config) -> Path | None:
             + (" and no complete checkpoint to resume from" if resume == "auto" else "")
             + f" (checkpoint.resume = '{resume}'); it is left untouched. "
             "Choose another name or run_dir, or remove the directory yourself"
+        )
+    if latest is not None and ckpt.is_deepspeed(latest) != (cfg.parallel.engine == "deepspeed"):
+        raise ConfigError(
+            f"the latest checkpoint '{latest}' was written by the "
+            f"{'deepspeed' if ckpt.is_deepspeed(latest) else 'fsdp'} engine and parallel.engine = "
+            f"'{cfg.parallel.engine}'; resume with the engine that wrote it"
         )
     return latest
 
@@ -209,6 +236,54 @@ def forward_backward(model, micro_batches: list[dict], autocast, mesh=None, para
     return total
 
 
+def deepspeed_forward_backward(engine, micro_batches: list[dict], autocast, mesh=None) -> torch.Tensor:
+    """``forward_backward`` for a DeepSpeed engine: the same token-normalised loss per micro-batch.
+
+    DeepSpeed accumulates the micro-batches' gradients itself (and averages them over the
+    data-parallel ranks, as FSDP does). Our loss is already divided by the step's token count, so
+    its extra division by the accumulation steps is switched off. Every micro-batch but the last
+    is followed by ``engine.step()``, which only counts it; the caller takes the last (the update)
+    after its finite check.
+    """
+    num_tokens = dp_mean(count_valid_tokens(micro_batches).float(), mesh).clamp(min=1)
+    total = 0.0
+    for n, mb in enumerate(micro_batches):
+        with autocast():
+            logits = engine(mb["input_ids"], doc_ids=mb["doc_ids"])
+        loss = loss_sum(logits, mb["labels"]) / num_tokens
+        engine.backward(loss, scale_wrt_gas=False)
+        if n < len(micro_batches) - 1:
+            engine.step()
+        total = total + loss.detach()
+    return total
+
+
+def deepspeed_step(engine, micro_batches: list[dict], autocast, mesh, step: int,
+                   run_dir: Path) -> tuple[float, float]:
+    """One optimizer step of a DeepSpeed engine (``step`` taken so far); returns (loss, grad norm).
+
+    A non-finite loss stops the run before ``engine.step()``, so the update is not applied. The
+    gradient norm is computed inside ``engine.step()``, which clips and updates in the same call
+    (bf16 and fp32 have no overflow skip there): a non-finite norm stops the run right after that
+    update, whose weights are not saved. Either way the run resumes from its latest checkpoint.
+    """
+    loss_value = dp_mean(deepspeed_forward_backward(engine, micro_batches, autocast, mesh), mesh).item()
+    advice = (
+        f"The last good state is the latest checkpoint in {run_dir}; lower optim.lr or raise "
+        "optim.warmup_steps and resume"
+    )
+    if not math.isfinite(loss_value):
+        raise NonFiniteError(f"non-finite loss {loss_value} at step {step + 1}; the update was not applied. {advice}")
+    engine.step()
+    grad_norm_value = float(engine.get_global_grad_norm())
+    if not math.isfinite(grad_norm_value):
+        raise NonFiniteError(
+            f"non-finite gradient norm {grad_norm_value} at step {step + 1}; DeepSpeed has applied this "
+            f"update, so its weights are not saved. {advice}"
+        )
+    return loss_value, grad_norm_value
+
+
 def clip_grad_norm(model, max_norm: float) -> torch.Tensor:
     """The total gradient norm before clipping (clipping only when ``max_norm`` > 0), over all
     ranks' shards when the parameters are DTensors."""
@@ -263,10 +338,11 @@ def train(cfg: Config) -> dict:
     """Train as ``cfg`` says; return a summary (final step, last validation loss, paths, samples)."""
     # --- checks: every bad input ends here, before anything is written ---
     device = resolve_device(cfg.train.device)
-    if cfg.parallel.engine != "fsdp":
+    use_deepspeed = cfg.parallel.engine == "deepspeed"
+    if use_deepspeed and cfg.train.on_nonfinite == "skip":
         raise ConfigError(
-            f"parallel.engine = {cfg.parallel.engine!r}: the trainer drives the fsdp engine; DeepSpeed runs "
-            "through xlstm_train.parallel.build_deepspeed_engine (see scripts/bench_train.py)"
+            "train.on_nonfinite = 'skip' with parallel.engine = 'deepspeed': DeepSpeed applies the update "
+            "inside engine.step() and cannot skip it in fp32/bf16; allowed: stop (or engine 'fsdp')"
         )
     env = init_distributed(cfg.parallel.timeout_s, device.type)  # no-op for one process
     device = env.device
@@ -299,10 +375,15 @@ def train(cfg: Config) -> dict:
     model.train()
     num_params = count_params(model)  # before sharding
     use_bf16 = device.type == "cuda" and cfg.train.dtype == "bf16"
-    # TP -> activation checkpointing -> compile -> FSDP2, as the recipe's parallel section says
-    parallelize_model(model, mesh, cfg.parallel, cfg.model, param_dtype=torch.bfloat16 if use_bf16 else None)
-    optimizer = build_optimizer(model, cfg.optim)
-    scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
+    if use_deepspeed:
+        # ZeRO partitions the optimizer over the dp ranks; our schedule sets the lr of its groups
+        engine, ds_optimizer = build_deepspeed_engine(model, param_groups(model, cfg.optim), cfg, mesh)
+        scheduler = build_scheduler(ds_optimizer.optimizer, cfg.optim, cfg.train.steps)
+    else:
+        # TP -> activation checkpointing -> compile -> FSDP2, as the recipe's parallel section says
+        parallelize_model(model, mesh, cfg.parallel, cfg.model, param_dtype=torch.bfloat16 if use_bf16 else None)
+        optimizer = build_optimizer(model, cfg.optim)
+        scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
     autocast = (
         (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
     )
@@ -317,7 +398,10 @@ def train(cfg: Config) -> dict:
     config_dict = to_dict(cfg)
     checkpointer = ckpt.Checkpointer(run_dir, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
     if resume_from is not None:
-        ckpt.Checkpointer.load(resume_from, model, optimizer)
+        if use_deepspeed:
+            load_deepspeed_checkpoint(engine, resume_from)
+        else:
+            ckpt.Checkpointer.load(resume_from, model, optimizer)
         scheduler.load_state_dict(saved_state["scheduler"])
         ckpt.restore_rng_state(saved_state["rng"])
     elif env.is_main:
@@ -339,6 +423,8 @@ def train(cfg: Config) -> dict:
         }
 
     def save() -> Path:
+        if use_deepspeed:
+            return checkpointer.save_deepspeed(state.step, engine, train_state(), config_dict)
         return checkpointer.save(state.step, model, optimizer, train_state(), config_dict)
 
     def run_eval() -> float:
@@ -373,29 +459,31 @@ def train(cfg: Config) -> dict:
             step_start = time.perf_counter()
             rng_before_step = ckpt.capture_rng_state() if cfg.train.on_nonfinite == "stop" else None
             micro_batches = [next(train_iter) for _ in range(cfg.train.grad_accum_steps)]
-            loss = forward_backward(model, micro_batches, autocast, mesh, cfg.parallel)
-            grad_norm = clip_grad_norm(model, cfg.optim.clip_grad_norm)
             lr = scheduler.get_last_lr()[0]  # the rate this update uses
-            loss_value, grad_norm_value = dp_mean(loss, mesh).item(), grad_norm.item()
-
-            if not (math.isfinite(loss_value) and math.isfinite(grad_norm_value)):
-                optimizer.zero_grad(set_to_none=True)
-                if cfg.train.on_nonfinite == "stop":
-                    ckpt.restore_rng_state(rng_before_step)  # the state as it was before this step
-                    path = save()
-                    checkpointer.wait()
-                    raise NonFiniteError(
-                        f"non-finite loss {loss_value} or gradient norm {grad_norm_value} at step "
-                        f"{state.step + 1}; the optimizer step was not taken. The last good state is "
-                        f"saved in {path}. Lower optim.lr or raise optim.warmup_steps and resume, "
-                        "or set train.on_nonfinite=skip to skip such steps"
-                    )
-                state.skipped_steps += 1
-                say(f"step {state.step + 1}: non-finite loss {loss_value} or gradient norm "
-                    f"{grad_norm_value}; update skipped ({state.skipped_steps} so far)", flush=True)
+            if use_deepspeed:  # raises instead of skipping (see deepspeed_step)
+                loss_value, grad_norm_value = deepspeed_step(engine, micro_batches, autocast, mesh, state.step, run_dir)
             else:
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+                loss = forward_backward(model, micro_batches, autocast, mesh, cfg.parallel)
+                grad_norm = clip_grad_norm(model, cfg.optim.clip_grad_norm)
+                loss_value, grad_norm_value = dp_mean(loss, mesh).item(), grad_norm.item()
+                if not (math.isfinite(loss_value) and math.isfinite(grad_norm_value)):
+                    optimizer.zero_grad(set_to_none=True)
+                    if cfg.train.on_nonfinite == "stop":
+                        ckpt.restore_rng_state(rng_before_step)  # the state as it was before this step
+                        path = save()
+                        checkpointer.wait()
+                        raise NonFiniteError(
+                            f"non-finite loss {loss_value} or gradient norm {grad_norm_value} at step "
+                            f"{state.step + 1}; the optimizer step was not taken. The last good state is "
+                            f"saved in {path}. Lower optim.lr or raise optim.warmup_steps and resume, "
+                            "or set train.on_nonfinite=skip to skip such steps"
+                        )
+                    state.skipped_steps += 1
+                    say(f"step {state.step + 1}: non-finite loss {loss_value} or gradient norm "
+                        f"{grad_norm_value}; update skipped ({state.skipped_steps} so far)", flush=True)
+                else:
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
             scheduler.step()
             state.step += 1
             state.consumed_samples += samples_per_step
