@@ -194,3 +194,22 @@ def test_trainer_deepspeed_zero_1_2_match_fsdp_and_resume(tmp_path):
         assert not list(run_dir.glob("*.tmp"))
         assert set(deepspeed_to_state_dict(final)) == set(build_model(cfg.model).state_dict())
 
+
+
+def test_resume_with_the_other_engine_is_refused(tmp_path):
+    import yaml
+
+    from xlstm_train.config import ConfigError
+    from xlstm_train.train.trainer import find_resume_checkpoint
+
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(TRAIN_RECIPE))
+    step = tmp_path / "run" / "step-0000002"
+    step.mkdir(parents=True)
+    (step / "latest").write_text("step-0000002")  # DeepSpeed's tag file
+    torch.save({}, step / "train_state.pt")
+    with pytest.raises(ConfigError, match=r"written by the deepspeed engine and parallel.engine = 'fsdp'"):
+        find_resume_checkpoint(_train_config(str(tmp_path), "run"))
+    with pytest.raises(ConfigError, match=r"written by the deepspeed engine and parallel.engine = 'fsdp'"):
+        find_resume_checkpoint(_train_config(str(tmp_path), "other", f"checkpoint.resume={step}"))
+    ds = ("parallel.engine=deepspeed", "parallel.zero_stage=2")
+    assert find_resume_checkpoint(_train_config(str(tmp_path), "run", *ds)) == step
