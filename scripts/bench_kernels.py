@@ -48,6 +48,12 @@ def add_mlstm_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rep-ms", type=int, default=200, help="do_bench repetition time per measurement")
     parser.add_argument("--json", dest="json_path", default=None, help="also write the rows to this JSON file")
     parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="instead of the table: the torch.profiler kernel table of our forward+backward (GPU time per "
+        "call of every kernel, ours and PyTorch's), for each layer, S and input gate",
+    )
+    parser.add_argument(
         "--breakdown",
         nargs="*",
         metavar="VARIANT",
@@ -60,9 +66,10 @@ def add_mlstm_arguments(parser: argparse.ArgumentParser) -> None:
 
 BREAKDOWN_VARIANTS = [
     "L=64",
-    "L=64,state_dtype=float32,grads.INTRA_GATES_IN_DQ=1",  # fp32 states, intra gate gradients in dq
-    "L=64,grads.INTRA_GATES_IN_DQ=1",
+    "L=64,grads.INTRA_GATES_IN_DQ=1",  # intra gate gradients in dq instead of dk/dv
     "L=64,states.num_stages=3",
+    "L=64,states.BK=128,states.num_warps=8",  # V read half as often by the state kernels
+    "L=64,grads.num_warps=8",
     "L=128",
 ]
 
@@ -101,14 +108,15 @@ def run_mlstm_breakdown(args) -> list[dict]:
                         states = tc._launch_fwd_states(k, v, summary, None, None, None, cfg)[:3]
                         h, m_tok, qn_tok = tc._launch_fwd_output(q, k, v, i, f, reset, *states, cfg)
                         den, _, dqn = tc._normaliser_grads(dh, h, m_tok, qn_tok, cfg)
-                        d_states = tc._launch_bwd_states(
-                            q, dh, summary, m_tok, den, dqn, states[2], None, None, cfg)[:2]  # fmt: skip
+                        dc_states, dn_states, _, carry_dots = tc._launch_bwd_states(
+                            q, dh, summary, m_tok, den, dqn, states, None, None, cfg)  # fmt: skip
+                        d_states = (dc_states, dn_states, carry_dots)
                         launches = {
                             "summary": lambda: tc._ChunkSummary(i, f, reset, cfg),
                             "fwd_states": lambda: tc._launch_fwd_states(k, v, summary, None, None, None, cfg),
                             "fwd_output": lambda: tc._launch_fwd_output(q, k, v, i, f, reset, *states, cfg),
                             "bwd_states": lambda: tc._launch_bwd_states(
-                                q, dh, summary, m_tok, den, dqn, states[2], None, None, cfg),
+                                q, dh, summary, m_tok, den, dqn, states, None, None, cfg),
                             "bwd_grads": lambda: tc._launch_bwd_grads(
                                 q, k, v, i, f, reset, dh, m_tok, den, dqn, summary, states, d_states, cfg),
                         }  # fmt: skip
@@ -135,6 +143,47 @@ def run_mlstm_breakdown(args) -> list[dict]:
         with open(args.json_path, "w") as file:
             json.dump(rows, file, indent=2)
     return rows
+
+
+def run_mlstm_profile(args) -> None:
+    """Where the time of one forward+backward goes, kernel by kernel: our Triton kernels and the
+    PyTorch operations around them (autograd glue, the stabiliser's backward scan)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    if not torch.cuda.is_available():
+        sys.exit("bench_kernels.py mlstm needs a CUDA device")
+    device = torch.device("cuda")
+    steps = 5
+    for layer in args.layers:
+        NH, DQK, DV = MLSTM_LAYERS[layer]
+        for S in args.seq_lens:
+            B = max(1, args.tokens // S)
+            q, k = (torch.randn(B, NH, S, DQK, device=device, dtype=torch.bfloat16) for _ in range(2))
+            v = torch.randn(B, NH, S, DV, device=device, dtype=torch.bfloat16)
+            i = torch.randn(B, NH, S, device=device)
+            f = 3.0 + torch.randn(B, NH, S, device=device)
+            leaves = [t.requires_grad_(True) for t in (q, k, v, i, f)]
+            for gate in args.input_gates:
+                forward = _mlstm_column(f"ours-{gate}", args.chunk_size)
+                grad_out = torch.randn_like(v)
+                for _ in range(3):  # compile and warm up
+                    forward(*leaves).backward(grad_out)
+                torch.cuda.synchronize()
+                with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                    for _ in range(steps):
+                        forward(*leaves).backward(grad_out)
+                    torch.cuda.synchronize()
+                events = [e for e in prof.key_averages() if e.device_time_total > 0]
+                events.sort(key=lambda e: -e.device_time_total)
+                total_ms = sum(e.device_time_total for e in events) / 1e3 / steps
+                print(f"\n## {layer} S={S} B={B} {gate} gate: {total_ms:.2f} ms of GPU time per forward+backward")
+                print("| kernel | calls | ms per fwd+bwd | share |")
+                print("|---|---|---|---|")
+                for e in events:
+                    ms = e.device_time_total / 1e3 / steps
+                    print(f"| {e.key[:90]} | {e.count // steps} | {ms:.3f} | {100 * ms / total_ms:.1f}% |")
+            del q, k, v, i, f, leaves
+            torch.cuda.empty_cache()
 
 
 def _mlstm_column(name: str, chunk_size: int | None):
@@ -322,6 +371,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.command == "slstm":
         bench_slstm.run(args)
+    elif args.profile:
+        run_mlstm_profile(args)
     elif args.breakdown is not None:
         run_mlstm_breakdown(args)
     else:

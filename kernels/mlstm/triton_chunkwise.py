@@ -249,8 +249,8 @@ def _fwd_output_kernel(
 
 @triton.jit
 def _bwd_states_kernel(
-    Q, DH, LOG_W, ORIGIN_FIRST, CHUNK_DECAY, CHUNK_RESET, M_TOKENS, DEN, DQN, M_STATES, DC_LAST, DN_LAST,
-    DC_STATES, DN_STATES, DC_FIRST,
+    Q, DH, LOG_W, ORIGIN_FIRST, CHUNK_DECAY, CHUNK_RESET, M_TOKENS, DEN, DQN, C_STATES, N_STATES, M_STATES,
+    DC_LAST, DN_LAST, DC_STATES, DN_STATES, DC_FIRST, CARRY_DOTS,
     S, DQK, DV, NC, scale,
     HAS_DLAST: tl.constexpr, IS_EXP: tl.constexpr, L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -273,12 +273,22 @@ def _bwd_states_kernel(
         dc = tl.zeros([BK, BV], dtype=tl.float32)
         dn = tl.zeros([BK], dtype=tl.float32)
 
+    # <state before the chunk, its gradient after the chunk> per chunk: the gradient of the carried
+    # state's log-weight. Summed here, where dC is at hand in fp32, so that the dk/dv kernel does not
+    # read C; one partial per program, summed over the tiles by the dk/dv kernel.
+    n_tiles = tl.num_programs(1) * tl.num_programs(2)
+    tile_id = pid_k * tl.num_programs(2) + pid_v
     for step in range(NC):
         chunk = NC - 1 - step
         state_index = pid_bh * (NC + 1) + chunk
         tl.store(DC_STATES + (state_index + 1) * DQK * DV + tile_kv, dc.to(DC_STATES.dtype.element_ty), mask=mask_kv)
+        c_tile = tl.load(C_STATES + state_index * DQK * DV + tile_kv, mask=mask_kv, other=0.0).to(tl.float32)
+        carry_dot = tl.sum(tl.sum(c_tile * dc, 1), 0)
         if pid_v == 0:
             tl.store(DN_STATES + (state_index + 1) * DQK + offs_k, dn, mask=mask_k)
+            n_tile = tl.load(N_STATES + state_index * DQK + offs_k, mask=mask_k, other=0.0)
+            carry_dot += tl.sum(n_tile * dn, 0)
+        tl.store(CARRY_DOTS + (pid_bh * NC + chunk) * n_tiles + tile_id, carry_dot)
         t = chunk * L + tau
         valid = t < S
         rows = pid_bh * S + t
@@ -421,10 +431,10 @@ def _bwd_dq_kernel(
 @triton.jit
 def _bwd_dkdv_kernel(
     Q, K, V, I, F, RESET, DH, M_TOKENS, DEN, DQN, LOG_W, CHUNK_DECAY, CHUNK_RESET,
-    C_STATES, N_STATES, M_STATES, DC_STATES, DN_STATES, DK, DV_OUT, DLOG_F, DLOG_I,
-    S, NH, DQK, DV, NC, scale,
+    M_STATES, DC_STATES, DN_STATES, CARRY_DOTS, DK, DV_OUT, DLOG_F, DLOG_I,
+    S, NH, DQK, DV, NC, scale, N_CARRY_TILES,
     IS_EXP: tl.constexpr, L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    INTRA_GATES_IN_DQ: tl.constexpr,
+    INTRA_GATES_IN_DQ: tl.constexpr, CARRY_TILES_POW2: tl.constexpr,
 ):  # fmt: skip
     """dk, dv of one chunk, and the gate gradients of its outgoing- and carried-state terms and (unless
     INTRA_GATES_IN_DQ) of its intra-chunk terms, added to what ``_bwd_dq_kernel`` wrote."""
@@ -449,28 +459,23 @@ def _bwd_dkdv_kernel(
     carry, w, _ = _state_update(LOG_W, CHUNK_DECAY, CHUNK_RESET, pid_bh, chunk, t, valid, S, NC, m_prev, IS_EXP)
 
     d_log_w = tl.zeros([L], dtype=tl.float32)  # per key: its term in the state after the chunk
-    d_log_carry = tl.zeros([BK], dtype=tl.float32)  # the carried state's term, summed at the end
     for k0 in range(0, DQK, BK):
         offs_k = k0 + tl.arange(0, BK)
         mask_k = offs_k < DQK
         mask_tk = valid[:, None] & mask_k[None, :]
         q_tile = tl.load(Q + rows[:, None] * DQK + offs_k[None, :], mask=mask_tk, other=0.0)
         k_tile = tl.load(K + rows[:, None] * DQK + offs_k[None, :], mask=mask_tk, other=0.0)
-        n_tile = tl.load(N_STATES + state_index * DQK + offs_k, mask=mask_k, other=0.0)
         dn_tile = tl.load(DN_STATES + next_index * DQK + offs_k, mask=mask_k, other=0.0)
         dk_state = tl.zeros([L, BK], dtype=tl.float32)
-        d_log_carry += n_tile * dn_tile
         for v0 in range(0, DV, BV):
             offs_v = v0 + tl.arange(0, BV)
             mask_v = offs_v < DV
             tile_kv = offs_k[:, None] * DV + offs_v[None, :]
             mask_kv = mask_k[:, None] & mask_v[None, :]
             v_tile = tl.load(V + rows[:, None] * DV + offs_v[None, :], mask=valid[:, None] & mask_v[None, :], other=0.0)
-            c_tile = tl.load(C_STATES + state_index * DQK * DV + tile_kv, mask=mask_kv, other=0.0)
             dc_tile = tl.load(DC_STATES + next_index * DQK * DV + tile_kv, mask=mask_kv, other=0.0)
             v_weighted = (v_tile.to(tl.float32) * w[:, None]).to(q_tile.dtype)
             dk_state = tl.dot(v_weighted, tl.trans(dc_tile.to(q_tile.dtype)), dk_state, input_precision=DOT_PRECISION)
-            d_log_carry += tl.sum(c_tile.to(tl.float32) * dc_tile.to(tl.float32), 1)
         dk_state += w[:, None] * dn_tile[None, :]
         d_log_w += tl.sum(k_tile.to(tl.float32) * dk_state, 1)
         dk = tl.dot(tl.trans(d_scores), q_tile, input_precision=DOT_PRECISION) * scale + dk_state
@@ -502,7 +507,9 @@ def _bwd_dkdv_kernel(
     # key s' < s puts log f_s into its outgoing-state term; the carried state spans the whole chunk
     d_log_f = tl.load(DLOG_F + rows, mask=valid, other=0.0)
     d_log_f += tl.sum(tl.where(tau[:, None] < tau[None, :], d_log_w[:, None], 0.0), 0)
-    d_log_f += carry * tl.sum(d_log_carry, 0)
+    tiles = tl.arange(0, CARRY_TILES_POW2)
+    carry_dots = tl.load(CARRY_DOTS + (pid_bh * NC + chunk) * N_CARRY_TILES + tiles, mask=tiles < N_CARRY_TILES, other=0.0)
+    d_log_f += carry * tl.sum(carry_dots, 0)
     if INTRA_GATES_IN_DQ:
         d_log_i = tl.load(DLOG_I + rows, mask=valid, other=0.0) + d_log_w
     else:
@@ -622,8 +629,9 @@ def _forward(q, k, v, i, f, reset, c0, n0, m0, cfg: _Config):
     return h, summary, c_states, n_states, m_states, c_last, m_tokens, qn_tokens
 
 
-def _launch_bwd_states(q, dh, summary, m_tokens, den, dqn, m_states, dc_last, dn_last, cfg: _Config):
+def _launch_bwd_states(q, dh, summary, m_tokens, den, dqn, states, dc_last, dn_last, cfg: _Config):
     BH = cfg.B * cfg.NH
+    c_states, n_states, m_states = states
     has_dlast = dc_last is not None or dn_last is not None
     # slot 0 of dc_states stays unwritten: the initial state's gradient goes to dc_first
     dc_states = torch.empty(BH, cfg.NC + 1, cfg.DQK, cfg.DV, device=q.device, dtype=cfg.state_dtype)
@@ -636,12 +644,14 @@ def _launch_bwd_states(q, dh, summary, m_tokens, den, dqn, m_states, dc_last, dn
         dc_last, dn_last = dc_first, dn_states  # not read
     launch = cfg.states
     grid = (BH, triton.cdiv(cfg.DQK, launch["BK"]), triton.cdiv(cfg.DV, launch["BV"]))
+    carry_dots = torch.empty(BH, cfg.NC, grid[1] * grid[2], device=q.device, dtype=torch.float32)
     _bwd_states_kernel[grid](
         q, dh, summary.log_w, summary.origin_first, summary.decay, summary.has_reset, m_tokens, den, dqn,
-        m_states, dc_last, dn_last, dc_states, dn_states, dc_first, cfg.S, cfg.DQK, cfg.DV, cfg.NC, cfg.scale,
+        c_states, n_states, m_states, dc_last, dn_last, dc_states, dn_states, dc_first, carry_dots,
+        cfg.S, cfg.DQK, cfg.DV, cfg.NC, cfg.scale,
         HAS_DLAST=has_dlast, IS_EXP=cfg.is_exp, L=cfg.L, DOT_PRECISION=cfg.dot_precision, **launch,
     )  # fmt: skip
-    return dc_states, dn_states, dc_first
+    return dc_states, dn_states, dc_first, carry_dots
 
 
 def _launch_bwd_grads(q, k, v, i, f, reset, dh, m_tokens, den, dqn, summary, states, d_states, cfg: _Config):
@@ -649,6 +659,7 @@ def _launch_bwd_grads(q, k, v, i, f, reset, dh, m_tokens, den, dqn, summary, sta
     d_log_f = torch.empty(cfg.B, cfg.NH, cfg.S, device=q.device, dtype=torch.float32)
     d_log_i = torch.empty_like(d_log_f)
     c_states, n_states, m_states = states
+    dc_states, dn_states, carry_dots = d_states
     common = (cfg.S, cfg.NH, cfg.DQK, cfg.DV, cfg.NC, cfg.scale)
     launch = dict(IS_EXP=cfg.is_exp, L=cfg.L, DOT_PRECISION=cfg.dot_precision, **cfg.grads)
     grid = (cfg.NC, cfg.B * cfg.NH)
@@ -656,9 +667,11 @@ def _launch_bwd_grads(q, k, v, i, f, reset, dh, m_tokens, den, dqn, summary, sta
         q, k, v, i, f, reset, dh, m_tokens, den, dqn, c_states, n_states, m_states, dq, d_log_f, d_log_i,
         *common, **launch,
     )  # fmt: skip
+    n_carry_tiles = carry_dots.shape[-1]
     _bwd_dkdv_kernel[grid](
         q, k, v, i, f, reset, dh, m_tokens, den, dqn, summary.log_w, summary.decay, summary.has_reset,
-        c_states, n_states, m_states, *d_states, dk, dv, d_log_f, d_log_i, *common, **launch,
+        m_states, dc_states, dn_states, carry_dots, dk, dv, d_log_f, d_log_i, *common, n_carry_tiles,
+        CARRY_TILES_POW2=triton.next_power_of_2(n_carry_tiles), **launch,
     )  # fmt: skip
     return dq, dk, dv, d_log_f, d_log_i
 
@@ -751,13 +764,13 @@ class _MLSTMChunkwise(torch.autograd.Function):
 
         den, delta, dqn = _normaliser_grads(dh, h, m_tokens, qn_tokens, cfg)
         summary = ctx.summary
-        dc_states, dn_states, dc_first = _launch_bwd_states(
-            q, dh, summary, m_tokens, den, dqn, m_states, dc_last, dn_last, cfg
+        states = (c_states, n_states, m_states)
+        dc_states, dn_states, dc_first, carry_dots = _launch_bwd_states(
+            q, dh, summary, m_tokens, den, dqn, states, dc_last, dn_last, cfg
         )
         dq, dk, dv, d_log_f, d_log_i = _launch_bwd_grads(
-            q, k, v, i, f, reset, dh, m_tokens, den, dqn, summary,
-            (c_states, n_states, m_states), (dc_states, dn_states), cfg,
-        )  # fmt: skip
+            q, k, v, i, f, reset, dh, m_tokens, den, dqn, summary, states, (dc_states, dn_states, carry_dots), cfg
+        )
         d_log_f, d_log_i = d_log_f.double(), d_log_i.double()
 
         dc0 = dc_first.view(cfg.B, cfg.NH, cfg.DQK, cfg.DV)
