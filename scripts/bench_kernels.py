@@ -68,7 +68,8 @@ BREAKDOWN_VARIANTS = [
     "L=64",
     "L=64,grads.INTRA_GATES_IN_DQ=1",  # intra gate gradients in dq instead of dk/dv
     "L=64,states.num_stages=3",
-    "L=64,states.BK=128,states.num_warps=8",  # V read half as often by the state kernels
+    "L=64,bwd_states.num_warps=8",
+    "L=64,states.num_stages=3,bwd_states.num_warps=8",
     "L=64,grads.num_warps=8",
     "L=128",
 ]

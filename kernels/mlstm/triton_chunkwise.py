@@ -129,9 +129,12 @@ def _fwd_states_kernel(
     HAS_INIT: tl.constexpr, IS_EXP: tl.constexpr, L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
-    pid_bh = tl.program_id(0).to(tl.int64)
-    pid_k = tl.program_id(1)
-    pid_v = tl.program_id(2)
+    # the tiles of one head are neighbouring programs, so that they walk its chunks together and
+    # read each chunk's keys and values from L2 rather than once per tile from memory
+    tile_id = tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    pid_k = tile_id // tl.cdiv(DV, BV)
+    pid_v = tile_id % tl.cdiv(DV, BV)
     offs_k = pid_k * BK + tl.arange(0, BK)
     offs_v = pid_v * BV + tl.arange(0, BV)
     mask_k = offs_k < DQK
@@ -255,9 +258,12 @@ def _bwd_states_kernel(
     HAS_DLAST: tl.constexpr, IS_EXP: tl.constexpr, L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
-    pid_bh = tl.program_id(0).to(tl.int64)
-    pid_k = tl.program_id(1)
-    pid_v = tl.program_id(2)
+    # the tiles of one head are neighbouring programs, so that they walk its chunks together and
+    # read each chunk's keys and values from L2 rather than once per tile from memory
+    tile_id = tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    pid_k = tile_id // tl.cdiv(DV, BV)
+    pid_v = tile_id % tl.cdiv(DV, BV)
     offs_k = pid_k * BK + tl.arange(0, BK)
     offs_v = pid_v * BV + tl.arange(0, BV)
     mask_k = offs_k < DQK
@@ -276,8 +282,7 @@ def _bwd_states_kernel(
     # <state before the chunk, its gradient after the chunk> per chunk: the gradient of the carried
     # state's log-weight. Summed here, where dC is at hand in fp32, so that the dk/dv kernel does not
     # read C; one partial per program, summed over the tiles by the dk/dv kernel.
-    n_tiles = tl.num_programs(1) * tl.num_programs(2)
-    tile_id = pid_k * tl.num_programs(2) + pid_v
+    n_tiles = tl.num_programs(0)
     for step in range(NC):
         chunk = NC - 1 - step
         state_index = pid_bh * (NC + 1) + chunk
@@ -552,7 +557,8 @@ class _Config:
         # and the initial state's gradient are fp32 outputs of their own.
         self.state_dtype = q.dtype
         # state kernels: one program per (head, DQK tile, DV tile) walking the chunks
-        self.states = dict(BK=_tile(self.DQK, 64), BV=_tile(self.DV, 128), num_warps=4, num_stages=2)
+        self.fwd_states = dict(BK=_tile(self.DQK, 64), BV=_tile(self.DV, 128), num_warps=4, num_stages=2)
+        self.bwd_states = dict(self.fwd_states)
         # chunk kernels: one program per (chunk, head) looping over head-dim tiles
         warps = 8 if chunk_size >= 128 else 4
         self.output = dict(BK=_tile(self.DQK, 64), BV=_tile(self.DV, 128), num_warps=warps, num_stages=2)
@@ -562,14 +568,16 @@ class _Config:
 
     def override(self, settings: str) -> None:
         """Apply launch settings such as ``"states.num_stages=3,grads.INTRA_GATES_IN_DQ=1,state_dtype=float32"``
-        (for benchmarks and tests of the variants)."""
+        (for benchmarks and tests of the variants; ``states`` sets both state kernels)."""
         for item in settings.split(","):
             key, value = item.split("=")
             if key == "state_dtype":
                 self.state_dtype = getattr(torch, value)
             else:
                 group, name = key.split(".")
-                getattr(self, group)[name] = int(value)
+                groups = ("fwd_states", "bwd_states") if group == "states" else (group,)
+                for group in groups:
+                    getattr(self, group)[name] = int(value)
 
 
 class _ChunkSummary:
@@ -599,8 +607,8 @@ def _launch_fwd_states(k, v, summary: _ChunkSummary, c0, n0, m0, cfg: _Config):
     m0_flat = m0.reshape(BH).float().contiguous() if m0 is not None else torch.zeros(BH, device=dev)
     c0_arg = c0.float().contiguous() if has_init else c_last
     n0_arg = n0.float().contiguous() if has_init else n_states
-    launch = cfg.states
-    grid = (BH, triton.cdiv(cfg.DQK, launch["BK"]), triton.cdiv(cfg.DV, launch["BV"]))
+    launch = cfg.fwd_states
+    grid = (triton.cdiv(cfg.DQK, launch["BK"]) * triton.cdiv(cfg.DV, launch["BV"]), BH)
     _fwd_states_kernel[grid](
         k, v, summary.log_w, summary.decay, summary.has_reset, c0_arg, n0_arg, m0_flat,
         c_states, n_states, m_states, c_last, cfg.S, cfg.DQK, cfg.DV, cfg.NC,
@@ -642,9 +650,9 @@ def _launch_bwd_states(q, dh, summary, m_tokens, den, dqn, states, dc_last, dn_l
         dn_last = torch.zeros_like(dn_states[:, -1]) if dn_last is None else dn_last.float().contiguous()
     else:
         dc_last, dn_last = dc_first, dn_states  # not read
-    launch = cfg.states
-    grid = (BH, triton.cdiv(cfg.DQK, launch["BK"]), triton.cdiv(cfg.DV, launch["BV"]))
-    carry_dots = torch.empty(BH, cfg.NC, grid[1] * grid[2], device=q.device, dtype=torch.float32)
+    launch = cfg.bwd_states
+    grid = (triton.cdiv(cfg.DQK, launch["BK"]) * triton.cdiv(cfg.DV, launch["BV"]), BH)
+    carry_dots = torch.empty(BH, cfg.NC, grid[0], device=q.device, dtype=torch.float32)
     _bwd_states_kernel[grid](
         q, dh, summary.log_w, summary.origin_first, summary.decay, summary.has_reset, m_tokens, den, dqn,
         c_states, n_states, m_states, dc_last, dn_last, dc_states, dn_states, dc_first, carry_dots,
@@ -741,6 +749,9 @@ def _stabiliser_scan_backward(grad_m, log_f, log_i, m_tokens, m0, reset):
 class _MLSTMChunkwise(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, i, f, c0, n0, m0, reset, input_gate, chunk_size, eps):
+        # outputs nobody differentiates (the final state, in training) get None rather than a
+        # materialised zero gradient: the backward then skips their terms
+        ctx.set_materialize_grads(False)
         cfg = _Config(q, v, chunk_size, input_gate, eps)
         h, summary, c_states, n_states, m_states, c_last, m_tokens, qn_tokens = _forward(
             q, k, v, i, f, reset, c0, n0, m0, cfg

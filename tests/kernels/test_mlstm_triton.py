@@ -90,8 +90,19 @@ def compare_with_reference(inputs, input_gate, tol, seed, **kwargs):
     assert actual.keys() == expected.keys()
     assert actual["h"].dtype == inputs["q"].dtype and actual["c"].dtype == torch.float32
 
+    # dm0 = <dc0, c0> + <dn0, n0> + (stabiliser terms): h is invariant to the scale of the state
+    # except through its normaliser's lower bound, so the first two nearly cancel and dm0 is a small
+    # difference of large terms. Its error is measured against the size of those terms.
+    scales = {key: e.norm() for key, e in expected.items()}
+    if "dm0" in expected and "c0" in inputs:
+        c_term = (expected["dc0"] * inputs["c0"].double()).sum((-1, -2)).abs()
+        n_term = (expected["dn0"] * inputs["n0"].double()).sum(-1).abs()
+        scales["dm0"] = (expected["dm0"].flatten().abs() + c_term.flatten() + n_term.flatten()).norm()
+
     def errors(results):
-        return {key: ((results[key].double() - e).norm() / e.norm().clamp_min(1e-30)).item() for key, e in expected.items()}
+        return {
+            key: ((results[key].double() - e).norm() / scales[key].clamp_min(1e-30)).item() for key, e in expected.items()
+        }
 
     for key, value in actual.items():
         assert torch.isfinite(value).all(), f"{key} has non-finite values (seed {seed})"
@@ -214,6 +225,7 @@ LAUNCH_VARIANTS = [
     "state_dtype=float32",
     "states.num_stages=3",
     "states.BK=128,states.num_warps=8",
+    "bwd_states.num_warps=8,fwd_states.num_stages=3",
     "grads.num_warps=8",
 ]
 
