@@ -47,6 +47,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--json", default=None, help="write the results here")
+    p.add_argument(
+        "--profile", action="store_true",
+        help="after the timed steps, profile two more with torch.profiler and print (rank 0) the "
+        "operators by CPU time and the kernels by GPU time: where a step's time goes",
+    )  # fmt: skip
     p.add_argument("--sweep", action="store_true", help="run the whole table, one torchrun per configuration")
     p.add_argument("--gpus", type=int, default=4, help="--sweep: largest GPU count to include")
     p.add_argument("overrides", nargs="*", help="recipe overrides, e.g. parallel.tp=2")
@@ -124,6 +129,9 @@ def bench_one(args: argparse.Namespace) -> dict | None:
         sync()
         if n >= args.warmup:
             times.append(time.perf_counter() - start)
+    if args.profile:
+        profile_steps(step, lambda: torch.randint(0, cfg.model.vocab_size, (B, S + 1), device=env.device,
+                                                  generator=gen), sync, env.rank)  # fmt: skip
     step_time = statistics.median(times)
     tokens_per_gpu = B * S * dp_size / step_time / env.world_size
     peak = peak_flops(env.device)
@@ -144,6 +152,28 @@ def bench_one(args: argparse.Namespace) -> dict | None:
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     return result if env.rank == 0 else None
+
+
+def profile_steps(step, make_tokens, sync, rank: int, steps: int = 2) -> None:
+    """Profile ``steps`` training steps; rank 0 prints the CPU-side operators and the GPU kernels
+    that take the most time, and how busy the GPU was over the profiled wall time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    sync()
+    start = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step(make_tokens())
+        sync()
+    wall_ms = (time.perf_counter() - start) * 1e3 / steps
+    if rank != 0:
+        return
+    events = prof.key_averages()
+    kernels_ms = sum(e.self_device_time_total for e in events) / 1e3 / steps
+    print(f"\n# profile (rank 0): {wall_ms:.1f} ms per step of wall time, {kernels_ms:.1f} ms of GPU kernel "
+          f"time per step ({100 * kernels_ms / wall_ms:.0f}% busy, overlapping streams counted twice)")
+    print(events.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60))
+    print(events.table(sort_by="self_device_time_total", row_limit=25, max_name_column_width=60), flush=True)
 
 
 def run_sweep(args: argparse.Namespace) -> list[dict]:
