@@ -819,6 +819,10 @@ class _MLSTMChunkwise(torch.autograd.Function):
         return dq, dk, dv, di.to(i.dtype), df.to(f.dtype), dc0, dn0, dm0, None, None, None, None
 
 
+# torch.compile leaves this call out of its graphs (a graph break): our launches size grids and
+# buffers on the host and keep launch state on the autograd context, and inductor's handling of
+# user Triton kernels passes Python floats as fp64, which changes the kernels' loop-carried types.
+@torch.compiler.disable
 def mlstm_chunkwise_triton(
     q, k, v, i, f, *, c0=None, n0=None, m0=None, input_gate="exp", chunk_size=None, doc_ids=None,
     return_state=False, eps=1e-6,

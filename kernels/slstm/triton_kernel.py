@@ -591,6 +591,7 @@ class SLSTMTritonFunction(torch.autograd.Function):
 TRITON_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
+@torch.compiler.disable  # a graph break under torch.compile, as for the mLSTM kernels
 def slstm_triton(x_gates, R, b, state0, starts, columns=None):
     """The fused kernels behind autograd. R is cast to x_gates' dtype (the matmul operands), b to fp32.
 

@@ -71,7 +71,10 @@ def apply_activation_checkpointing(blocks: nn.ModuleList, mode: str) -> None:
         return
     if mode not in ("full", "selective"):
         raise ConfigError(f"parallel.activation_checkpointing = {mode!r}: expected none | full | selective")
-    kwargs = {"preserve_rng_state": True}
+    # early_stop=False: the recomputation runs the block's forward to its end instead of stopping
+    # by an exception once it has what the backward needs, so that forward hooks, such as the
+    # tensor-parallel hooks that swap parameters for their local shards and back, always run.
+    kwargs = {"preserve_rng_state": True, "early_stop": False}
     if mode == "selective":
         kwargs["context_fn"] = partial(create_selective_checkpoint_contexts, _selective_policy)
     for n, block in enumerate(blocks):

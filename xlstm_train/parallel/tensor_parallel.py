@@ -60,16 +60,24 @@ class PrepareFirstInput(ParallelStyle):
     and a single all-reduce (or reduce-scatter under sequence parallelism) finishes the backward.
     """
 
-    def __init__(self, input_layout, desired_layout):
+    def __init__(self, input_layout, desired_layout, autocast_input: bool = False):
         super().__init__()
         self.input_layout = input_layout
         self.desired_layout = desired_layout
+        # For regions whose input only feeds projections: under autocast, cast it to the compute
+        # dtype on entry (autocast would cast it inside each projection anyway). The input
+        # gradient's partial sums then arrive in that dtype and the all-reduce that finishes them
+        # moves half the bytes of an fp32 one.
+        self.autocast_input = autocast_input
 
     def _apply(self, module: nn.Module, mesh: DeviceMesh) -> nn.Module:
         def prepare(_module, args):
             if not args or not isinstance(args[0], torch.Tensor):
                 return args
             x = args[0]
+            device_type = x.device.type
+            if self.autocast_input and torch.is_autocast_enabled(device_type):
+                x = x.to(torch.get_autocast_dtype(device_type))
             if not isinstance(x, DTensor):
                 x = DTensor.from_local(x, mesh, (self.input_layout,), run_check=False)
             if x.placements != (self.desired_layout,):
@@ -192,8 +200,11 @@ class HeadLocal(ParallelStyle):
                 owner, leaf, param = swapped.pop()
                 owner._parameters[leaf] = param
 
+        # Not always_call=True: under torch.compile that makes each block's graph guard on its own
+        # hook id, recompiling per block. A forward that raises ends the step anyway, and
+        # activation checkpointing recomputes without early stop (parallelize.py).
         module.register_forward_pre_hook(to_local)
-        module.register_forward_hook(restore, always_call=True)
+        module.register_forward_hook(restore)
         return module
 
 
@@ -330,8 +341,8 @@ def _embedding_and_head(embedding: str, final_norm: str, head: str, sp: bool, lo
     return plan
 
 
-def _region_input(sp: bool) -> PrepareFirstInput:
-    return PrepareFirstInput(Shard(1) if sp else Replicate(), Replicate())
+def _region_input(sp: bool, autocast_input: bool = False) -> PrepareFirstInput:
+    return PrepareFirstInput(Shard(1) if sp else Replicate(), Replicate(), autocast_input)
 
 
 def _row_output(sp: bool) -> RowwiseParallel:
@@ -346,12 +357,12 @@ def xlstm_large_plan(model: nn.Module, sp: bool, loss_parallel: bool) -> dict[st
     plan = _embedding_and_head("embedding", "backbone.out_norm", "lm_head", sp, loss_parallel)
     for n in range(len(model.backbone.blocks)):
         p = f"backbone.blocks.{n}"
-        plan[f"{p}.mlstm_layer"] = _region_input(sp)
+        plan[f"{p}.mlstm_layer"] = _region_input(sp, autocast_input=True)
         for name in ("q", "k", "v", "ogate_preact", "igate_preact", "fgate_preact"):
             plan[f"{p}.mlstm_layer.{name}"] = ColwiseParallel()
         plan[f"{p}.mlstm_layer.multihead_norm"] = HeadLocal({"weight": Shard(0), "bias": Shard(0)})
         plan[f"{p}.mlstm_layer.out_proj"] = _row_output(sp)
-        plan[f"{p}.ffn"] = _region_input(sp)
+        plan[f"{p}.ffn"] = _region_input(sp, autocast_input=True)
         plan[f"{p}.ffn.proj_up_gate"] = ColwiseParallel()
         plan[f"{p}.ffn.proj_up"] = ColwiseParallel()
         plan[f"{p}.ffn.proj_down"] = _row_output(sp)
@@ -365,11 +376,11 @@ def llama_plan(model: nn.Module, sp: bool, loss_parallel: bool) -> dict[str, Par
     plan = _embedding_and_head("tok_embeddings", "norm", "output", sp, loss_parallel)
     for n in range(len(model.layers)):
         p = f"layers.{n}"
-        plan[f"{p}.attention"] = _region_input(sp)
+        plan[f"{p}.attention"] = _region_input(sp, autocast_input=True)
         for name in ("wq", "wk", "wv"):
             plan[f"{p}.attention.{name}"] = ColwiseParallel()
         plan[f"{p}.attention.wo"] = _row_output(sp)
-        plan[f"{p}.feed_forward"] = _region_input(sp)
+        plan[f"{p}.feed_forward"] = _region_input(sp, autocast_input=True)
         plan[f"{p}.feed_forward.w1"] = ColwiseParallel()
         plan[f"{p}.feed_forward.w3"] = ColwiseParallel()
         plan[f"{p}.feed_forward.w2"] = _row_output(sp)
