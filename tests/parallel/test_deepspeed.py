@@ -1,6 +1,7 @@
-"""DeepSpeed ZeRO-1/2/3 (and ZeRO-2 with the optimizer offloaded to CPU) on 2 gloo ranks match a
-single process over 3 steps; its checkpoints save, resume and convert to ours. The trainer with
-engine=deepspeed (ZeRO-1/2, dp=2) matches the single-process fsdp trainer, across a resume."""
+"""DeepSpeed ZeRO-1/2/3 (ZeRO-2 also with the optimizer offloaded to CPU, ZeRO-3 also with
+checkpointed blocks) on 2 gloo ranks match a single process over 3 steps; its checkpoints save,
+resume and convert to ours. The trainer with engine=deepspeed (ZeRO-1/2, dp=2) matches the
+single-process fsdp trainer, across a resume."""
 
 from __future__ import annotations
 
@@ -48,10 +49,13 @@ def _zero_stages(ckpt_root: str) -> None:
     # DeepSpeed JIT-compiles a shared-memory all-reduce for CPU inference at start-up; ZeRO does
     # not use it, and compiling it would take most of this test's time on a fresh CI machine.
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    for stage, offload in ((1, False), (2, False), (3, False), (2, True)):
+    for stage, offload, checkpointing in ((1, False, "none"), (2, False, "none"), (3, False, "none"),
+                                          (2, True, "none"), (3, False, "full")):  # fmt: skip
         cfg = run_config(stage)
         cfg.parallel.offload_optimizer = offload  # Adam states and fp32 master weights in CPU memory
+        cfg.parallel.activation_checkpointing = checkpointing
         model_cfg, model = make_model("xlstm_large")
+        cfg.model = model_cfg
         reference = copy.deepcopy(model)
         ref_opt = torch.optim.AdamW(reference.parameters(), lr=1e-2, betas=(0.9, 0.95), eps=1e-5, weight_decay=0.1)
         mesh = build_mesh(cfg.parallel, dist.get_world_size(), "cpu", model_cfg)
@@ -65,7 +69,7 @@ def _zero_stages(ckpt_root: str) -> None:
             ref_loss.backward()
             loss = F.cross_entropy(engine(inputs[rows], doc_ids[rows]).flatten(0, 1), labels[rows].flatten())
             engine.backward(loss)
-            where = f"ZeRO-{stage}{' offload' if offload else ''} step {step}"
+            where = f"ZeRO-{stage}{' offload' if offload else ''} checkpointing={checkpointing} step {step}"
             assert_close(dp_mean(loss, mesh), ref_loss, what=f"{where} loss")
             for name, p, ref in zip(names, engine.module.parameters(), reference.parameters()):
                 assert_close(safe_get_full_grad(p), ref.grad, what=f"{where} grad of {name}")
@@ -77,7 +81,7 @@ def _zero_stages(ckpt_root: str) -> None:
             assert_close(safe_get_full_fp32_param(p), ref.detach(), what=f"ZeRO-{stage} weight {name}")
 
         # save, take one more step, resume and retake it: the same loss
-        ckpt = os.path.join(ckpt_root, f"zero{stage}{'-offload' if offload else ''}")
+        ckpt = os.path.join(ckpt_root, f"zero{stage}{'-offload' if offload else ''}-{checkpointing}")
         save_deepspeed_checkpoint(engine, ckpt, step=3, client_state={"consumed_samples": 3 * BATCH})
         before = _local_loss(engine, 3, rows).detach()
         engine.backward(_local_loss(engine, 3, rows))
@@ -99,15 +103,16 @@ def test_deepspeed_zero_1_2_3_match_single_process_and_resume(tmp_path):
         deepspeed_to_state_dict,
     )
 
-    expected = deepspeed_to_state_dict(tmp_path / "zero3")
-    out = convert_deepspeed_checkpoint(tmp_path / "zero3", tmp_path / "converted")
-    _, model = make_model("xlstm_large", seed=1)
-    state = {"model": model.state_dict()}
-    dcp.load(state, checkpoint_id=out, no_dist=True)
-    model.load_state_dict(state["model"])
-    assert set(expected) == set(model.state_dict())
-    for name, tensor in model.state_dict().items():
-        assert torch.equal(tensor, expected[name]), name
+    for run in ("zero3-none", "zero3-full"):  # the second with checkpoint-wrapped blocks
+        expected = deepspeed_to_state_dict(tmp_path / run)
+        out = convert_deepspeed_checkpoint(tmp_path / run, tmp_path / f"converted-{run}")
+        _, model = make_model("xlstm_large", seed=1)
+        state = {"model": model.state_dict()}
+        dcp.load(state, checkpoint_id=out, no_dist=True)
+        model.load_state_dict(state["model"])
+        assert set(expected) == set(model.state_dict())
+        for name, tensor in model.state_dict().items():
+            assert torch.equal(tensor, expected[name]), name
 
 
 # ------------------------------------------------------------------------------------------------

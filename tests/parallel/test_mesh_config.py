@@ -47,6 +47,10 @@ def test_tp_must_divide_every_split_head_count():
         ({"engine": "deepspeed", "zero_stage": 0}, r"engine 'deepspeed' supports 1 or 2 or 3"),
         ({"offload_optimizer": True}, r"offload_optimizer = true needs parallel.engine = 'deepspeed'"),
         ({"engine": "deepspeed", "dp_replicate": 2}, r"dp_replicate = 2: engine 'deepspeed'"),
+        (
+            {"engine": "deepspeed", "activation_checkpointing": "selective"},
+            r"activation_checkpointing = 'selective' with parallel.engine = 'deepspeed': expected none \| full",
+        ),
         ({"activation_checkpointing": "some"}, r"parallel.activation_checkpointing = 'some'"),
     ],
 )

@@ -48,6 +48,11 @@ class ParallelConfig:
                 f"{p}dp_replicate = {self.dp_replicate}: engine 'deepspeed' partitions over all "
                 "data-parallel ranks; use dp_shard (or engine 'fsdp' for HSDP)"
             )
+        if self.engine == "deepspeed" and self.activation_checkpointing == "selective":
+            raise ConfigError(
+                f"{p}activation_checkpointing = 'selective' with {p}engine = 'deepspeed': expected none | full "
+                "(selective checkpointing is an fsdp-engine option)"
+            )
         if self.engine == "deepspeed" and (self.compile or self.sequence_parallel):
             raise ConfigError(f"{p}compile and {p}sequence_parallel are fsdp-engine options")
         if self.timeout_s < 1:

@@ -23,6 +23,7 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from xlstm_train.config import ConfigError
 from xlstm_train.parallel.distributed import dp_mesh
+from xlstm_train.parallel.parallelize import apply_activation_checkpointing, block_list
 
 
 class MeshMPU:
@@ -126,6 +127,9 @@ def build_deepspeed_engine(model: nn.Module, optimizer_groups: list[dict], cfg: 
     device_type = next(model.parameters()).device.type
     if not dist.is_initialized():
         raise ConfigError("the deepspeed engine needs a process group: launch with torchrun or deepspeed")
+    # Per-block checkpointing, reentrant: a non-reentrant recomputation under ZeRO-3 ran on the
+    # partitioned (empty) parameters, as the block's gathering hooks did not run for it.
+    apply_activation_checkpointing(block_list(model, cfg.model), cfg.parallel.activation_checkpointing, reentrant=True)
     engine, optimizer, _, _ = deepspeed.initialize(
         model=model,
         model_parameters=optimizer_groups,
@@ -165,7 +169,9 @@ def deepspeed_to_state_dict(directory: str | Path, tag: str | None = None) -> di
         raise FileNotFoundError(f"{directory}: not a DeepSpeed checkpoint directory (no 'latest' tag file)")
     if tag is not None and not glob.glob(os.path.join(directory, tag, "*model_states.pt")):
         raise FileNotFoundError(f"{directory / tag}: no DeepSpeed model states in this tag")
-    return get_fp32_state_dict_from_zero_checkpoint(str(directory), tag=tag)
+    state = get_fp32_state_dict_from_zero_checkpoint(str(directory), tag=tag)
+    # names as in our checkpoints: without the activation-checkpointing wrapper's prefix
+    return {name.replace("_checkpoint_wrapped_module.", ""): tensor for name, tensor in state.items()}
 
 
 def convert_deepspeed_checkpoint(directory: str | Path, out_dir: str | Path, tag: str | None = None) -> Path:

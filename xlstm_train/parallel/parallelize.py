@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+    CheckpointImpl,
     checkpoint_wrapper,
 )
 from torch.distributed.device_mesh import DeviceMesh
@@ -64,13 +65,24 @@ def _selective_policy(_ctx, op, *_args, **_kwargs) -> CheckpointPolicy:
     return CheckpointPolicy.MUST_SAVE if op in _SAVE_OPS else CheckpointPolicy.PREFER_RECOMPUTE
 
 
-def apply_activation_checkpointing(blocks: nn.ModuleList, mode: str) -> None:
+def apply_activation_checkpointing(blocks: nn.ModuleList, mode: str, reentrant: bool = False) -> None:
     """``full``: keep only each block's input and recompute the block in the backward.
-    ``selective``: recompute the block but keep the matmul outputs (op-level selective AC)."""
+    ``selective``: recompute the block but keep the matmul outputs (op-level selective AC).
+    ``reentrant``: recompute through autograd's reentrant checkpoint (``full`` only), which runs the
+    block's module hooks again in the backward as DeepSpeed ZeRO-3 needs to gather its parameters."""
     if mode == "none":
         return
     if mode not in ("full", "selective"):
         raise ConfigError(f"parallel.activation_checkpointing = {mode!r}: expected none | full | selective")
+    if reentrant:
+        if mode != "full":
+            raise ConfigError(
+                f"parallel.activation_checkpointing = {mode!r} with parallel.engine = 'deepspeed': "
+                "expected none | full (selective checkpointing is an fsdp-engine option)"
+            )
+        for n, block in enumerate(blocks):
+            blocks[n] = checkpoint_wrapper(block, checkpoint_impl=CheckpointImpl.REENTRANT, preserve_rng_state=True)
+        return
     # early_stop=False: the recomputation runs the block's forward to its end instead of stopping
     # by an exception once it has what the backward needs, so that forward hooks, such as the
     # tensor-parallel hooks that swap parameters for their local shards and back, always run.
