@@ -167,12 +167,17 @@ def run_mlstm_profile(args) -> None:
             for gate in args.input_gates:
                 forward = _mlstm_column(f"ours-{gate}", args.chunk_size)
                 grad_out = torch.randn_like(v)
-                for _ in range(3):  # compile and warm up
+                def forward_backward():
+                    for t in leaves:  # no gradient accumulation kernels in the profile
+                        t.grad = None
                     forward(*leaves).backward(grad_out)
+
+                for _ in range(3):  # compile and warm up
+                    forward_backward()
                 torch.cuda.synchronize()
                 with profile(activities=[ProfilerActivity.CUDA]) as prof:
                     for _ in range(steps):
-                        forward(*leaves).backward(grad_out)
+                        forward_backward()
                     torch.cuda.synchronize()
                 events = [e for e in prof.key_averages() if e.device_time_total > 0]
                 events.sort(key=lambda e: -e.device_time_total)
