@@ -66,7 +66,7 @@ def add_mlstm_arguments(parser: argparse.ArgumentParser) -> None:
 
 BREAKDOWN_VARIANTS = [
     "L=64",
-    "L=64,grads.INTRA_GATES_IN_DQ=1",  # intra gate gradients in dq instead of dk/dv
+    "L=64,dkdv.num_warps=8",
     "L=64,states.num_stages=3",
     "L=64,bwd_states.num_warps=8",
     "L=64,states.num_stages=3,bwd_states.num_warps=8",
@@ -133,8 +133,8 @@ def run_mlstm_breakdown(args) -> list[dict]:
                     rows.append(row)
                     cells = "  ".join(f"{k} {v:7.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in times.items())
                     print(f"{layer:>10} S={S:<6} {gate:<8} {variant:<70} {cells}", flush=True)
-    for kernel in (tc._fwd_states_kernel, tc._fwd_output_kernel, tc._bwd_states_kernel, tc._bwd_dq_kernel,
-                   tc._bwd_dkdv_kernel):
+    for kernel in (tc._fwd_states_kernel, tc._fwd_output_kernel, tc._bwd_states_kernel, tc._bwd_scores_kernel,
+                   tc._bwd_dq_kernel, tc._bwd_dkdv_kernel):
         for caches in kernel.device_caches.values():
             for compiled in caches[0].values():
                 print(f"  {kernel.__name__}: {compiled.n_regs} registers, {compiled.n_spills} spilled, "

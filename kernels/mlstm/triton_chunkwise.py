@@ -10,9 +10,13 @@ The sequence is cut into chunks of L tokens (default 64). Kernels:
   matrix, plus the contribution of the state before the chunk; writes h and, per token, the
   stabiliser m and the signed normaliser q.n (the backward's only per-token extras).
 * ``_bwd_states_kernel``: the reverse recurrence for dC, dn, written before every chunk.
-* ``_bwd_dq_kernel``, ``_bwd_dkdv_kernel``: one program per (chunk, head) each; both recompute the
-  chunk's L x L score gradients (cheaper than keeping dq, dk and dv accumulators live in one
-  program); the dk/dv kernel also recomputes the scores and sums the intra-chunk gate gradients.
+* ``_bwd_scores_kernel``: one program per (chunk, head): the chunk's L x L scores P and their
+  gradients dS (written in the input dtype, 2 x L x L elements per chunk) and the intra-chunk gate
+  gradients.
+* ``_bwd_dq_kernel``, ``_bwd_dkdv_kernel``: one program per (chunk, head) each; they load P and dS,
+  so that next to their state tiles they hold no L x L recomputation (which made dk/dv spill).
+  The dq kernel also sums the gate gradients of the incoming-state terms, the dk/dv kernel those of
+  the outgoing and carried state.
 
 Gate gradients: with the stabilisers held fixed, every term's log-weight is a sum of log forget
 gates over an interval plus the source's log input gate, so the kernel sums the gradients of the
@@ -323,19 +327,16 @@ def _chunk_score_grads(
     Q, K, V, I, F, RESET, DH, M_TOKENS, DEN, DQN, M_STATES, pid_bh, batch, chunk, tau, t, valid, rows,
     S, DQK, DV, NC, scale,
     IS_EXP: tl.constexpr, L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    NEED_P: tl.constexpr,
 ):  # fmt: skip
-    """The intra-chunk part of the backward, shared by the dq and the dk/dv kernels: the weighted
-    scores P (only if NEED_P: dq alone needs just dP and the weights) and their gradient dP
-    (dP = dh.v / den + dqn: the normaliser sums the same scores)."""
+    """The intra-chunk part of the backward: the weighted scores P, their gradient dP (dP = dh.v / den
+    + dqn: the normaliser sums the same scores) and the decay weights d (P = q.k * scale * d)."""
     scores = tl.zeros([L, L], dtype=tl.float32)
-    if NEED_P:
-        for k0 in range(0, DQK, BK):
-            offs_k = k0 + tl.arange(0, BK)
-            mask_k = valid[:, None] & (offs_k < DQK)[None, :]
-            q_tile = tl.load(Q + rows[:, None] * DQK + offs_k[None, :], mask=mask_k, other=0.0)
-            k_tile = tl.load(K + rows[:, None] * DQK + offs_k[None, :], mask=mask_k, other=0.0)
-            scores = tl.dot(q_tile, tl.trans(k_tile), scores, input_precision=DOT_PRECISION)
+    for k0 in range(0, DQK, BK):
+        offs_k = k0 + tl.arange(0, BK)
+        mask_k = valid[:, None] & (offs_k < DQK)[None, :]
+        q_tile = tl.load(Q + rows[:, None] * DQK + offs_k[None, :], mask=mask_k, other=0.0)
+        k_tile = tl.load(K + rows[:, None] * DQK + offs_k[None, :], mask=mask_k, other=0.0)
+        scores = tl.dot(q_tile, tl.trans(k_tile), scores, input_precision=DOT_PRECISION)
     d_scores = tl.zeros([L, L], dtype=tl.float32)
     for v0 in range(0, DV, BV):
         offs_v = v0 + tl.arange(0, BV)
@@ -346,16 +347,15 @@ def _chunk_score_grads(
 
     m_prev = tl.load(M_STATES + pid_bh * (NC + 1) + chunk)
     log_f, log_i, segment = _chunk_gates(I, F, RESET, pid_bh * S, batch * S, t, valid, IS_EXP)
-    log_d, log_origin = _intra_weights(log_f, log_i, segment, tau, m_prev)
+    log_d, _ = _intra_weights(log_f, log_i, segment, tau, m_prev)
     m = tl.load(M_TOKENS + rows, mask=valid, other=0.0)
     den = tl.load(DEN + rows, mask=valid, other=1.0)
     dqn = tl.load(DQN + rows, mask=valid, other=0.0)
     # rows past the end have no stabiliser: keep their weights at zero, not exp(large)
     d = tl.where(valid[:, None], tl.exp(log_d - m[:, None]), 0.0)
-    w_origin = tl.where((segment == 0) & valid, tl.exp(log_origin - m), 0.0)
     p = scores * scale * d
     d_p = d_scores / den[:, None] + dqn[:, None]
-    return p, d_p, d, w_origin, den, dqn
+    return p, d_p, d
 
 
 @triton.jit
@@ -373,15 +373,15 @@ def _intra_gate_grads(p, d_p, tau):
 
 
 @triton.jit
-def _bwd_dq_kernel(
-    Q, K, V, I, F, RESET, DH, M_TOKENS, DEN, DQN, C_STATES, N_STATES, M_STATES, DQ, DLOG_F, DLOG_I,
+def _bwd_scores_kernel(
+    Q, K, V, I, F, RESET, DH, M_TOKENS, DEN, DQN, M_STATES, P_OUT, DS_OUT, DLOG_F, DLOG_I,
     S, NH, DQK, DV, NC, scale,
     IS_EXP: tl.constexpr, L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    INTRA_GATES_IN_DQ: tl.constexpr,
 ):  # fmt: skip
-    """dq of one chunk, and the gate gradients of its incoming-state terms (and of its intra-chunk
-    terms if INTRA_GATES_IN_DQ; otherwise ``_bwd_dkdv_kernel`` adds those, and this kernel needs
-    no scores q.k at all)."""
+    """Per (chunk, head), the L x L pieces of the backward, once: P and dS = dP * d in the input dtype
+    (the dq and dk/dv kernels load them, 2 x L x L elements per chunk, instead of recomputing them
+    from q, k, v and dh next to their state tiles), and the intra-chunk gate gradients, which start
+    DLOG_F and DLOG_I."""
     chunk = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
     batch = pid_bh // NH
@@ -389,16 +389,39 @@ def _bwd_dq_kernel(
     t = chunk * L + tau
     valid = t < S
     rows = pid_bh * S + t
-    state_index = pid_bh * (NC + 1) + chunk  # the state before this chunk
-    p, d_p, d, w_origin, den, dqn = _chunk_score_grads(
+    p, d_p, d = _chunk_score_grads(
         Q, K, V, I, F, RESET, DH, M_TOKENS, DEN, DQN, M_STATES, pid_bh, batch, chunk, tau, t, valid, rows,
-        S, DQK, DV, NC, scale, IS_EXP, L, BK, BV, DOT_PRECISION, INTRA_GATES_IN_DQ,
+        S, DQK, DV, NC, scale, IS_EXP, L, BK, BV, DOT_PRECISION,
     )  # fmt: skip
-    if INTRA_GATES_IN_DQ:
-        d_log_f, d_log_i = _intra_gate_grads(p, d_p, tau)
-    else:
-        d_log_f = tl.zeros([L], dtype=tl.float32)
-    d_scores = (d_p * d).to(Q.dtype.element_ty)
+    d_log_f, d_log_i = _intra_gate_grads(p, d_p, tau)
+    tl.store(DLOG_F + rows, d_log_f, mask=valid)
+    tl.store(DLOG_I + rows, d_log_i, mask=valid)
+    tile = (pid_bh * NC + chunk) * L * L + tau[:, None] * L + tau[None, :]
+    tl.store(P_OUT + tile, p.to(P_OUT.dtype.element_ty))
+    tl.store(DS_OUT + tile, (d_p * d).to(DS_OUT.dtype.element_ty))
+
+
+@triton.jit
+def _bwd_dq_kernel(
+    Q, K, DH, ORIGIN_FIRST, M_TOKENS, DEN, DQN, DS, C_STATES, N_STATES, M_STATES, DQ, DLOG_F,
+    S, DQK, DV, NC, scale,
+    L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """dq of one chunk, and the gate gradients of its incoming-state terms (added to DLOG_F)."""
+    chunk = tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    tau = tl.arange(0, L)
+    t = chunk * L + tau
+    valid = t < S
+    rows = pid_bh * S + t
+    state_index = pid_bh * (NC + 1) + chunk  # the state before this chunk
+    m_prev = tl.load(M_STATES + state_index)
+    m = tl.load(M_TOKENS + rows, mask=valid, other=0.0)
+    den = tl.load(DEN + rows, mask=valid, other=1.0)
+    dqn = tl.load(DQN + rows, mask=valid, other=0.0)
+    origin = tl.load(ORIGIN_FIRST + rows, mask=valid, other=float("-inf"))
+    w_origin = tl.exp(origin + m_prev - m)  # zero after a reset and past the end
+    d_scores = tl.load(DS + (pid_bh * NC + chunk) * L * L + tau[:, None] * L + tau[None, :])
 
     d_log_origin = tl.zeros([L], dtype=tl.float32)  # per query: the term of the state before the chunk
     for k0 in range(0, DQK, BK):
@@ -427,39 +450,33 @@ def _bwd_dq_kernel(
         tl.store(DQ + rows[:, None] * DQK + offs_k[None, :], (dq * scale).to(DQ.dtype.element_ty), mask=mask_tk)
 
     # the incoming state's term of query t spans the gates of its segment up to t
+    d_log_f = tl.load(DLOG_F + rows, mask=valid, other=0.0)
     d_log_f += tl.sum(tl.where(tau[:, None] >= tau[None, :], d_log_origin[:, None], 0.0), 0)
     tl.store(DLOG_F + rows, d_log_f, mask=valid)
-    if INTRA_GATES_IN_DQ:
-        tl.store(DLOG_I + rows, d_log_i, mask=valid)
 
 
 @triton.jit
 def _bwd_dkdv_kernel(
-    Q, K, V, I, F, RESET, DH, M_TOKENS, DEN, DQN, LOG_W, CHUNK_DECAY, CHUNK_RESET,
+    Q, K, V, DH, DEN, LOG_W, CHUNK_DECAY, CHUNK_RESET, P, DS,
     M_STATES, DC_STATES, DN_STATES, CARRY_DOTS, DK, DV_OUT, DLOG_F, DLOG_I,
-    S, NH, DQK, DV, NC, scale, N_CARRY_TILES,
+    S, DQK, DV, NC, scale, N_CARRY_TILES,
     IS_EXP: tl.constexpr, L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    INTRA_GATES_IN_DQ: tl.constexpr, CARRY_TILES_POW2: tl.constexpr,
+    CARRY_TILES_POW2: tl.constexpr,
 ):  # fmt: skip
-    """dk, dv of one chunk, and the gate gradients of its outgoing- and carried-state terms and (unless
-    INTRA_GATES_IN_DQ) of its intra-chunk terms, added to what ``_bwd_dq_kernel`` wrote."""
+    """dk, dv of one chunk, and the gate gradients of its outgoing- and carried-state terms (added
+    to DLOG_F and DLOG_I)."""
     chunk = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
-    batch = pid_bh // NH
     tau = tl.arange(0, L)
     t = chunk * L + tau
     valid = t < S
     rows = pid_bh * S + t
     state_index = pid_bh * (NC + 1) + chunk  # the state before this chunk
     next_index = state_index + 1  # and after it
-    p, d_p, d, w_origin, den, dqn = _chunk_score_grads(
-        Q, K, V, I, F, RESET, DH, M_TOKENS, DEN, DQN, M_STATES, pid_bh, batch, chunk, tau, t, valid, rows,
-        S, DQK, DV, NC, scale, IS_EXP, L, BK, BV, DOT_PRECISION, True,
-    )  # fmt: skip
-    if not INTRA_GATES_IN_DQ:
-        intra_d_log_f, intra_d_log_i = _intra_gate_grads(p, d_p, tau)
-    p = p.to(Q.dtype.element_ty)
-    d_scores = (d_p * d).to(Q.dtype.element_ty)
+    tile = (pid_bh * NC + chunk) * L * L + tau[:, None] * L + tau[None, :]
+    p = tl.load(P + tile)
+    d_scores = tl.load(DS + tile)
+    den = tl.load(DEN + rows, mask=valid, other=1.0)
     m_prev = tl.load(M_STATES + state_index)
     carry, w, _ = _state_update(LOG_W, CHUNK_DECAY, CHUNK_RESET, pid_bh, chunk, t, valid, S, NC, m_prev, IS_EXP)
 
@@ -515,11 +532,7 @@ def _bwd_dkdv_kernel(
     tiles = tl.arange(0, CARRY_TILES_POW2)
     carry_dots = tl.load(CARRY_DOTS + (pid_bh * NC + chunk) * N_CARRY_TILES + tiles, mask=tiles < N_CARRY_TILES, other=0.0)
     d_log_f += carry * tl.sum(carry_dots, 0)
-    if INTRA_GATES_IN_DQ:
-        d_log_i = tl.load(DLOG_I + rows, mask=valid, other=0.0) + d_log_w
-    else:
-        d_log_f += intra_d_log_f
-        d_log_i = intra_d_log_i + d_log_w
+    d_log_i = tl.load(DLOG_I + rows, mask=valid, other=0.0) + d_log_w
     tl.store(DLOG_F + rows, d_log_f, mask=valid)
     tl.store(DLOG_I + rows, d_log_i, mask=valid)
 
@@ -562,20 +575,22 @@ class _Config:
         # chunk kernels: one program per (chunk, head) looping over head-dim tiles
         warps = 8 if chunk_size >= 128 else 4
         self.output = dict(BK=_tile(self.DQK, 64), BV=_tile(self.DV, 128), num_warps=warps, num_stages=2)
-        # the intra-chunk gate gradients in the dk/dv kernel: it has P and dP anyway, and the dq
-        # kernel then needs no q.k scores and holds fewer L x L tiles
-        self.grads = dict(self.output, INTRA_GATES_IN_DQ=False)
+        # backward chunk kernels: the L x L pieces once (scores), then dq and dk/dv, which load them
+        self.scores = dict(self.output)
+        self.dq = dict(self.output)
+        self.dkdv = dict(self.output)
 
     def override(self, settings: str) -> None:
-        """Apply launch settings such as ``"states.num_stages=3,grads.INTRA_GATES_IN_DQ=1,state_dtype=float32"``
-        (for benchmarks and tests of the variants; ``states`` sets both state kernels)."""
+        """Apply launch settings such as ``"states.num_stages=3,dkdv.num_warps=8,state_dtype=float32"``
+        (for benchmarks and tests of the variants; ``states`` sets both state kernels, ``grads`` the
+        three backward chunk kernels)."""
         for item in settings.split(","):
             key, value = item.split("=")
             if key == "state_dtype":
                 self.state_dtype = getattr(torch, value)
             else:
                 group, name = key.split(".")
-                groups = ("fwd_states", "bwd_states") if group == "states" else (group,)
+                groups = {"states": ("fwd_states", "bwd_states"), "grads": ("scores", "dq", "dkdv")}.get(group, (group,))
                 for group in groups:
                     getattr(self, group)[name] = int(value)
 
@@ -668,18 +683,25 @@ def _launch_bwd_grads(q, k, v, i, f, reset, dh, m_tokens, den, dqn, summary, sta
     d_log_i = torch.empty_like(d_log_f)
     c_states, n_states, m_states = states
     dc_states, dn_states, carry_dots = d_states
-    common = (cfg.S, cfg.NH, cfg.DQK, cfg.DV, cfg.NC, cfg.scale)
-    launch = dict(IS_EXP=cfg.is_exp, L=cfg.L, DOT_PRECISION=cfg.dot_precision, **cfg.grads)
-    grid = (cfg.NC, cfg.B * cfg.NH)
+    BH = cfg.B * cfg.NH
+    p = torch.empty(BH, cfg.NC, cfg.L, cfg.L, device=q.device, dtype=q.dtype)
+    d_scores = torch.empty_like(p)
+    launch = dict(L=cfg.L, DOT_PRECISION=cfg.dot_precision)
+    grid = (cfg.NC, BH)
+    _bwd_scores_kernel[grid](
+        q, k, v, i, f, reset, dh, m_tokens, den, dqn, m_states, p, d_scores, d_log_f, d_log_i,
+        cfg.S, cfg.NH, cfg.DQK, cfg.DV, cfg.NC, cfg.scale, IS_EXP=cfg.is_exp, **launch, **cfg.scores,
+    )  # fmt: skip
     _bwd_dq_kernel[grid](
-        q, k, v, i, f, reset, dh, m_tokens, den, dqn, c_states, n_states, m_states, dq, d_log_f, d_log_i,
-        *common, **launch,
+        q, k, dh, summary.origin_first, m_tokens, den, dqn, d_scores, c_states, n_states, m_states, dq, d_log_f,
+        cfg.S, cfg.DQK, cfg.DV, cfg.NC, cfg.scale, **launch, **cfg.dq,
     )  # fmt: skip
     n_carry_tiles = carry_dots.shape[-1]
     _bwd_dkdv_kernel[grid](
-        q, k, v, i, f, reset, dh, m_tokens, den, dqn, summary.log_w, summary.decay, summary.has_reset,
-        m_states, dc_states, dn_states, carry_dots, dk, dv, d_log_f, d_log_i, *common, n_carry_tiles,
-        CARRY_TILES_POW2=triton.next_power_of_2(n_carry_tiles), **launch,
+        q, k, v, dh, den, summary.log_w, summary.decay, summary.has_reset, p, d_scores,
+        m_states, dc_states, dn_states, carry_dots, dk, dv, d_log_f, d_log_i,
+        cfg.S, cfg.DQK, cfg.DV, cfg.NC, cfg.scale, n_carry_tiles,
+        IS_EXP=cfg.is_exp, CARRY_TILES_POW2=triton.next_power_of_2(n_carry_tiles), **launch, **cfg.dkdv,
     )  # fmt: skip
     return dq, dk, dv, d_log_f, d_log_i
 

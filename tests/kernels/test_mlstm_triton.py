@@ -221,7 +221,7 @@ def test_chunkwise_kernel_fp32_on_gpu_multi_tile_head_dims(seed):
 # launch variants that scripts/bench_kernels.py compares (tc._Config.override): each must compute the
 # same function as the default
 LAUNCH_VARIANTS = [
-    "grads.INTRA_GATES_IN_DQ=1",
+    "dkdv.num_warps=8",
     "state_dtype=float32",
     "states.num_stages=3",
     "states.BK=128,states.num_warps=8",
