@@ -39,7 +39,7 @@ def add_mlstm_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--launch", default=None, metavar="SETTINGS",
-        help="launch settings for our kernels in the table, as in --breakdown (e.g. 'states.num_stages=3')",
+        help="launch settings for our kernels in the table or the profile, as in --breakdown (e.g. 'states.num_stages=3')",
     )  # fmt: skip
     parser.add_argument("--chunk-size", type=int, default=None, help="our kernels' chunk (default 128)")
     parser.add_argument(
@@ -146,6 +146,22 @@ def run_mlstm_breakdown(args) -> list[dict]:
     return rows
 
 
+def _apply_launch_settings(settings: str | None) -> None:
+    """Make every call of our kernels use these launch settings (``_Config.override``)."""
+    if not settings:
+        return
+    from xlstm_kernels.mlstm import triton_chunkwise as tc
+
+    default_init = tc._Config.__init__
+
+    def init_with_launch_settings(self, *init_args, **init_kwargs):
+        default_init(self, *init_args, **init_kwargs)
+        self.override(settings)
+
+    tc._Config.__init__ = init_with_launch_settings
+    print(f"# launch settings: {settings}")
+
+
 def run_mlstm_profile(args) -> None:
     """Where the time of one forward+backward goes, kernel by kernel: our Triton kernels and the
     PyTorch operations around them (autograd glue, the stabiliser's backward scan)."""
@@ -154,6 +170,7 @@ def run_mlstm_profile(args) -> None:
     if not torch.cuda.is_available():
         sys.exit("bench_kernels.py mlstm needs a CUDA device")
     device = torch.device("cuda")
+    _apply_launch_settings(args.launch)
     steps = 5
     for layer in args.layers:
         NH, DQK, DV = MLSTM_LAYERS[layer]
@@ -268,17 +285,7 @@ def run_mlstm(args) -> list[dict]:
 
     device = torch.device("cuda")
     print(f"# {torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__}")
-    if args.launch:
-        from xlstm_kernels.mlstm import triton_chunkwise as tc
-
-        default_init = tc._Config.__init__
-
-        def init_with_launch_settings(self, *init_args, **init_kwargs):
-            default_init(self, *init_args, **init_kwargs)
-            self.override(args.launch)
-
-        tc._Config.__init__ = init_with_launch_settings
-        print(f"# launch settings: {args.launch}")
+    _apply_launch_settings(args.launch)
     rows = []
     for layer in args.layers:
         NH, DQK, DV = MLSTM_LAYERS[layer]
