@@ -1,5 +1,6 @@
 """Launch behaviour: an error on one rank ends the whole job with that rank named; a two-node
-torchrun launch (simulated on localhost) trains, and its checkpoint resumes in other layouts."""
+torchrun launch (simulated on localhost) trains, and its checkpoint resumes in other layouts; the
+DeepSpeed launcher script trains and saves."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import pytest
 
 from tests.parallel.harness import free_port
 from xlstm_train.cli import main as cli_main
@@ -79,3 +82,25 @@ def test_two_node_launch_then_resume_under_tp_and_on_one_process(tmp_path):
         assert sorted(losses) == [3, 4]
         for step, loss in losses.items():
             assert abs(loss - expected[step]) <= 1e-5 * abs(expected[step]), (run.name, losses, expected)
+
+
+def test_deepspeed_launcher_trains_and_saves_its_checkpoint(tmp_path):
+    """launch/deepspeed.sh starts two processes (CPU accelerator, gloo) that train with ZeRO-2 and
+    write a DeepSpeed checkpoint with our train state beside it."""
+    pytest.importorskip("deepspeed")
+    run_dir = tmp_path / "ds"
+    bin_dir = str(Path(sys.executable).parent)  # the deepspeed and xlstm-train entry points
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "NUM_GPUS": "2",
+           "MASTER_PORT": str(free_port()), "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}"}  # fmt: skip
+    proc = subprocess.run(
+        ["bash", str(REPO / "launch" / "deepspeed.sh"), f"run_dir={run_dir}", "parallel.zero_stage=2",
+         "train.eval_interval=0", "train.sample_tokens=0", "logging.wandb=disabled", "logging.interval=1",
+         "data.seq_len=64", "train.steps=2", "checkpoint.interval=2", "model.num_blocks=2", "model.slstm_at=[1]"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-3000:]
+    assert "on 2 process(es)" in output, output[-3000:]
+    assert sorted(_train_losses(run_dir)) == [1, 2]
+    checkpoint = run_dir / "step-0000002"
+    assert (checkpoint / "latest").is_file() and (checkpoint / "train_state.pt").is_file()
