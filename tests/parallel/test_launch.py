@@ -18,6 +18,8 @@ from xlstm_train.cli import main as cli_main
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
+# the launch scripts call entry points (torchrun, deepspeed, xlstm-train) installed beside python
+PATH = f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"
 
 
 def test_error_on_one_rank_stops_the_job_and_names_the_rank():
@@ -47,7 +49,7 @@ def test_two_node_launch_then_resume_under_tp_and_on_one_process(tmp_path):
     tiny = ["train.eval_interval=0", "train.sample_tokens=0", "logging.wandb=disabled", "logging.interval=1",
             "data.seq_len=64", "train.steps=4", "checkpoint.interval=2", "model.slstm_at=[1]",
             "model.num_blocks=2"]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "NNODES": "2",
+    env = {**os.environ, "PATH": PATH, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "NNODES": "2",
            "NPROC_PER_NODE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
            "LOG_DIR": str(tmp_path / "logs")}  # fmt: skip
     first = tmp_path / "dp2"
@@ -71,8 +73,8 @@ def test_two_node_launch_then_resume_under_tp_and_on_one_process(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "--no-python",
          "xlstm-train", "train", f"run_dir={tp_run}", "parallel.tp=2", *resume],
-        cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}, capture_output=True,
-        text=True, timeout=240, check=False,
+        cwd=REPO, env={**os.environ, "PATH": PATH, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"},
+        capture_output=True, text=True, timeout=240, check=False,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     single = tmp_path / "single"
@@ -89,9 +91,8 @@ def test_deepspeed_launcher_trains_and_saves_its_checkpoint(tmp_path):
     write a DeepSpeed checkpoint with our train state beside it."""
     pytest.importorskip("deepspeed")
     run_dir = tmp_path / "ds"
-    bin_dir = str(Path(sys.executable).parent)  # the deepspeed and xlstm-train entry points
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "NUM_GPUS": "2",
-           "MASTER_PORT": str(free_port()), "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}"}  # fmt: skip
+    env = {**os.environ, "PATH": PATH, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "NUM_GPUS": "2",
+           "MASTER_PORT": str(free_port())}  # fmt: skip
     proc = subprocess.run(
         ["bash", str(REPO / "launch" / "deepspeed.sh"), f"run_dir={run_dir}", "parallel.zero_stage=2",
          "train.eval_interval=0", "train.sample_tokens=0", "logging.wandb=disabled", "logging.interval=1",
