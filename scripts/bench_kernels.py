@@ -64,6 +64,15 @@ def add_mlstm_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _mlstm_inputs(B, NH, S, DQK, DV, device, generator=None):
+    """bf16 q, k, v and fp32 gate pre-activations (i ~ N(0, 1), f ~ 3 + N(0, 1))."""
+    q, k = (torch.randn(B, NH, S, DQK, device=device, generator=generator, dtype=torch.bfloat16) for _ in range(2))
+    v = torch.randn(B, NH, S, DV, device=device, generator=generator, dtype=torch.bfloat16)
+    i = torch.randn(B, NH, S, device=device, generator=generator)
+    f = 3.0 + torch.randn(B, NH, S, device=device, generator=generator)
+    return q, k, v, i, f
+
+
 BREAKDOWN_VARIANTS = [
     "L=64",
     "L=64,dkdv.num_warps=8",
@@ -92,10 +101,7 @@ def run_mlstm_breakdown(args) -> list[dict]:
         NH, DQK, DV = MLSTM_LAYERS[layer]
         for S in args.seq_lens:
             B = max(1, args.tokens // S)
-            q, k = (torch.randn(B, NH, S, DQK, device=device, dtype=torch.bfloat16) for _ in range(2))
-            v = torch.randn(B, NH, S, DV, device=device, dtype=torch.bfloat16)
-            i = torch.randn(B, NH, S, device=device)
-            f = 3.0 + torch.randn(B, NH, S, device=device)
+            q, k, v, i, f = _mlstm_inputs(B, NH, S, DQK, DV, device)
             dh = torch.randn_like(v)
             reset = torch.zeros(B, S, device=device, dtype=torch.int8)
             for gate in args.input_gates:
@@ -176,10 +182,7 @@ def run_mlstm_profile(args) -> None:
         NH, DQK, DV = MLSTM_LAYERS[layer]
         for S in args.seq_lens:
             B = max(1, args.tokens // S)
-            q, k = (torch.randn(B, NH, S, DQK, device=device, dtype=torch.bfloat16) for _ in range(2))
-            v = torch.randn(B, NH, S, DV, device=device, dtype=torch.bfloat16)
-            i = torch.randn(B, NH, S, device=device)
-            f = 3.0 + torch.randn(B, NH, S, device=device)
+            q, k, v, i, f = _mlstm_inputs(B, NH, S, DQK, DV, device)
             leaves = [t.requires_grad_(True) for t in (q, k, v, i, f)]
             for gate in args.input_gates:
                 forward = _mlstm_column(f"ours-{gate}", args.chunk_size)
@@ -292,10 +295,7 @@ def run_mlstm(args) -> list[dict]:
         for S in args.seq_lens:
             B = max(1, args.tokens // S)
             gen = torch.Generator(device=device).manual_seed(0)
-            q, k = (torch.randn(B, NH, S, DQK, device=device, generator=gen, dtype=torch.bfloat16) for _ in range(2))
-            v = torch.randn(B, NH, S, DV, device=device, generator=gen, dtype=torch.bfloat16)
-            i = torch.randn(B, NH, S, device=device, generator=gen)
-            f = 3.0 + torch.randn(B, NH, S, device=device, generator=gen)
+            q, k, v, i, f = _mlstm_inputs(B, NH, S, DQK, DV, device, gen)
             for column in args.columns:
                 if column == "reference" and S > args.reference_max_seq:
                     continue
