@@ -128,7 +128,7 @@ TRAIN_RECIPE = {
     # rates of a 4-step run; a clip low enough to act
     "optim": {"lr": 3e-3, "warmup_steps": 3, "schedule": "constant", "clip_grad_norm": 0.2},
     "train": {"steps": 4, "micro_batch_size": 4, "grad_accum_steps": 2, "dtype": "fp32",
-              "eval_interval": 0, "eval_batches": 2, "sample_tokens": 0},
+              "eval_interval": 2, "eval_batches": 2, "sample_tokens": 0},
     "logging": {"interval": 1, "wandb": "disabled"},
     "checkpoint": {"interval": 2, "keep": 2},
 }
@@ -141,15 +141,16 @@ def _train_config(root, run: str, *overrides):
     return load_config(os.path.join(root, "recipe.yaml"), [f"run_dir={os.path.join(root, run)}", *overrides])
 
 
-def _train_records(run_dir) -> dict[int, dict]:
-    """The last train record of each step in the run's metrics.jsonl (a resumed run appends)."""
+def _train_records(run_dir, kind: str = "train") -> dict[int, dict]:
+    """The last record of ``kind`` (train or val) of each step in the run's metrics.jsonl (a resumed
+    run appends)."""
     import json
 
     records = {}
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         for line in f:
             record = json.loads(line)
-            if record["kind"] == "train":
+            if record["kind"] == kind:
                 records[record["step"]] = record
     return records
 
@@ -192,6 +193,15 @@ def test_trainer_deepspeed_zero_1_2_match_fsdp_and_resume(tmp_path):
             assert record["lr"] == pytest.approx(expected[step]["lr"], rel=1e-12), where
             for key in ("loss", "grad_norm"):
                 assert_close(torch.tensor(record[key]), torch.tensor(expected[step][key]), what=f"{where} {key}")
+        # validation: each of the 2 ranks evaluates its half of every validation batch, so the set
+        # and the loss are those of the single process
+        expected_val = _train_records(tmp_path / "fsdp", "val")
+        assert sorted(expected_val) == [0, 2, 4]
+        got_val = _train_records(run_dir, "val")
+        assert sorted(got_val) == [0, 2, 4]
+        for step, record in got_val.items():
+            assert_close(torch.tensor(record["val_loss"]), torch.tensor(expected_val[step]["val_loss"]),
+                         what=f"ZeRO-{stage} step {step} val_loss")  # fmt: skip
         # DeepSpeed's format with our train state beside it, and it still converts to ours
         final = ckpt.latest_checkpoint(run_dir)
         assert final.name == "step-0000004" and ckpt.is_deepspeed(final)

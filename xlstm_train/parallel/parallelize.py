@@ -211,6 +211,6 @@ def dp_mean(value: torch.Tensor, mesh: DeviceMesh | None) -> torch.Tensor:
     """Average a scalar (e.g. the loss of this rank's micro-batches) over the data-parallel ranks."""
     if mesh is None or dp_mesh(mesh).size() == 1:
         return value
-    value = value.detach().clone().float()
+    value = value.detach().clone().to(torch.promote_types(value.dtype, torch.float32))
     dist.all_reduce(value, op=dist.ReduceOp.SUM, group=dp_mesh(mesh).get_group())
     return value / dp_mesh(mesh).size()

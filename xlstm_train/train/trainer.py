@@ -292,7 +292,8 @@ def clip_grad_norm(model, max_norm: float) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate(model, val_loader, autocast, mesh=None, parallel_cfg=None) -> float:
-    """Mean token loss over the whole validation set (every rank evaluates all of it)."""
+    """Mean token loss over the validation set. Each data-parallel rank evaluates its share of every
+    validation batch (as in training); the loss sums and token counts are summed over the ranks."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
@@ -303,7 +304,9 @@ def evaluate(model, val_loader, autocast, mesh=None, parallel_cfg=None) -> float
             total += to_full(loss_sum(logits, batch["labels"])).item()
         count += int((batch["labels"] != IGNORE_INDEX).sum())
     model.train(was_training)
-    return total / max(count, 1)
+    # the mean over ranks of (sum, count) has the global sums' ratio
+    total, count = dp_mean(torch.tensor([total, count], dtype=torch.float64, device=batch["labels"].device), mesh)
+    return (total / count.clamp(min=1)).item()
 
 
 @torch.no_grad()
@@ -366,7 +369,7 @@ def train(cfg: Config) -> dict:
     )
     val_loader = build_val_loader(
         cfg.data, micro_batch_size=cfg.train.micro_batch_size, vocab_size=cfg.model.vocab_size,
-        num_batches=cfg.train.eval_batches, device=str(device),
+        num_batches=cfg.train.eval_batches, dp_rank=dp_rank, dp_size=dp_size, device=str(device),
     )
 
     # --- build ---
