@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Launch `xlstm-train train` with the DeepSpeed launcher (parallel.engine=deepspeed).
 #
-#   launch/deepspeed.sh --recipe recipes/xlstm_large_1.3b.yaml parallel.zero_stage=2
+#   launch/deepspeed.sh --recipe recipes/large/1.3b.yaml parallel.zero_stage=2
 #   HOSTFILE=launch/hostfile.example launch/deepspeed.sh --recipe ...   # several nodes (pdsh + ssh)
 #
 # Environment:

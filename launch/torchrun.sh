@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Launch `xlstm-train train` with torchrun, on one node or as one node of several.
 #
-#   launch/torchrun.sh --recipe recipes/xlstm_large_1.3b.yaml parallel.tp=2
+#   launch/torchrun.sh --recipe recipes/large/1.3b.yaml parallel.tp=2 parallel.compile=true
 #
 # Environment (defaults for a single node):
 #   NPROC_PER_NODE  processes on this node          (default: the number of visible GPUs, else 1)
