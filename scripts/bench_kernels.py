@@ -74,13 +74,15 @@ def _mlstm_inputs(B, NH, S, DQK, DV, device, generator=None):
 
 
 BREAKDOWN_VARIANTS = [
-    "L=64",
-    "L=64,dkdv.num_warps=8",
-    "L=64,states.num_stages=3",
-    "L=64,bwd_states.num_warps=8",
-    "L=64,states.num_stages=3,bwd_states.num_warps=8",
-    "L=64,grads.num_warps=8",
     "L=128",
+    "L=128,output.BV=256,output.num_warps=8",
+    "L=128,grads.num_warps=8",
+    "L=128,states.num_stages=3",
+    "L=128,states.BV=64",
+    "L=256",
+    "L=256,states.BV=64",
+    "L=256,output.BV=256,output.num_warps=8",
+    "L=64",
 ]
 
 
@@ -113,7 +115,7 @@ def run_mlstm_breakdown(args) -> list[dict]:
                     try:
                         summary = tc._ChunkSummary(i, f, reset, cfg)
                         states = tc._launch_fwd_states(k, v, summary, None, None, None, cfg)[:3]
-                        h, m_tok, qn_tok = tc._launch_fwd_output(q, k, v, i, f, reset, *states, cfg)
+                        h, m_tok, qn_tok = tc._launch_fwd_output(q, k, v, i, f, reset, summary, *states, cfg)
                         den, _, dqn = tc._normaliser_grads(dh, h, m_tok, qn_tok, cfg)
                         dc_states, dn_states, _, carry_dots = tc._launch_bwd_states(
                             q, dh, summary, m_tok, den, dqn, states, None, None, cfg)  # fmt: skip
@@ -121,7 +123,7 @@ def run_mlstm_breakdown(args) -> list[dict]:
                         launches = {
                             "summary": lambda: tc._ChunkSummary(i, f, reset, cfg),
                             "fwd_states": lambda: tc._launch_fwd_states(k, v, summary, None, None, None, cfg),
-                            "fwd_output": lambda: tc._launch_fwd_output(q, k, v, i, f, reset, *states, cfg),
+                            "fwd_output": lambda: tc._launch_fwd_output(q, k, v, i, f, reset, summary, *states, cfg),
                             "bwd_states": lambda: tc._launch_bwd_states(
                                 q, dh, summary, m_tok, den, dqn, states, None, None, cfg),
                             "bwd_grads": lambda: tc._launch_bwd_grads(
@@ -139,8 +141,8 @@ def run_mlstm_breakdown(args) -> list[dict]:
                     rows.append(row)
                     cells = "  ".join(f"{k} {v:7.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in times.items())
                     print(f"{layer:>10} S={S:<6} {gate:<8} {variant:<70} {cells}", flush=True)
-    for kernel in (tc._fwd_states_kernel, tc._fwd_output_kernel, tc._bwd_states_kernel, tc._bwd_scores_kernel,
-                   tc._bwd_dq_kernel, tc._bwd_dkdv_kernel):
+    for kernel in (tc._chunk_summary_kernel, tc._fwd_states_kernel, tc._fwd_output_kernel, tc._bwd_states_kernel,
+                   tc._bwd_scores_kernel, tc._bwd_dq_kernel, tc._bwd_dkdv_kernel, tc._gate_grads_kernel):
         for caches in kernel.device_caches.values():
             for compiled in caches[0].values():
                 print(f"  {kernel.__name__}: {compiled.n_regs} registers, {compiled.n_spills} spilled, "

@@ -1,27 +1,32 @@
 """Chunkwise mLSTM in Triton: forward and backward, exp and sigmoid input gates, document resets.
 
-The sequence is cut into chunks of L tokens (default 64). Kernels:
+Two levels, as in TFLA: the sequence is cut into chunks of L tokens (default 128), at whose
+boundaries the recurrent state (C, n, m) is materialised, and every chunk into tiles of T tokens
+(default 64) for the work inside it. Large chunks keep the state traffic down (C is DQK x DV per
+chunk and head, 256 KB at the xLSTM-7B shape), tiles keep each program's L x L pieces small. Kernels:
 
-* ``_chunk_summary_kernel``: per chunk, the gate sums the state kernels need (computed once).
+* ``_chunk_summary_kernel``: per chunk, the gate sums the other kernels need (computed once),
+  including each token's intra-chunk stabiliser.
 * ``_fwd_states_kernel``: the inter-chunk recurrence. One program per (head, DQK tile, DV tile) walks
   the chunks in order, in fp32, and writes the state (C, n, m) before every chunk (C in the input
   dtype: the chunk kernels round it to that for their products anyway) and the final state (fp32).
-* ``_fwd_output_kernel``: one program per (chunk, head): the intra-chunk causal part as an L x L
-  matrix, plus the contribution of the state before the chunk; writes h and, per token, the
-  stabiliser m and the signed normaliser q.n (the backward's only per-token extras).
+* ``_fwd_output_kernel``: one program per (query tile, DV tile, head): the contribution of the state
+  before the chunk plus the causal part over the chunk's keys up to the tile, key tile by key tile;
+  writes h and, per token, the stabiliser m and the signed normaliser q.n (the backward's only
+  per-token extras).
 * ``_bwd_states_kernel``: the reverse recurrence for dC, dn, written before every chunk.
-* ``_bwd_scores_kernel``: one program per (chunk, head): the chunk's L x L scores P and their
-  gradients dS (written in the input dtype, 2 x L x L elements per chunk) and the intra-chunk gate
-  gradients.
-* ``_bwd_dq_kernel``, ``_bwd_dkdv_kernel``: one program per (chunk, head) each; they load P and dS,
-  so that next to their state tiles they hold no L x L recomputation (which made dk/dv spill).
-  The dq kernel also sums the gate gradients of the incoming-state terms, the dk/dv kernel those of
-  the outgoing and carried state.
+* ``_bwd_scores_kernel``: one program per (query tile, head): for each key tile of the chunk up to
+  it, the T x T scores P and their gradients dS (written in the input dtype) and the gate
+  gradients of those terms that stay inside the query tile.
+* ``_bwd_dq_kernel`` (per query tile), ``_bwd_dkdv_kernel`` (per key tile): they load P and dS, so
+  that next to their state tiles they hold no score recomputation.
+* ``_gate_grads_kernel``: per chunk, sums the per-token pieces of the gate gradients over the
+  intervals of gates each term spans.
 
 Gate gradients: with the stabilisers held fixed, every term's log-weight is a sum of log forget
-gates over an interval plus the source's log input gate, so the kernel sums the gradients of the
-log-weights (intra-chunk L x L, origin state, chunk-end state, carried state) over the intervals
-that contain each gate. (The shortcut ``dL/dB_t = q_t.dq_t - k_t.dk_t`` loses all relative precision
+gates over an interval plus the source's log input gate, so the kernels sum the gradients of the
+log-weights (intra-chunk, origin state, chunk-end state, carried state) over the intervals that
+contain each gate. (The shortcut ``dL/dB_t = q_t.dq_t - k_t.dk_t`` loses all relative precision
 when forget gates are closed: the diagonal terms cancel.) The stabilisers matter only through eps
 and the final state's scale: the per-token m is the max-plus scan ``m_t = max(log f_t + m_{t-1},
 log i_t)``, whose gradient is routed back through its argmax (``_stabiliser_scan_backward``).
@@ -39,7 +44,8 @@ import triton.language as tl
 
 from xlstm_kernels.mlstm.reference import document_resets
 
-DEFAULT_CHUNK_SIZE = 64
+DEFAULT_CHUNK_SIZE = 128
+DEFAULT_TILE_SIZE = 64
 
 
 @triton.jit
@@ -48,65 +54,108 @@ def _log_sigmoid(x):
 
 
 @triton.jit
-def _chunk_gates(I, F, RESET, gate_base, reset_base, t, valid, IS_EXP: tl.constexpr):
-    """Per-token log gates of one chunk and segment ids (split at resets). Tokens past the end get
-    log f = 0 and log i = -inf: they change nothing."""
-    f = tl.load(F + gate_base + t, mask=valid, other=0.0).to(tl.float32)
-    i = tl.load(I + gate_base + t, mask=valid, other=0.0).to(tl.float32)
-    log_f = tl.where(valid, _log_sigmoid(f), 0.0)
+def _log_input_gate(i, IS_EXP: tl.constexpr):
     if IS_EXP:
-        log_i = i
+        return i
     else:
-        log_i = _log_sigmoid(i)
-    log_i = tl.where(valid, log_i, float("-inf"))
-    reset = tl.load(RESET + reset_base + t, mask=valid, other=0).to(tl.int32)
-    segment = tl.cumsum(reset, 0)
-    return log_f, log_i, segment
-
-
-# Sums of log forget gates over intervals are formed as masked sums of terms of one sign, never as
-# differences of running totals: with closed gates (log f ~ -20) those totals reach thousands and
-# their difference would lose the small intervals' precision.
+        return _log_sigmoid(i)
 
 
 @triton.jit
-def _intra_weights(log_f, log_i, segment, tau, m_prev):
-    """Log-weights inside a chunk: log_d[t, s] for keys s of t's segment (-inf elsewhere) and the
-    log-weight of t's origin state (the chunk's incoming state in segment 0, the zero state with
-    m = 0 after a reset)."""
+def _tile_gates(
+    I, F, RESET, gate_base, reset_base, tile_start, chunk_start, S,
+    IS_EXP: tl.constexpr, T: tl.constexpr, L: tl.constexpr,
+):  # fmt: skip
+    """Per-token log gates of a tile and its tokens' segment ids counted from the chunk's start
+    (split at resets). Tokens past the end get log f = 0 and log i = -inf: they change nothing."""
+    t = tile_start + tl.arange(0, T)
+    valid = t < S
+    f = tl.load(F + gate_base + t, mask=valid, other=0.0).to(tl.float32)
+    i = tl.load(I + gate_base + t, mask=valid, other=0.0).to(tl.float32)
+    log_f = tl.where(valid, _log_sigmoid(f), 0.0)
+    log_i = tl.where(valid, _log_input_gate(i, IS_EXP), float("-inf"))
+    segment = tl.cumsum(tl.load(RESET + reset_base + t, mask=valid, other=0).to(tl.int32), 0)
+    if L > T:  # resets in the chunk's earlier tiles
+        lanes = chunk_start + tl.arange(0, L)
+        earlier = tl.load(RESET + reset_base + lanes, mask=(lanes < tile_start) & (lanes < S), other=0)
+        segment += tl.sum(earlier.to(tl.int32), 0)
+    return log_f, log_i, segment
+
+
+# Sums of log forget gates over intervals are formed as sums of terms of one sign (log f <= 0),
+# never as differences of running totals: with closed gates (log f ~ -20) those totals reach
+# thousands and their difference would lose the small intervals' precision.
+
+
+@triton.jit
+def _diagonal_log_weights(log_f, log_i, segment, tau):
+    """Log-weights of a tile's queries t for its own keys s <= t of the same segment (-inf
+    elsewhere): the log forget gates over (s, t] plus log i_s."""
     visible = (segment[:, None] == segment[None, :]) & (tau[:, None] >= tau[None, :])
-    # decay[t, s] = sum of log f over (s, t]: a cumsum down each column of the strictly-lower part
+    # a cumsum down each column of the strictly-lower part
     decay = tl.cumsum(tl.where(tau[:, None] > tau[None, :], log_f[:, None], 0.0), 0)
-    log_d = tl.where(visible, decay + log_i[None, :], float("-inf"))
-    log_origin = tl.sum(tl.where(visible, log_f[None, :], 0.0), 1) + tl.where(segment == 0, m_prev, 0.0)
-    return log_d, log_origin
+    return tl.where(visible, decay + log_i[None, :], float("-inf"))
+
+
+@triton.jit
+def _earlier_log_weights(log_f_q, segment_q, log_f_k, log_i_k, segment_k, between, tau):
+    """Log-weights of a query tile's tokens t for the keys s of an earlier tile of the chunk: the log
+    forget gates over (s, t] are those over (s, key tile end], over the tiles in between
+    (``between``) and over [query tile start, t]."""
+    into_query = tl.cumsum(log_f_q, 0)
+    out_of_key = tl.sum(tl.where(tau[None, :] > tau[:, None], log_f_k[None, :], 0.0), 1)
+    visible = segment_q[:, None] == segment_k[None, :]
+    return tl.where(visible, into_query[:, None] + (between + out_of_key + log_i_k)[None, :], float("-inf"))
 
 
 @triton.jit
 def _chunk_summary_kernel(
-    I, F, RESET, LOG_W, ORIGIN_FIRST, CHUNK_DECAY, CHUNK_RESET, S, NH, NC,
-    IS_EXP: tl.constexpr, L: tl.constexpr,
+    I, F, RESET, LOG_W, ORIGIN_FIRST, INTRA_MAX, CHUNK_DECAY, CHUNK_RESET, S, NH, NC,
+    IS_EXP: tl.constexpr, L: tl.constexpr, T: tl.constexpr,
 ):  # fmt: skip
-    """Per chunk, once, the gate sums the state kernels need, so that those (one program per state
-    tile) stay free of L x L work: per token the log-weight of its key in the state after the chunk
-    (stabiliser excluded) and the log-weight of the state before the chunk in its output (-inf after
-    a reset); per chunk the log decay over its last segment and whether it has a reset."""
+    """Per chunk, once, the gate sums the state and tile kernels need: per token the log-weight of
+    its key in the state after the chunk (stabiliser excluded), the log-weight of the state before
+    the chunk in its output (-inf after a reset) and (exp gate) the largest log-weight of its keys
+    in the chunk; per chunk the log decay over its last segment and whether it has a reset."""
     chunk = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
     batch = pid_bh // NH
-    tau = tl.arange(0, L)
-    t = chunk * L + tau
-    valid = t < S
-    log_f, log_i, segment = _chunk_gates(I, F, RESET, pid_bh * S, batch * S, t, valid, IS_EXP)
-    visible = (segment[:, None] == segment[None, :]) & (tau[:, None] >= tau[None, :])
-    origin = tl.sum(tl.where(visible, log_f[None, :], 0.0), 1)
+    gate_base = pid_bh * S
+    reset_base = batch * S
+    lanes = tl.arange(0, L)
+    chunk_start = chunk * L
+    t = chunk_start + lanes
+    log_f, log_i, segment = _tile_gates(I, F, RESET, gate_base, reset_base, chunk_start, chunk_start, S, IS_EXP, L, L)
+    # the log forget gates over (t, chunk end]: a reverse cumsum of the next tokens' gates
+    next_valid = (lanes + 1 < L) & (t + 1 < S)
+    log_f_next = tl.where(next_valid, _log_sigmoid(tl.load(F + gate_base + t + 1, mask=next_valid, other=0.0).to(tl.float32)), 0.0)
+    after = tl.cumsum(log_f_next, 0, reverse=True)
+    origin = tl.cumsum(log_f, 0)  # over [chunk start, t]
     last_segment = tl.max(segment, 0)
     in_last = segment == last_segment
-    after = tl.sum(tl.where(tau[None, :] > tau[:, None], log_f[None, :], 0.0), 1)  # over (s, end]
-    tl.store(LOG_W + pid_bh * S + t, tl.where(in_last, after + log_i, float("-inf")), mask=valid)
-    tl.store(ORIGIN_FIRST + pid_bh * S + t, tl.where(segment == 0, origin, float("-inf")), mask=valid)
+    valid = t < S
+    tl.store(LOG_W + gate_base + t, tl.where(in_last, after + log_i, float("-inf")), mask=valid)
+    tl.store(ORIGIN_FIRST + gate_base + t, tl.where(segment == 0, origin, float("-inf")), mask=valid)
     tl.store(CHUNK_DECAY + pid_bh * NC + chunk, tl.sum(tl.where(in_last, log_f, 0.0), 0))
     tl.store(CHUNK_RESET + pid_bh * NC + chunk, (last_segment > 0).to(tl.int32))
+    if IS_EXP:
+        tau = tl.arange(0, T)
+        for a in tl.static_range(L // T):
+            tile_start = chunk_start + a * T
+            log_f_q, log_i_q, segment_q = _tile_gates(
+                I, F, RESET, gate_base, reset_base, tile_start, chunk_start, S, IS_EXP, T, L
+            )
+            intra_max = tl.max(_diagonal_log_weights(log_f_q, log_i_q, segment_q, tau), 1)
+            between = tl.zeros([1], dtype=tl.float32)
+            for j in tl.static_range(a):
+                key_start = tile_start - (j + 1) * T
+                log_f_k, log_i_k, segment_k = _tile_gates(
+                    I, F, RESET, gate_base, reset_base, key_start, chunk_start, S, IS_EXP, T, L
+                )
+                log_d = _earlier_log_weights(log_f_q, segment_q, log_f_k, log_i_k, segment_k, between, tau)
+                intra_max = tl.maximum(intra_max, tl.max(log_d, 1))
+                between += tl.sum(log_f_k, 0)
+            tl.store(INTRA_MAX + gate_base + tile_start + tau, intra_max, mask=tile_start + tau < S)
 
 
 @triton.jit
@@ -182,79 +231,6 @@ def _fwd_states_kernel(
 
 
 @triton.jit
-def _fwd_output_kernel(
-    Q, K, V, I, F, RESET, C_STATES, N_STATES, M_STATES, H, M_TOKENS, QN_TOKENS,
-    S, NH, DQK, DV, NC, scale, eps,
-    IS_EXP: tl.constexpr, L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DOT_PRECISION: tl.constexpr,
-):  # fmt: skip
-    chunk = tl.program_id(0)
-    pid_bh = tl.program_id(1).to(tl.int64)
-    batch = pid_bh // NH
-    tau = tl.arange(0, L)
-    t = chunk * L + tau
-    valid = t < S
-    rows = pid_bh * S + t
-    state_index = pid_bh * (NC + 1) + chunk
-
-    scores = tl.zeros([L, L], dtype=tl.float32)
-    q_n = tl.zeros([L], dtype=tl.float32)
-    for k0 in range(0, DQK, BK):
-        offs_k = k0 + tl.arange(0, BK)
-        mask_k = offs_k < DQK
-        q_tile = tl.load(Q + rows[:, None] * DQK + offs_k[None, :], mask=valid[:, None] & mask_k[None, :], other=0.0)
-        k_tile = tl.load(K + rows[:, None] * DQK + offs_k[None, :], mask=valid[:, None] & mask_k[None, :], other=0.0)
-        scores = tl.dot(q_tile, tl.trans(k_tile), scores, input_precision=DOT_PRECISION)
-        n_tile = tl.load(N_STATES + state_index * DQK + offs_k, mask=mask_k, other=0.0)
-        q_n += tl.sum(q_tile.to(tl.float32) * n_tile[None, :], 1)
-    scores *= scale
-    q_n *= scale
-
-    # the L x L log-weights only after the score loop: fewer L x L tiles live at once
-    m_prev = tl.load(M_STATES + state_index)
-    log_f, log_i, segment = _chunk_gates(I, F, RESET, pid_bh * S, batch * S, t, valid, IS_EXP)
-    log_d, log_origin = _intra_weights(log_f, log_i, segment, tau, m_prev)
-    if IS_EXP:
-        m = tl.maximum(log_origin, tl.max(log_d, 1))
-        lower = tl.exp(-m)
-    else:
-        m = tl.zeros([L], dtype=tl.float32)
-        lower = tl.full([L], 1.0, dtype=tl.float32)
-    d = tl.exp(log_d - m[:, None])
-    w_origin = tl.where(segment == 0, tl.exp(log_origin - m), 0.0)
-    p = scores * d
-    q_n = w_origin * q_n + tl.sum(p, 1)
-    den = tl.maximum(tl.abs(q_n), lower) + eps
-    tl.store(M_TOKENS + rows, m, mask=valid)
-    tl.store(QN_TOKENS + rows, q_n, mask=valid)
-
-    p = p.to(Q.dtype.element_ty)
-    q_coef = w_origin * scale
-    for v0 in range(0, DV, BV):
-        offs_v = v0 + tl.arange(0, BV)
-        mask_v = offs_v < DV
-        # accumulate through tl.dot's acc argument, starting from zeros: Triton 3.6 miscompiled
-        # `acc = tl.dot(p, v)` followed by a loop of `acc += tl.dot(...)` (wrong rows on H200)
-        acc = tl.zeros([L, BV], dtype=tl.float32)
-        for k0 in range(0, DQK, BK):
-            offs_k = k0 + tl.arange(0, BK)
-            mask_k = offs_k < DQK
-            q_tile = tl.load(
-                Q + rows[:, None] * DQK + offs_k[None, :], mask=valid[:, None] & mask_k[None, :], other=0.0
-            )
-            c_tile = tl.load(
-                C_STATES + state_index * DQK * DV + offs_k[:, None] * DV + offs_v[None, :],
-                mask=mask_k[:, None] & mask_v[None, :],
-                other=0.0,
-            )
-            q_weighted = (q_tile.to(tl.float32) * q_coef[:, None]).to(q_tile.dtype)
-            acc = tl.dot(q_weighted, c_tile.to(q_tile.dtype), acc, input_precision=DOT_PRECISION)
-        v_tile = tl.load(V + rows[:, None] * DV + offs_v[None, :], mask=valid[:, None] & mask_v[None, :], other=0.0)
-        acc = tl.dot(p, v_tile, acc, input_precision=DOT_PRECISION)
-        h = acc / den[:, None]
-        tl.store(H + rows[:, None] * DV + offs_v[None, :], h.to(H.dtype.element_ty), mask=valid[:, None] & mask_v[None, :])
-
-
-@triton.jit
 def _bwd_states_kernel(
     Q, DH, LOG_W, ORIGIN_FIRST, CHUNK_DECAY, CHUNK_RESET, M_TOKENS, DEN, DQN, C_STATES, N_STATES, M_STATES,
     DC_LAST, DN_LAST, DC_STATES, DN_STATES, DC_FIRST, CARRY_DOTS,
@@ -323,34 +299,106 @@ def _bwd_states_kernel(
 
 
 @triton.jit
-def _chunk_score_grads(
-    Q, K, V, I, F, RESET, DH, M_TOKENS, DEN, DQN, M_STATES, pid_bh, batch, chunk, tau, t, valid, rows,
-    S, DQK, DV, NC, scale,
-    IS_EXP: tl.constexpr, L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DOT_PRECISION: tl.constexpr,
+def _scores(X, Y, rows_x, valid_x, rows_y, valid_y, D, T: tl.constexpr, BD: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """X[rows_x] @ Y[rows_y]^T over a head dim D in BD-wide slices: the T x T products q.k or dh.v
+    of a query tile and a key tile (fp32)."""
+    acc = tl.zeros([T, T], dtype=tl.float32)
+    for d0 in range(0, D, BD):
+        offs = d0 + tl.arange(0, BD)
+        mask = offs < D
+        x = tl.load(X + rows_x[:, None] * D + offs[None, :], mask=valid_x[:, None] & mask[None, :], other=0.0)
+        y = tl.load(Y + rows_y[:, None] * D + offs[None, :], mask=valid_y[:, None] & mask[None, :], other=0.0)
+        acc = tl.dot(x, tl.trans(y), acc, input_precision=DOT_PRECISION)
+    return acc
+
+
+@triton.jit
+def _fwd_output_kernel(
+    Q, K, V, I, F, RESET, ORIGIN_FIRST, INTRA_MAX, C_STATES, N_STATES, M_STATES, H, M_TOKENS, QN_TOKENS,
+    S, NH, DQK, DV, NC, scale, eps,
+    IS_EXP: tl.constexpr, L: tl.constexpr, T: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """The intra-chunk part of the backward: the weighted scores P, their gradient dP (dP = dh.v / den
-    + dqn: the normaliser sums the same scores) and the decay weights d (P = q.k * scale * d)."""
-    scores = tl.zeros([L, L], dtype=tl.float32)
+    tile = tl.program_id(0)
+    pid_v = tl.program_id(1)
+    pid_bh = tl.program_id(2).to(tl.int64)
+    batch = pid_bh // NH
+    NT: tl.constexpr = L // T
+    chunk = tile // NT
+    chunk_start = chunk * L
+    tile_start = tile * T
+    tau = tl.arange(0, T)
+    t = tile_start + tau
+    valid = t < S
+    rows = pid_bh * S + t
+    offs_v = pid_v * BV + tl.arange(0, BV)
+    mask_tv = valid[:, None] & (offs_v < DV)[None, :]
+    state_index = pid_bh * (NC + 1) + chunk
+
+    # the stabiliser from the summary's gate sums (no pass over the keys needed)
+    m_prev = tl.load(M_STATES + state_index)
+    origin = tl.load(ORIGIN_FIRST + rows, mask=valid, other=float("-inf"))
+    if IS_EXP:
+        m = tl.maximum(origin + m_prev, tl.load(INTRA_MAX + rows, mask=valid, other=0.0))
+        lower = tl.exp(-m)
+    else:
+        m = tl.zeros([T], dtype=tl.float32)
+        lower = tl.full([T], 1.0, dtype=tl.float32)
+    w_origin = tl.exp(origin + m_prev - m)  # zero after a reset and past the end
+
+    # the state before the chunk; accumulated through tl.dot's acc argument from zeros: Triton 3.6
+    # miscompiled `acc = tl.dot(a, b)` followed by a loop of `acc += tl.dot(...)` (wrong rows on H200)
+    acc = tl.zeros([T, BV], dtype=tl.float32)
+    q_n_state = tl.zeros([T], dtype=tl.float32)
     for k0 in range(0, DQK, BK):
         offs_k = k0 + tl.arange(0, BK)
-        mask_k = valid[:, None] & (offs_k < DQK)[None, :]
-        q_tile = tl.load(Q + rows[:, None] * DQK + offs_k[None, :], mask=mask_k, other=0.0)
-        k_tile = tl.load(K + rows[:, None] * DQK + offs_k[None, :], mask=mask_k, other=0.0)
-        scores = tl.dot(q_tile, tl.trans(k_tile), scores, input_precision=DOT_PRECISION)
-    d_scores = tl.zeros([L, L], dtype=tl.float32)
-    for v0 in range(0, DV, BV):
-        offs_v = v0 + tl.arange(0, BV)
-        mask_v = valid[:, None] & (offs_v < DV)[None, :]
-        dh_tile = tl.load(DH + rows[:, None] * DV + offs_v[None, :], mask=mask_v, other=0.0)
-        v_tile = tl.load(V + rows[:, None] * DV + offs_v[None, :], mask=mask_v, other=0.0)
-        d_scores = tl.dot(dh_tile, tl.trans(v_tile), d_scores, input_precision=DOT_PRECISION)
+        mask_k = offs_k < DQK
+        q_tile = tl.load(Q + rows[:, None] * DQK + offs_k[None, :], mask=valid[:, None] & mask_k[None, :], other=0.0)
+        c_tile = tl.load(
+            C_STATES + state_index * DQK * DV + offs_k[:, None] * DV + offs_v[None, :],
+            mask=mask_k[:, None] & (offs_v < DV)[None, :],
+            other=0.0,
+        )
+        n_tile = tl.load(N_STATES + state_index * DQK + offs_k, mask=mask_k, other=0.0)
+        q_n_state += tl.sum(q_tile.to(tl.float32) * n_tile[None, :], 1)
+        q_weighted = (q_tile.to(tl.float32) * (w_origin * scale)[:, None]).to(q_tile.dtype)
+        acc = tl.dot(q_weighted, c_tile.to(q_tile.dtype), acc, input_precision=DOT_PRECISION)
+    q_n = w_origin * scale * q_n_state
 
-    m_prev = tl.load(M_STATES + pid_bh * (NC + 1) + chunk)
-    log_f, log_i, segment = _chunk_gates(I, F, RESET, pid_bh * S, batch * S, t, valid, IS_EXP)
-    log_d, _ = _intra_weights(log_f, log_i, segment, tau, m_prev)
-    m = tl.load(M_TOKENS + rows, mask=valid, other=0.0)
-    den = tl.load(DEN + rows, mask=valid, other=1.0)
-    dqn = tl.load(DQN + rows, mask=valid, other=0.0)
+    # the keys of this tile, then those of the chunk's earlier tiles, nearest first
+    log_f_q, log_i_q, segment_q = _tile_gates(I, F, RESET, pid_bh * S, batch * S, tile_start, chunk_start, S, IS_EXP, T, L)
+    scores = _scores(Q, K, rows, valid, rows, valid, DQK, T, BK, DOT_PRECISION)
+    log_d = _diagonal_log_weights(log_f_q, log_i_q, segment_q, tau)
+    p = tl.where(valid[:, None], scores * scale * tl.exp(log_d - m[:, None]), 0.0)
+    q_n += tl.sum(p, 1)
+    v_tile = tl.load(V + rows[:, None] * DV + offs_v[None, :], mask=mask_tv, other=0.0)
+    acc = tl.dot(p.to(v_tile.dtype), v_tile, acc, input_precision=DOT_PRECISION)
+    between = tl.zeros([1], dtype=tl.float32)  # log forget gates of the tiles in between
+    for j in range(tile - chunk * NT):
+        key_start = tile_start - (j + 1) * T
+        key_rows = pid_bh * S + key_start + tau
+        key_valid = key_start + tau < S
+        log_f_k, log_i_k, segment_k = _tile_gates(I, F, RESET, pid_bh * S, batch * S, key_start, chunk_start, S, IS_EXP, T, L)
+        scores = _scores(Q, K, rows, valid, key_rows, key_valid, DQK, T, BK, DOT_PRECISION)
+        log_d = _earlier_log_weights(log_f_q, segment_q, log_f_k, log_i_k, segment_k, between, tau)
+        p = tl.where(valid[:, None], scores * scale * tl.exp(log_d - m[:, None]), 0.0)
+        q_n += tl.sum(p, 1)
+        v_tile = tl.load(V + key_rows[:, None] * DV + offs_v[None, :], mask=key_valid[:, None] & (offs_v < DV)[None, :], other=0.0)
+        acc = tl.dot(p.to(v_tile.dtype), v_tile, acc, input_precision=DOT_PRECISION)
+        between += tl.sum(log_f_k, 0)
+
+    den = tl.maximum(tl.abs(q_n), lower) + eps
+    h = acc / den[:, None]
+    tl.store(H + rows[:, None] * DV + offs_v[None, :], h.to(H.dtype.element_ty), mask=mask_tv)
+    if pid_v == 0:
+        tl.store(M_TOKENS + rows, m, mask=valid)
+        tl.store(QN_TOKENS + rows, q_n, mask=valid)
+
+
+@triton.jit
+def _score_grads(scores, d_scores, log_d, m, den, dqn, valid, scale):
+    """The weighted scores P, their gradient dP (dP = dh.v / den + dqn: the normaliser sums the same
+    scores) and the decay weights d (P = q.k * scale * d) of a query tile and a key tile."""
     # rows past the end have no stabiliser: keep their weights at zero, not exp(large)
     d = tl.where(valid[:, None], tl.exp(log_d - m[:, None]), 0.0)
     p = scores * scale * d
@@ -359,12 +407,10 @@ def _chunk_score_grads(
 
 
 @triton.jit
-def _intra_gate_grads(p, d_p, tau):
-    """Gate gradients of the intra-chunk terms, from the gradients of their log-weights P * dP,
-    summed over the intervals of gates each term spans: not as q.dq - k.dk, whose diagonal terms
-    cancel and cost all relative precision when the forget gates are closed. log f_s enters the
-    terms (t, s') with s' < s <= t: queries_from[s, s'] sums the queries t >= s, then keys s' < s
-    count."""
+def _diagonal_gate_grads(p, d_p, tau):
+    """Gate gradients of a tile's terms with its own keys, from the gradients of their log-weights
+    P * dP, summed over the intervals of gates each term spans: log f_u enters the terms (t, s)
+    with s < u <= t: queries_from[u, s] sums the queries t >= u, then keys s < u count."""
     d_log_d = p * d_p
     queries_from = tl.dot(tl.where(tau[:, None] <= tau[None, :], 1.0, 0.0), d_log_d, input_precision="ieee")
     d_log_f = tl.sum(tl.where(tau[:, None] > tau[None, :], queries_from, 0.0), 1)
@@ -374,44 +420,85 @@ def _intra_gate_grads(p, d_p, tau):
 
 @triton.jit
 def _bwd_scores_kernel(
-    Q, K, V, I, F, RESET, DH, M_TOKENS, DEN, DQN, M_STATES, P_OUT, DS_OUT, DLOG_F, DLOG_I,
+    Q, K, V, I, F, RESET, DH, M_TOKENS, DEN, DQN, P_OUT, DS_OUT, DLOG_F, DLOG_I, COL_SUMS,
     S, NH, DQK, DV, NC, scale,
-    IS_EXP: tl.constexpr, L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    IS_EXP: tl.constexpr, L: tl.constexpr, T: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """Per (chunk, head), the L x L pieces of the backward, once: P and dS = dP * d in the input dtype
-    (the dq and dk/dv kernels load them, 2 x L x L elements per chunk, instead of recomputing them
-    from q, k, v and dh next to their state tiles), and the intra-chunk gate gradients, which start
-    DLOG_F and DLOG_I."""
-    chunk = tl.program_id(0)
+    """Per (query tile, head), the T x T pieces of the backward, once, for each key tile of the chunk
+    up to the query tile: P and dS = dP * d in the input dtype (the dq and dk/dv kernels load them
+    instead of recomputing them next to their state tiles), and the gate gradients of these terms.
+    Those of gates inside the query tile go to DLOG_F and DLOG_I; for an earlier key tile, the
+    column sums of the log-weight gradients go to COL_SUMS for the gates kernel."""
+    tile = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
     batch = pid_bh // NH
-    tau = tl.arange(0, L)
-    t = chunk * L + tau
+    NT: tl.constexpr = L // T
+    NPAIRS: tl.constexpr = NT * (NT + 1) // 2
+    chunk = tile // NT
+    a = tile - chunk * NT  # the query tile within the chunk
+    chunk_start = chunk * L
+    tile_start = tile * T
+    tau = tl.arange(0, T)
+    t = tile_start + tau
     valid = t < S
     rows = pid_bh * S + t
-    p, d_p, d = _chunk_score_grads(
-        Q, K, V, I, F, RESET, DH, M_TOKENS, DEN, DQN, M_STATES, pid_bh, batch, chunk, tau, t, valid, rows,
-        S, DQK, DV, NC, scale, IS_EXP, L, BK, BV, DOT_PRECISION,
-    )  # fmt: skip
-    d_log_f, d_log_i = _intra_gate_grads(p, d_p, tau)
+    m = tl.load(M_TOKENS + rows, mask=valid, other=0.0)
+    den = tl.load(DEN + rows, mask=valid, other=1.0)
+    dqn = tl.load(DQN + rows, mask=valid, other=0.0)
+    # the tile pairs (query a, key b <= a) of a chunk are numbered a * (a + 1) / 2 + b
+    first_pair = (pid_bh * NC + chunk) * NPAIRS + a * (a + 1) // 2
+    square = tau[:, None] * T + tau[None, :]
+
+    log_f_q, log_i_q, segment_q = _tile_gates(I, F, RESET, pid_bh * S, batch * S, tile_start, chunk_start, S, IS_EXP, T, L)
+    scores = _scores(Q, K, rows, valid, rows, valid, DQK, T, BK, DOT_PRECISION)
+    d_scores = _scores(DH, V, rows, valid, rows, valid, DV, T, BV, DOT_PRECISION)
+    log_d = _diagonal_log_weights(log_f_q, log_i_q, segment_q, tau)
+    p, d_p, d = _score_grads(scores, d_scores, log_d, m, den, dqn, valid, scale)
+    d_log_f, d_log_i = _diagonal_gate_grads(p, d_p, tau)
+    tl.store(P_OUT + (first_pair + a) * T * T + square, p.to(P_OUT.dtype.element_ty))
+    tl.store(DS_OUT + (first_pair + a) * T * T + square, (d_p * d).to(DS_OUT.dtype.element_ty))
+
+    from_earlier = tl.zeros([T], dtype=tl.float32)  # per query: the log-weight gradients of earlier keys
+    between = tl.zeros([1], dtype=tl.float32)
+    for j in range(a):
+        b = a - 1 - j
+        key_start = chunk_start + b * T
+        key_rows = pid_bh * S + key_start + tau
+        key_valid = key_start + tau < S
+        log_f_k, log_i_k, segment_k = _tile_gates(I, F, RESET, pid_bh * S, batch * S, key_start, chunk_start, S, IS_EXP, T, L)
+        scores = _scores(Q, K, rows, valid, key_rows, key_valid, DQK, T, BK, DOT_PRECISION)
+        d_scores = _scores(DH, V, rows, valid, key_rows, key_valid, DV, T, BV, DOT_PRECISION)
+        log_d = _earlier_log_weights(log_f_q, segment_q, log_f_k, log_i_k, segment_k, between, tau)
+        p, d_p, d = _score_grads(scores, d_scores, log_d, m, den, dqn, valid, scale)
+        tl.store(P_OUT + (first_pair + b) * T * T + square, p.to(P_OUT.dtype.element_ty))
+        tl.store(DS_OUT + (first_pair + b) * T * T + square, (d_p * d).to(DS_OUT.dtype.element_ty))
+        d_log_d = p * d_p
+        from_earlier += tl.sum(d_log_d, 1)
+        tl.store(COL_SUMS + (first_pair + b) * T + tau, tl.sum(d_log_d, 0))
+        between += tl.sum(log_f_k, 0)
+
+    # gate u of this tile lies in the interval of every term (t, s) with s in an earlier tile, t >= u
+    d_log_f += tl.cumsum(from_earlier, 0, reverse=True)
     tl.store(DLOG_F + rows, d_log_f, mask=valid)
     tl.store(DLOG_I + rows, d_log_i, mask=valid)
-    tile = (pid_bh * NC + chunk) * L * L + tau[:, None] * L + tau[None, :]
-    tl.store(P_OUT + tile, p.to(P_OUT.dtype.element_ty))
-    tl.store(DS_OUT + tile, (d_p * d).to(DS_OUT.dtype.element_ty))
 
 
 @triton.jit
 def _bwd_dq_kernel(
-    Q, K, DH, ORIGIN_FIRST, M_TOKENS, DEN, DQN, DS, C_STATES, N_STATES, M_STATES, DQ, DLOG_F,
+    Q, K, DH, ORIGIN_FIRST, M_TOKENS, DEN, DQN, DS, C_STATES, N_STATES, M_STATES, DQ, DLOG_ORIGIN,
     S, DQK, DV, NC, scale,
-    L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    L: tl.constexpr, T: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """dq of one chunk, and the gate gradients of its incoming-state terms (added to DLOG_F)."""
-    chunk = tl.program_id(0)
+    """dq of one query tile, and per query the gradient of the incoming state's log-weight."""
+    tile = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
-    tau = tl.arange(0, L)
-    t = chunk * L + tau
+    NT: tl.constexpr = L // T
+    NPAIRS: tl.constexpr = NT * (NT + 1) // 2
+    chunk = tile // NT
+    a = tile - chunk * NT
+    tau = tl.arange(0, T)
+    t = tile * T + tau
     valid = t < S
     rows = pid_bh * S + t
     state_index = pid_bh * (NC + 1) + chunk  # the state before this chunk
@@ -421,18 +508,17 @@ def _bwd_dq_kernel(
     dqn = tl.load(DQN + rows, mask=valid, other=0.0)
     origin = tl.load(ORIGIN_FIRST + rows, mask=valid, other=float("-inf"))
     w_origin = tl.exp(origin + m_prev - m)  # zero after a reset and past the end
-    d_scores = tl.load(DS + (pid_bh * NC + chunk) * L * L + tau[:, None] * L + tau[None, :])
+    first_pair = (pid_bh * NC + chunk) * NPAIRS + a * (a + 1) // 2
+    square = tau[:, None] * T + tau[None, :]
 
-    d_log_origin = tl.zeros([L], dtype=tl.float32)  # per query: the term of the state before the chunk
+    d_log_origin = tl.zeros([T], dtype=tl.float32)
     for k0 in range(0, DQK, BK):
         offs_k = k0 + tl.arange(0, BK)
         mask_k = offs_k < DQK
-        mask_tk = valid[:, None] & mask_k[None, :]
-        q_tile = tl.load(Q + rows[:, None] * DQK + offs_k[None, :], mask=mask_tk, other=0.0)
-        k_tile = tl.load(K + rows[:, None] * DQK + offs_k[None, :], mask=mask_tk, other=0.0)
+        q_tile = tl.load(Q + rows[:, None] * DQK + offs_k[None, :], mask=valid[:, None] & mask_k[None, :], other=0.0)
         n_tile = tl.load(N_STATES + state_index * DQK + offs_k, mask=mask_k, other=0.0)
         # accumulated through tl.dot's acc argument from zeros, as in _fwd_output_kernel
-        dq_state = tl.zeros([L, BK], dtype=tl.float32)
+        dq_state = tl.zeros([T, BK], dtype=tl.float32)
         for v0 in range(0, DV, BV):
             offs_v = v0 + tl.arange(0, BV)
             mask_v = offs_v < DV
@@ -446,74 +532,83 @@ def _bwd_dq_kernel(
             dq_state = tl.dot(dh_weighted, tl.trans(c_tile.to(q_tile.dtype)), dq_state, input_precision=DOT_PRECISION)
         dq_state += (w_origin * dqn)[:, None] * n_tile[None, :]
         d_log_origin += tl.sum(q_tile.to(tl.float32) * dq_state, 1) * scale
-        dq = tl.dot(d_scores, k_tile, input_precision=DOT_PRECISION) + dq_state
-        tl.store(DQ + rows[:, None] * DQK + offs_k[None, :], (dq * scale).to(DQ.dtype.element_ty), mask=mask_tk)
-
-    # the incoming state's term of query t spans the gates of its segment up to t
-    d_log_f = tl.load(DLOG_F + rows, mask=valid, other=0.0)
-    d_log_f += tl.sum(tl.where(tau[:, None] >= tau[None, :], d_log_origin[:, None], 0.0), 0)
-    tl.store(DLOG_F + rows, d_log_f, mask=valid)
+        dq_keys = tl.zeros([T, BK], dtype=tl.float32)
+        for b in range(a + 1):
+            key_t = chunk * L + b * T + tau
+            k_tile = tl.load(
+                K + (pid_bh * S + key_t)[:, None] * DQK + offs_k[None, :], mask=(key_t < S)[:, None] & mask_k[None, :], other=0.0
+            )
+            d_scores = tl.load(DS + (first_pair + b) * T * T + square)
+            dq_keys = tl.dot(d_scores, k_tile, dq_keys, input_precision=DOT_PRECISION)
+        dq = (dq_keys + dq_state) * scale
+        tl.store(DQ + rows[:, None] * DQK + offs_k[None, :], dq.to(DQ.dtype.element_ty), mask=valid[:, None] & mask_k[None, :])
+    tl.store(DLOG_ORIGIN + rows, d_log_origin, mask=valid)
 
 
 @triton.jit
 def _bwd_dkdv_kernel(
-    Q, K, V, DH, DEN, LOG_W, CHUNK_DECAY, CHUNK_RESET, P, DS,
-    M_STATES, DC_STATES, DN_STATES, CARRY_DOTS, DK, DV_OUT, DLOG_F, DLOG_I,
-    S, DQK, DV, NC, scale, N_CARRY_TILES,
-    IS_EXP: tl.constexpr, L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    CARRY_TILES_POW2: tl.constexpr,
+    Q, K, V, DH, DEN, LOG_W, P, DS, M_STATES, DC_STATES, DN_STATES, DK, DV_OUT, DLOG_W,
+    S, DQK, DV, NC, scale,
+    L: tl.constexpr, T: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """dk, dv of one chunk, and the gate gradients of its outgoing- and carried-state terms (added
-    to DLOG_F and DLOG_I)."""
-    chunk = tl.program_id(0)
+    """dk, dv of one key tile, and per key the gradient of its log-weight in the state after the chunk."""
+    tile = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
-    tau = tl.arange(0, L)
-    t = chunk * L + tau
+    NT: tl.constexpr = L // T
+    NPAIRS: tl.constexpr = NT * (NT + 1) // 2
+    chunk = tile // NT
+    b = tile - chunk * NT  # the key tile within the chunk
+    tau = tl.arange(0, T)
+    t = tile * T + tau
     valid = t < S
     rows = pid_bh * S + t
-    state_index = pid_bh * (NC + 1) + chunk  # the state before this chunk
-    next_index = state_index + 1  # and after it
-    tile = (pid_bh * NC + chunk) * L * L + tau[:, None] * L + tau[None, :]
-    p = tl.load(P + tile)
-    d_scores = tl.load(DS + tile)
-    den = tl.load(DEN + rows, mask=valid, other=1.0)
-    m_prev = tl.load(M_STATES + state_index)
-    carry, w, _ = _state_update(LOG_W, CHUNK_DECAY, CHUNK_RESET, pid_bh, chunk, t, valid, S, NC, m_prev, IS_EXP)
+    next_index = pid_bh * (NC + 1) + chunk + 1  # the state after this chunk
+    # the key's weight in the state after the chunk, with that state's stabiliser
+    w = tl.exp(tl.load(LOG_W + rows, mask=valid, other=float("-inf")) - tl.load(M_STATES + next_index))
+    query_tiles = tl.minimum(NT, tl.cdiv(S - chunk * L, T))  # the chunk's tiles (the last chunk may be short)
+    pairs = (pid_bh * NC + chunk) * NPAIRS
+    square = tau[:, None] * T + tau[None, :]
 
-    d_log_w = tl.zeros([L], dtype=tl.float32)  # per key: its term in the state after the chunk
+    d_log_w = tl.zeros([T], dtype=tl.float32)
     for k0 in range(0, DQK, BK):
         offs_k = k0 + tl.arange(0, BK)
         mask_k = offs_k < DQK
         mask_tk = valid[:, None] & mask_k[None, :]
-        q_tile = tl.load(Q + rows[:, None] * DQK + offs_k[None, :], mask=mask_tk, other=0.0)
         k_tile = tl.load(K + rows[:, None] * DQK + offs_k[None, :], mask=mask_tk, other=0.0)
         dn_tile = tl.load(DN_STATES + next_index * DQK + offs_k, mask=mask_k, other=0.0)
-        dk_state = tl.zeros([L, BK], dtype=tl.float32)
+        dk_state = tl.zeros([T, BK], dtype=tl.float32)
         for v0 in range(0, DV, BV):
             offs_v = v0 + tl.arange(0, BV)
             mask_v = offs_v < DV
-            tile_kv = offs_k[:, None] * DV + offs_v[None, :]
-            mask_kv = mask_k[:, None] & mask_v[None, :]
             v_tile = tl.load(V + rows[:, None] * DV + offs_v[None, :], mask=valid[:, None] & mask_v[None, :], other=0.0)
-            dc_tile = tl.load(DC_STATES + next_index * DQK * DV + tile_kv, mask=mask_kv, other=0.0)
-            v_weighted = (v_tile.to(tl.float32) * w[:, None]).to(q_tile.dtype)
-            dk_state = tl.dot(v_weighted, tl.trans(dc_tile.to(q_tile.dtype)), dk_state, input_precision=DOT_PRECISION)
+            dc_tile = tl.load(
+                DC_STATES + next_index * DQK * DV + offs_k[:, None] * DV + offs_v[None, :],
+                mask=mask_k[:, None] & mask_v[None, :],
+                other=0.0,
+            )
+            v_weighted = (v_tile.to(tl.float32) * w[:, None]).to(k_tile.dtype)
+            dk_state = tl.dot(v_weighted, tl.trans(dc_tile.to(k_tile.dtype)), dk_state, input_precision=DOT_PRECISION)
         dk_state += w[:, None] * dn_tile[None, :]
         d_log_w += tl.sum(k_tile.to(tl.float32) * dk_state, 1)
-        dk = tl.dot(tl.trans(d_scores), q_tile, input_precision=DOT_PRECISION) * scale + dk_state
+        dk_queries = tl.zeros([T, BK], dtype=tl.float32)
+        for a in range(b, query_tiles):
+            query_t = chunk * L + a * T + tau
+            q_tile = tl.load(
+                Q + (pid_bh * S + query_t)[:, None] * DQK + offs_k[None, :], mask=(query_t < S)[:, None] & mask_k[None, :], other=0.0
+            )
+            d_scores = tl.load(DS + (pairs + a * (a + 1) // 2 + b) * T * T + square)
+            dk_queries = tl.dot(tl.trans(d_scores), q_tile, dk_queries, input_precision=DOT_PRECISION)
+        dk = dk_queries * scale + dk_state
         tl.store(DK + rows[:, None] * DQK + offs_k[None, :], dk.to(DK.dtype.element_ty), mask=mask_tk)
 
     for v0 in range(0, DV, BV):
         offs_v = v0 + tl.arange(0, BV)
         mask_v = offs_v < DV
-        mask_tv = valid[:, None] & mask_v[None, :]
-        dv = tl.zeros([L, BV], dtype=tl.float32)
+        dv = tl.zeros([T, BV], dtype=tl.float32)
         for k0 in range(0, DQK, BK):
             offs_k = k0 + tl.arange(0, BK)
             mask_k = offs_k < DQK
-            k_tile = tl.load(
-                K + rows[:, None] * DQK + offs_k[None, :], mask=valid[:, None] & mask_k[None, :], other=0.0
-            )
+            k_tile = tl.load(K + rows[:, None] * DQK + offs_k[None, :], mask=valid[:, None] & mask_k[None, :], other=0.0)
             dc_tile = tl.load(
                 DC_STATES + next_index * DQK * DV + offs_k[:, None] * DV + offs_v[None, :],
                 mask=mask_k[:, None] & mask_v[None, :],
@@ -521,20 +616,77 @@ def _bwd_dkdv_kernel(
             )
             k_weighted = (k_tile.to(tl.float32) * w[:, None]).to(k_tile.dtype)
             dv = tl.dot(k_weighted, dc_tile.to(k_tile.dtype), dv, input_precision=DOT_PRECISION)
-        dh_tile = tl.load(DH + rows[:, None] * DV + offs_v[None, :], mask=mask_tv, other=0.0)
-        dh_scaled = (dh_tile.to(tl.float32) / den[:, None]).to(dh_tile.dtype)
-        dv = tl.dot(tl.trans(p), dh_scaled, dv, input_precision=DOT_PRECISION)
-        tl.store(DV_OUT + rows[:, None] * DV + offs_v[None, :], dv.to(DV_OUT.dtype.element_ty), mask=mask_tv)
+        for a in range(b, query_tiles):
+            query_t = chunk * L + a * T + tau
+            query_valid = query_t < S
+            query_rows = pid_bh * S + query_t
+            p = tl.load(P + (pairs + a * (a + 1) // 2 + b) * T * T + square)
+            den = tl.load(DEN + query_rows, mask=query_valid, other=1.0)
+            dh_tile = tl.load(DH + query_rows[:, None] * DV + offs_v[None, :], mask=query_valid[:, None] & mask_v[None, :], other=0.0)
+            dh_scaled = (dh_tile.to(tl.float32) / den[:, None]).to(dh_tile.dtype)
+            dv = tl.dot(tl.trans(p), dh_scaled, dv, input_precision=DOT_PRECISION)
+        tl.store(DV_OUT + rows[:, None] * DV + offs_v[None, :], dv.to(DV_OUT.dtype.element_ty), mask=valid[:, None] & mask_v[None, :])
+    tl.store(DLOG_W + rows, d_log_w, mask=valid)
 
-    # key s' < s puts log f_s into its outgoing-state term; the carried state spans the whole chunk
-    d_log_f = tl.load(DLOG_F + rows, mask=valid, other=0.0)
-    d_log_f += tl.sum(tl.where(tau[:, None] < tau[None, :], d_log_w[:, None], 0.0), 0)
+
+@triton.jit
+def _exclusive_prefix(x, tau):
+    """sum of x over the tile's earlier tokens (a masked sum: no difference of running totals)."""
+    return tl.sum(tl.where(tau[None, :] < tau[:, None], x[None, :], 0.0), 1)
+
+
+@triton.jit
+def _gate_grads_kernel(
+    DLOG_F, DLOG_I, DLOG_ORIGIN, DLOG_W, COL_SUMS, CARRY_DOTS, CHUNK_DECAY, CHUNK_RESET, M_STATES,
+    S, NC, N_CARRY_TILES,
+    L: tl.constexpr, T: tl.constexpr, CARRY_TILES_POW2: tl.constexpr,
+):  # fmt: skip
+    """Per chunk: adds to the intra-tile gate gradients (DLOG_F, DLOG_I, from the scores kernel) the
+    terms whose gate intervals cross tiles. Gate u lies in the interval of
+    - the incoming-state term of every query t >= u of the chunk (DLOG_ORIGIN),
+    - the outgoing-state term of every key s < u (DLOG_W, which also adds to log i_s),
+    - the carried state's term (all gates of the chunk),
+    - the term (t, s) of a query tile after u's tile and a key s < u: for s in u's tile through the
+      column sums of that tile pair, for s in an earlier tile through the pair's total."""
+    chunk = tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    NT: tl.constexpr = L // T
+    NPAIRS: tl.constexpr = NT * (NT + 1) // 2
+    tau = tl.arange(0, T)
+    state_index = pid_bh * (NC + 1) + chunk
+    has_reset = tl.load(CHUNK_RESET + pid_bh * NC + chunk) > 0
+    decay = tl.load(CHUNK_DECAY + pid_bh * NC + chunk)
+    carry = tl.where(has_reset, 0.0, tl.exp(decay + tl.load(M_STATES + state_index) - tl.load(M_STATES + state_index + 1)))
     tiles = tl.arange(0, CARRY_TILES_POW2)
     carry_dots = tl.load(CARRY_DOTS + (pid_bh * NC + chunk) * N_CARRY_TILES + tiles, mask=tiles < N_CARRY_TILES, other=0.0)
-    d_log_f += carry * tl.sum(carry_dots, 0)
-    d_log_i = tl.load(DLOG_I + rows, mask=valid, other=0.0) + d_log_w
-    tl.store(DLOG_F + rows, d_log_f, mask=valid)
-    tl.store(DLOG_I + rows, d_log_i, mask=valid)
+    carried = carry * tl.sum(carry_dots, 0)
+    pairs = (pid_bh * NC + chunk) * NPAIRS
+    chunk_rows = pid_bh * S + chunk * L
+    for c in tl.static_range(NT):
+        t = chunk * L + c * T + tau
+        valid = t < S
+        rows = chunk_rows + c * T + tau
+        d_log_f = tl.load(DLOG_F + rows, mask=valid, other=0.0)
+        d_log_i = tl.load(DLOG_I + rows, mask=valid, other=0.0)
+        d_origin = tl.load(DLOG_ORIGIN + rows, mask=valid, other=0.0)
+        d_w = tl.load(DLOG_W + rows, mask=valid, other=0.0)
+        d_log_f += tl.cumsum(d_origin, 0, reverse=True) + _exclusive_prefix(d_w, tau) + carried
+        d_log_i += d_w
+        whole_tiles = tl.zeros([1], dtype=tl.float32)
+        for b in tl.static_range(c):
+            whole_tiles += tl.sum(tl.load(DLOG_W + chunk_rows + b * T + tau, mask=chunk * L + b * T + tau < S, other=0.0), 0)
+        for a in tl.static_range(c + 1, NT):
+            query_valid = chunk * L + a * T + tau < S
+            whole_tiles += tl.sum(tl.load(DLOG_ORIGIN + chunk_rows + a * T + tau, mask=query_valid, other=0.0), 0)
+            # unwritten pairs (query tiles past the end) hold zeros
+            col = tl.load(COL_SUMS + (pairs + a * (a + 1) // 2 + c) * T + tau)
+            d_log_i += col
+            d_log_f += _exclusive_prefix(col, tau)
+            for b in tl.static_range(c):
+                whole_tiles += tl.sum(tl.load(COL_SUMS + (pairs + a * (a + 1) // 2 + b) * T + tau), 0)
+        d_log_f += whole_tiles
+        tl.store(DLOG_F + rows, d_log_f, mask=valid)
+        tl.store(DLOG_I + rows, d_log_i, mask=valid)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -559,45 +711,55 @@ class _Config:
         self.B, self.NH, self.S, self.DQK = q.shape
         self.DV = v.shape[-1]
         self.L = chunk_size
+        self.T = min(DEFAULT_TILE_SIZE, chunk_size)
         self.NC = triton.cdiv(self.S, chunk_size)
         self.is_exp = input_gate == "exp"
         self.eps = eps
         self.scale = self.DQK**-0.5
         self.dot_precision = _dot_precision(q.dtype)
-        # The chunk kernels round C and dC to the input dtype before their tensor-core products, so
-        # the states they read are stored in it: half the bytes of fp32 for bf16 inputs (the state
-        # traffic dominates at DQK x DV = 256 x 512). The recurrences run in fp32, and the final state
-        # and the initial state's gradient are fp32 outputs of their own.
+        # The tile kernels round C and dC to the input dtype before their tensor-core products, so
+        # the states they read are stored in it: half the bytes of fp32 for bf16 inputs. The
+        # recurrences run in fp32, and the final state and the initial state's gradient are fp32
+        # outputs of their own.
         self.state_dtype = q.dtype
         # state kernels: one program per (head, DQK tile, DV tile) walking the chunks
         self.fwd_states = dict(BK=_tile(self.DQK, 64), BV=_tile(self.DV, 128), num_warps=4, num_stages=2)
         # no software pipelining in the backward recurrence: its registers go to the carried-state
-        # term instead (-10% at the 7B layer's shape on an H100)
+        # term instead
         self.bwd_states = dict(self.fwd_states, num_stages=1)
-        # chunk kernels: one program per (chunk, head) looping over head-dim tiles
-        warps = 8 if chunk_size >= 128 else 4
-        # three stages in the kernels that stream state tiles through their inner loop (at chunk 64;
-        # larger chunks have no shared memory to spare for them)
-        stages = 3 if chunk_size <= 64 else 2
-        self.output = dict(BK=_tile(self.DQK, 64), BV=_tile(self.DV, 128), num_warps=warps, num_stages=stages)
-        # backward chunk kernels: the L x L pieces once (scores), then dq and dk/dv, which load them
-        self.scores = dict(self.output, num_stages=2)
-        self.dq = dict(self.output, num_stages=2)
+        # tile kernels: one program per (tile, head) looping over head-dim slices
+        self.output = dict(BK=_tile(self.DQK, 64), BV=_tile(self.DV, 128), num_warps=4, num_stages=2)
+        self.scores = dict(self.output)
+        self.dq = dict(self.output)
         self.dkdv = dict(self.output)
 
     def override(self, settings: str) -> None:
-        """Apply launch settings such as ``"states.num_stages=3,dkdv.num_warps=8,state_dtype=float32"``
-        (for benchmarks and tests of the variants; ``states`` sets both state kernels, ``grads`` the
-        three backward chunk kernels)."""
+        """Apply launch settings such as ``"tile=32,states.num_stages=3,dkdv.num_warps=8"`` (for
+        benchmarks and tests of the variants; ``states`` sets both state kernels, ``grads`` the three
+        backward tile kernels, ``tile`` the tile size T, ``state_dtype`` the stored states' dtype)."""
         for item in settings.split(","):
             key, value = item.split("=")
             if key == "state_dtype":
                 self.state_dtype = getattr(torch, value)
+            elif key == "tile":
+                self.T = int(value)
             else:
                 group, name = key.split(".")
                 groups = {"states": ("fwd_states", "bwd_states"), "grads": ("scores", "dq", "dkdv")}.get(group, (group,))
                 for group in groups:
                     getattr(self, group)[name] = int(value)
+        if self.T < 16 or self.L % self.T or self.T & (self.T - 1):
+            raise ValueError(f"mlstm: tile {self.T} must be a power of two >= 16 dividing the chunk size {self.L}")
+
+    @property
+    def n_tiles(self) -> int:
+        return triton.cdiv(self.S, self.T)
+
+    @property
+    def n_pairs(self) -> int:
+        """(query tile, key tile) pairs per chunk: key tile <= query tile."""
+        tiles = self.L // self.T
+        return tiles * (tiles + 1) // 2
 
 
 class _ChunkSummary:
@@ -607,11 +769,12 @@ class _ChunkSummary:
         BH = cfg.B * cfg.NH
         self.log_w = torch.empty(BH, cfg.S, device=i.device, dtype=torch.float32)
         self.origin_first = torch.empty_like(self.log_w)
+        self.intra_max = torch.empty_like(self.log_w) if cfg.is_exp else self.log_w  # not read
         self.decay = torch.empty(BH, cfg.NC, device=i.device, dtype=torch.float32)
         self.has_reset = torch.empty(BH, cfg.NC, device=i.device, dtype=torch.int32)
         _chunk_summary_kernel[(cfg.NC, BH)](
-            i, f, reset, self.log_w, self.origin_first, self.decay, self.has_reset, cfg.S, cfg.NH, cfg.NC,
-            IS_EXP=cfg.is_exp, L=cfg.L, num_warps=4,
+            i, f, reset, self.log_w, self.origin_first, self.intra_max, self.decay, self.has_reset,
+            cfg.S, cfg.NH, cfg.NC, IS_EXP=cfg.is_exp, L=cfg.L, T=cfg.T, num_warps=4,
         )  # fmt: skip
 
 
@@ -637,15 +800,16 @@ def _launch_fwd_states(k, v, summary: _ChunkSummary, c0, n0, m0, cfg: _Config):
     return c_states, n_states, m_states, c_last
 
 
-def _launch_fwd_output(q, k, v, i, f, reset, c_states, n_states, m_states, cfg: _Config):
+def _launch_fwd_output(q, k, v, i, f, reset, summary: _ChunkSummary, c_states, n_states, m_states, cfg: _Config):
     dev = q.device
     h = torch.empty(cfg.B, cfg.NH, cfg.S, cfg.DV, device=dev, dtype=q.dtype)
     m_tokens = torch.empty(cfg.B, cfg.NH, cfg.S, device=dev, dtype=torch.float32)
     qn_tokens = torch.empty(cfg.B, cfg.NH, cfg.S, device=dev, dtype=torch.float32)
-    _fwd_output_kernel[(cfg.NC, cfg.B * cfg.NH)](
-        q, k, v, i, f, reset, c_states, n_states, m_states, h, m_tokens, qn_tokens,
-        cfg.S, cfg.NH, cfg.DQK, cfg.DV, cfg.NC, cfg.scale, cfg.eps,
-        IS_EXP=cfg.is_exp, L=cfg.L, DOT_PRECISION=cfg.dot_precision, **cfg.output,
+    grid = (cfg.n_tiles, triton.cdiv(cfg.DV, cfg.output["BV"]), cfg.B * cfg.NH)
+    _fwd_output_kernel[grid](
+        q, k, v, i, f, reset, summary.origin_first, summary.intra_max, c_states, n_states, m_states,
+        h, m_tokens, qn_tokens, cfg.S, cfg.NH, cfg.DQK, cfg.DV, cfg.NC, cfg.scale, cfg.eps,
+        IS_EXP=cfg.is_exp, L=cfg.L, T=cfg.T, DOT_PRECISION=cfg.dot_precision, **cfg.output,
     )  # fmt: skip
     return h, m_tokens, qn_tokens
 
@@ -653,7 +817,7 @@ def _launch_fwd_output(q, k, v, i, f, reset, c_states, n_states, m_states, cfg: 
 def _forward(q, k, v, i, f, reset, c0, n0, m0, cfg: _Config):
     summary = _ChunkSummary(i, f, reset, cfg)
     c_states, n_states, m_states, c_last = _launch_fwd_states(k, v, summary, c0, n0, m0, cfg)
-    h, m_tokens, qn_tokens = _launch_fwd_output(q, k, v, i, f, reset, c_states, n_states, m_states, cfg)
+    h, m_tokens, qn_tokens = _launch_fwd_output(q, k, v, i, f, reset, summary, c_states, n_states, m_states, cfg)
     return h, summary, c_states, n_states, m_states, c_last, m_tokens, qn_tokens
 
 
@@ -684,31 +848,37 @@ def _launch_bwd_states(q, dh, summary, m_tokens, den, dqn, states, dc_last, dn_l
 
 def _launch_bwd_grads(q, k, v, i, f, reset, dh, m_tokens, den, dqn, summary, states, d_states, cfg: _Config):
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    d_log_f = torch.empty(cfg.B, cfg.NH, cfg.S, device=q.device, dtype=torch.float32)
-    d_log_i = torch.empty_like(d_log_f)
+    BH = cfg.B * cfg.NH
+    d_log_f = torch.empty(BH, cfg.S, device=q.device, dtype=torch.float32)
+    d_log_i, d_log_origin, d_log_w = (torch.empty_like(d_log_f) for _ in range(3))
     c_states, n_states, m_states = states
     dc_states, dn_states, carry_dots = d_states
-    BH = cfg.B * cfg.NH
-    p = torch.empty(BH, cfg.NC, cfg.L, cfg.L, device=q.device, dtype=q.dtype)
+    pairs = BH * cfg.NC * cfg.n_pairs
+    p = torch.empty(pairs, cfg.T, cfg.T, device=q.device, dtype=q.dtype)
     d_scores = torch.empty_like(p)
-    launch = dict(L=cfg.L, DOT_PRECISION=cfg.dot_precision)
-    grid = (cfg.NC, BH)
+    col_sums = torch.zeros(pairs, cfg.T, device=q.device, dtype=torch.float32)  # pairs never written read as 0
+    launch = dict(L=cfg.L, T=cfg.T, DOT_PRECISION=cfg.dot_precision)
+    grid = (cfg.n_tiles, BH)
     _bwd_scores_kernel[grid](
-        q, k, v, i, f, reset, dh, m_tokens, den, dqn, m_states, p, d_scores, d_log_f, d_log_i,
+        q, k, v, i, f, reset, dh, m_tokens, den, dqn, p, d_scores, d_log_f, d_log_i, col_sums,
         cfg.S, cfg.NH, cfg.DQK, cfg.DV, cfg.NC, cfg.scale, IS_EXP=cfg.is_exp, **launch, **cfg.scores,
     )  # fmt: skip
     _bwd_dq_kernel[grid](
-        q, k, dh, summary.origin_first, m_tokens, den, dqn, d_scores, c_states, n_states, m_states, dq, d_log_f,
+        q, k, dh, summary.origin_first, m_tokens, den, dqn, d_scores, c_states, n_states, m_states, dq, d_log_origin,
         cfg.S, cfg.DQK, cfg.DV, cfg.NC, cfg.scale, **launch, **cfg.dq,
     )  # fmt: skip
-    n_carry_tiles = carry_dots.shape[-1]
     _bwd_dkdv_kernel[grid](
-        q, k, v, dh, den, summary.log_w, summary.decay, summary.has_reset, p, d_scores,
-        m_states, dc_states, dn_states, carry_dots, dk, dv, d_log_f, d_log_i,
-        cfg.S, cfg.DQK, cfg.DV, cfg.NC, cfg.scale, n_carry_tiles,
-        IS_EXP=cfg.is_exp, CARRY_TILES_POW2=triton.next_power_of_2(n_carry_tiles), **launch, **cfg.dkdv,
+        q, k, v, dh, den, summary.log_w, p, d_scores, m_states, dc_states, dn_states, dk, dv, d_log_w,
+        cfg.S, cfg.DQK, cfg.DV, cfg.NC, cfg.scale, **launch, **cfg.dkdv,
     )  # fmt: skip
-    return dq, dk, dv, d_log_f, d_log_i
+    n_carry_tiles = carry_dots.shape[-1]
+    _gate_grads_kernel[(cfg.NC, BH)](
+        d_log_f, d_log_i, d_log_origin, d_log_w, col_sums, carry_dots, summary.decay, summary.has_reset, m_states,
+        cfg.S, cfg.NC, n_carry_tiles, L=cfg.L, T=cfg.T, CARRY_TILES_POW2=triton.next_power_of_2(n_carry_tiles),
+        num_warps=4,
+    )  # fmt: skip
+    shape = (cfg.B, cfg.NH, cfg.S)
+    return dq, dk, dv, d_log_f.view(shape), d_log_i.view(shape)
 
 
 @triton.jit

@@ -137,6 +137,29 @@ def test_chunkwise_kernel_matches_reference_fp32(seed, input_gate, S, DQK, DV, c
     compare_with_reference(inputs, input_gate, 1e-4, seed, chunk_size=chunk, doc_ids=doc_ids)
 
 
+# chunks of several tiles (tile 16 at chunk 32 and 64): the cross-tile log-weights, stabilisers and
+# gate-gradient sums that the default shapes (chunk 128, tile 64) use, at CPU sizes
+MULTI_TILE_CASES = [
+    # (input_gate, S, DQK, DV, chunk, hard, with_state, with_docs)
+    ("exp", 37, 16, 32, 32, True, True, False),
+    ("exp", 100, 32, 16, 64, True, False, True),
+    ("exp", 130, 16, 16, 64, True, True, True),
+    ("exp", 64, 16, 16, 64, False, True, True),
+    ("sigmoid", 77, 16, 32, 32, True, True, True),
+    ("sigmoid", 69, 32, 16, 64, False, False, False),
+]
+
+
+@pytest.mark.parametrize("input_gate,S,DQK,DV,chunk,hard,with_state,with_docs", MULTI_TILE_CASES)
+def test_chunks_of_several_tiles_match_reference_fp32(
+    monkeypatch, seed, input_gate, S, DQK, DV, chunk, hard, with_state, with_docs
+):
+    with_launch_variant(monkeypatch, "tile=16")
+    inputs = make_inputs(2, 2, S, DQK, DV, input_gate=input_gate, hard=hard, with_state=with_state, dtype=torch.float32)
+    doc_ids = random_doc_ids(2, S) if with_docs else None
+    compare_with_reference(inputs, input_gate, 1e-4, seed, chunk_size=chunk, doc_ids=doc_ids)
+
+
 @pytest.mark.parametrize("input_gate", ["exp", "sigmoid"])
 def test_gradients_of_h_alone_with_a_partial_initial_state(seed, input_gate):
     """return_state=False (no gradient flows in through the final state) and only n0 (and m0) given."""
@@ -193,6 +216,13 @@ def test_triton_rejects_bad_chunk_size_and_dtype():
         mlstm(**{k: t.double() for k, t in inputs.items()}, impl="triton")
 
 
+def test_triton_rejects_a_tile_that_does_not_divide_the_chunk(monkeypatch):
+    inputs = make_inputs(1, 1, 8, 16, 16, input_gate="exp", hard=False, with_state=False, dtype=torch.float32)
+    with_launch_variant(monkeypatch, "tile=32")
+    with pytest.raises(ValueError, match="tile 32 must be a power of two >= 16 dividing the chunk size 16"):
+        mlstm(**inputs, impl="triton", chunk_size=16)
+
+
 GPU_HEAD_DIMS = [(64, 64), (128, 256), (256, 512), (512, 128), (512, 512)]
 
 
@@ -207,7 +237,7 @@ def test_chunkwise_kernel_bf16_on_gpu(seed, input_gate, DQK, DV):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("input_gate", ["exp", "sigmoid"])
-@pytest.mark.parametrize("chunk_size", [64, 128])
+@pytest.mark.parametrize("chunk_size", [64, 128, 256])
 def test_chunkwise_kernel_bf16_on_gpu_no_state_no_docs(seed, input_gate, chunk_size):
     inputs = make_inputs(2, 4, 517, 256, 512, input_gate=input_gate, hard=True, with_state=False, dtype=torch.bfloat16)
     compare_with_reference(inputs, input_gate, 1e-2, seed, chunk_size=chunk_size)
