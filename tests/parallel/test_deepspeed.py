@@ -116,6 +116,88 @@ def test_deepspeed_zero_1_2_3_match_single_process_and_resume(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------
+# Tensor parallel x ZeRO: the TP shards are ZeRO's parameters, partitioned over dp only
+
+TP_CASES = (("xlstm_large", 1, "none"), ("llama", 2, "none"), ("xlstm_blocks", 2, "full"))
+
+
+def _zero_with_tensor_parallel(ckpt_root: str) -> None:
+    import deepspeed
+    import torch.distributed as dist
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad
+
+    from xlstm_train.parallel import build_mesh, dp_mean, dp_rank_and_size, loss_context, to_full
+    from xlstm_train.parallel.deepspeed_engine import build_deepspeed_engine, save_deepspeed_checkpoint
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # see _zero_stages
+    for arch, stage, checkpointing in TP_CASES:
+        cfg = run_config(stage)
+        cfg.parallel.tp, cfg.parallel.activation_checkpointing = 2, checkpointing
+        model_cfg, model = make_model(arch)
+        cfg.model = model_cfg
+        reference = copy.deepcopy(model)
+        ref_opt = torch.optim.AdamW(reference.parameters(), lr=1e-2, betas=(0.9, 0.95), eps=1e-5, weight_decay=0.1)
+        mesh = build_mesh(cfg.parallel, dist.get_world_size(), "cpu", model_cfg)
+        engine, _ = build_deepspeed_engine(model, [{"params": list(model.parameters())}], cfg, mesh)
+        dp_rank, dp_size = dp_rank_and_size(mesh)
+        assert (engine.dp_world_size, dp_size) == (2, 2)  # ZeRO partitions over dp, not over tp x dp
+        assert engine.optimizer.partition_count == [dp_size]
+        rows = slice(dp_rank * BATCH // dp_size, (dp_rank + 1) * BATCH // dp_size)
+        names = [n for n, _ in reference.named_parameters()]
+
+        def local_loss(step: int) -> torch.Tensor:
+            inputs, labels, doc_ids = batch(step)
+            logits = engine(inputs[rows], doc_ids[rows])  # vocabulary-sharded (loss_parallel)
+            return to_full(F.cross_entropy(logits.flatten(0, 1), labels[rows].flatten()))
+
+        for step in range(3):
+            inputs, labels, doc_ids = batch(step)
+            ref_loss = F.cross_entropy(reference(inputs, doc_ids).flatten(0, 1), labels.flatten())
+            ref_loss.backward()
+            with loss_context(mesh, cfg.parallel):
+                loss = local_loss(step)
+                engine.backward(loss)
+            where = f"{arch} ZeRO-{stage} tp=2 dp=2 checkpointing={checkpointing} step {step}"
+            assert_close(dp_mean(loss, mesh), ref_loss, what=f"{where} loss")
+            for name, p, ref in zip(names, engine.module.parameters(), reference.parameters()):
+                assert_close(p.tp_shard.full(safe_get_full_grad(p)), ref.grad, what=f"{where} grad of {name}")
+            ref_norm = torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.5)
+            ref_opt.step()
+            ref_opt.zero_grad()
+            engine.step()
+            assert_close(torch.tensor(float(engine.get_global_grad_norm())), ref_norm, what=f"{where} grad norm")
+        for name, p, ref in zip(names, engine.module.parameters(), reference.parameters()):
+            assert_close(p.tp_shard.full(safe_get_full_fp32_param(p)), ref.detach(), what=f"{where} weight {name}")
+        # a checkpoint per TP rank, and the next step's loss for the converted one to match
+        save_deepspeed_checkpoint(engine, os.path.join(ckpt_root, arch), step=3)
+        with loss_context(mesh, cfg.parallel), torch.no_grad():
+            next_loss = dp_mean(local_loss(3), mesh)
+        if dist.get_rank() == 0:
+            torch.save(next_loss, os.path.join(ckpt_root, arch, "next_loss.pt"))
+        dist.barrier()
+
+
+def test_deepspeed_zero_1_2_with_tp2_dp2_match_single_process_and_convert(tmp_path):
+    run_distributed(_zero_with_tensor_parallel, 4, str(tmp_path))
+    # each run's checkpoint holds a ZeRO checkpoint per TP rank; merged, it is the whole model
+    import torch.distributed.checkpoint as dcp
+
+    from xlstm_train.parallel.deepspeed_engine import convert_deepspeed_checkpoint
+
+    for arch, _, _ in TP_CASES:
+        assert len(list((tmp_path / arch / "step-0000003").glob("mp_rank_*_model_states.pt"))) == 2
+        out = convert_deepspeed_checkpoint(tmp_path / arch, tmp_path / f"converted-{arch}")
+        _, model = make_model(arch, seed=1)
+        state = {"model": model.state_dict()}
+        dcp.load(state, checkpoint_id=out, no_dist=True)
+        model.load_state_dict(state["model"])
+        inputs, labels, doc_ids = batch(3)
+        with torch.no_grad():
+            loss = F.cross_entropy(model(inputs, doc_ids).flatten(0, 1), labels.flatten())
+        assert_close(loss, torch.load(tmp_path / arch / "next_loss.pt"), what=f"{arch} loss after conversion")
+
+
+# ------------------------------------------------------------------------------------------------
 # The trainer with parallel.engine=deepspeed
 
 TRAIN_RECIPE = {
@@ -173,41 +255,48 @@ def test_trainer_deepspeed_zero_1_2_match_fsdp_and_resume(tmp_path):
     from xlstm_train.train.trainer import train
 
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(TRAIN_RECIPE))
-    for stage in (1, 2):
-        ds = ("parallel.engine=deepspeed", f"parallel.zero_stage={stage}", "train.micro_batch_size=2")
+    # run name: overrides, on 2 processes: ZeRO over dp=2, or tp=2 (dp=1) with the recipe's batch
+    runs = {
+        f"zero{stage}": ("parallel.engine=deepspeed", f"parallel.zero_stage={stage}", "train.micro_batch_size=2")
+        for stage in (1, 2)
+    }
+    runs["zero2-tp2"] = ("parallel.engine=deepspeed", "parallel.zero_stage=2", "parallel.tp=2")
+    for run, overrides in runs.items():
         # two steps, then the same run directory resumed from its step-2 checkpoint to step 4
         # (train() leaves the process group, and DeepSpeed keeps it: one launch per run)
-        run_distributed(_deepspeed_train, 2, str(tmp_path), f"zero{stage}", (*ds, "train.steps=2"))
-        run_distributed(_deepspeed_train, 2, str(tmp_path), f"zero{stage}", ds)
+        run_distributed(_deepspeed_train, 2, str(tmp_path), run, (*overrides, "train.steps=2"))
+        run_distributed(_deepspeed_train, 2, str(tmp_path), run, overrides)
     cfg = _train_config(str(tmp_path), "fsdp")
     train(cfg)  # one process, uninterrupted
     expected = _train_records(tmp_path / "fsdp")
     assert len(expected) == TRAIN_STEPS
     assert any(r["grad_norm"] > TRAIN_RECIPE["optim"]["clip_grad_norm"] for r in expected.values())
-    for stage in (1, 2):
-        run_dir = tmp_path / f"zero{stage}"
+    for run in runs:
+        run_dir = tmp_path / run
         got = _train_records(run_dir)
         assert sorted(got) == sorted(expected)
         for step, record in got.items():
-            where = f"ZeRO-{stage} step {step}"
+            where = f"{run} step {step}"
             assert record["lr"] == pytest.approx(expected[step]["lr"], rel=1e-12), where
             for key in ("loss", "grad_norm"):
                 assert_close(torch.tensor(record[key]), torch.tensor(expected[step][key]), what=f"{where} {key}")
-        # validation: each of the 2 ranks evaluates its half of every validation batch, so the set
-        # and the loss are those of the single process
+        # validation: each data-parallel rank evaluates its share of every validation batch, so the
+        # set and the loss are those of the single process
         expected_val = _train_records(tmp_path / "fsdp", "val")
         assert sorted(expected_val) == [0, 2, 4]
         got_val = _train_records(run_dir, "val")
         assert sorted(got_val) == [0, 2, 4]
         for step, record in got_val.items():
             assert_close(torch.tensor(record["val_loss"]), torch.tensor(expected_val[step]["val_loss"]),
-                         what=f"ZeRO-{stage} step {step} val_loss")  # fmt: skip
+                         what=f"{run} step {step} val_loss")  # fmt: skip
         # DeepSpeed's format with our train state beside it, and it still converts to ours
         final = ckpt.latest_checkpoint(run_dir)
         assert final.name == "step-0000004" and ckpt.is_deepspeed(final)
         assert ckpt.read_train_state(final)["progress"]["step"] == TRAIN_STEPS
         assert not list(run_dir.glob("*.tmp"))
-        assert set(deepspeed_to_state_dict(final)) == set(build_model(cfg.model).state_dict())
+        state = deepspeed_to_state_dict(final)  # the TP shards merged
+        expected_state = build_model(cfg.model).state_dict()
+        assert {k: v.shape for k, v in state.items()} == {k: v.shape for k, v in expected_state.items()}
 
 
 

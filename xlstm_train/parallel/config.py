@@ -53,6 +53,14 @@ class ParallelConfig:
                 f"{p}activation_checkpointing = 'selective' with {p}engine = 'deepspeed': expected none | full "
                 "(selective checkpointing is an fsdp-engine option)"
             )
+        if self.engine == "deepspeed" and self.tp > 1 and self.zero_stage == 3:
+            # ZeRO-3 gathers each module's parameters in its own hooks, and the tensor-parallel
+            # modules compute on DTensor views of the local shards that those hooks cannot gather
+            raise ConfigError(
+                f"{p}zero_stage = 3 with {p}tp = {self.tp} and {p}engine = 'deepspeed': DeepSpeed ZeRO-3 does "
+                f"not compose with tensor parallelism here; allowed: {p}zero_stage = 1 or 2 with tp > 1, or "
+                f"{p}engine = 'fsdp' (ZeRO-3 sharding with TP)"
+            )
         if self.engine == "deepspeed" and (self.compile or self.sequence_parallel):
             raise ConfigError(f"{p}compile and {p}sequence_parallel are fsdp-engine options")
         if self.timeout_s < 1:

@@ -13,6 +13,10 @@ from __future__ import annotations
 
 import glob
 import os
+import re
+import tempfile
+from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +24,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Placement, Shard
 
 from xlstm_train.config import ConfigError
 from xlstm_train.parallel.distributed import dp_mesh
 from xlstm_train.parallel.parallelize import apply_activation_checkpointing, block_list
+from xlstm_train.parallel.tensor_parallel import apply_tensor_parallel
 
 
 class MeshMPU:
@@ -74,6 +80,97 @@ class MeshMPU:
     def get_pipeline_model_parallel_rank(self) -> int:
         return 0
 
+# ------------------------------------------------------------------------------------------------
+# Tensor parallel under ZeRO: local shards as plain parameters
+
+
+@dataclass(frozen=True)
+class TPShard:
+    """Where a plain local parameter sits in its tensor-parallel (DTensor) parameter."""
+
+    mesh: DeviceMesh
+    placements: tuple[Placement, ...]
+    shape: torch.Size
+    stride: tuple[int, ...]
+
+    def view(self, local: torch.Tensor) -> DTensor:
+        """The DTensor whose shard on this rank is ``local`` (differentiable, no communication)."""
+        return DTensor.from_local(
+            local, self.mesh, self.placements, run_check=False, shape=self.shape, stride=self.stride
+        )
+
+    def full(self, local: torch.Tensor) -> torch.Tensor:
+        """The whole tensor, gathered from every TP rank's ``local`` (a collective over TP)."""
+        return self.view(local.detach()).full_tensor()
+
+
+def localize_tensor_parallel(model: nn.Module) -> None:
+    """Replace the DTensor parameters of a tensor-parallel ``model`` by plain parameters holding the
+    local shards, which ZeRO can flatten and partition (``compute_on_dtensor_views`` lets the plan's
+    code compute on DTensors again).
+
+    Each such parameter keeps its layout as ``param.tp_shard``. Shards (not replicas) are marked
+    ``tensor_model_parallel``: DeepSpeed's gradient norm counts those on every TP rank and the
+    others on TP rank 0 only, then sums over the mpu's model-parallel group (the TP ranks).
+    """
+    for owner in model.modules():
+        for leaf, param in list(owner._parameters.items()):
+            if isinstance(param, DTensor):
+                local = nn.Parameter(param.to_local().detach(), requires_grad=param.requires_grad)
+                local.tp_shard = TPShard(param.device_mesh, tuple(param.placements), param.shape, param.stride())
+                local.tensor_model_parallel = any(p.is_shard() for p in param.placements)
+                owner._parameters[leaf] = local
+
+
+def compute_on_dtensor_views(model: nn.Module, blocks: list[nn.Module]) -> None:
+    """During the forward of each block, and of the root for the parameters outside the blocks,
+    put DTensor views of the localized parameters in their place, and the local parameters back
+    after it: the plan's hooks and forwards, inside these modules, see DTensors as they were made.
+
+    Blocks are entered on their own too (a checkpointed block's recomputation in the backward).
+    The root and the blocks carry no hooks of the plan, so these hooks come first.
+    ``from_local`` is differentiable: gradients land on the local parameters with the placements
+    of their DTensors (a replicated parameter's partial-sum gradient is all-reduced over TP, as for
+    a DTensor parameter).
+    """
+    in_blocks = {id(p) for block in blocks for p in block.parameters()}
+    for entry in [*blocks, model]:
+        slots = [
+            (owner, leaf, param)
+            for owner in entry.modules()
+            for leaf, param in owner._parameters.items()
+            if hasattr(param, "tp_shard") and (entry is not model or id(param) not in in_blocks)
+        ]
+        swapped: list[tuple[nn.Module, str, nn.Parameter]] = []
+
+        def to_dtensors(_module, _args, slots=slots, swapped=swapped):
+            for owner, leaf, local in slots:
+                owner._parameters[leaf] = local.tp_shard.view(local)
+                swapped.append((owner, leaf, local))
+
+        def to_locals(_module, _args, _output, swapped=swapped):
+            while swapped:
+                owner, leaf, local = swapped.pop()
+                owner._parameters[leaf] = local
+
+        entry.register_forward_pre_hook(to_dtensors)
+        entry.register_forward_hook(to_locals, always_call=True)
+
+
+def tensor_parallel_layout(model: nn.Module) -> dict[str, int | None]:
+    """Each localized parameter's shard dimension (None: replicated over TP), by checkpoint name."""
+    layout = {}
+    for name, param in model.named_parameters():
+        if hasattr(param, "tp_shard"):
+            (placement,) = param.tp_shard.placements
+            layout[_checkpoint_name(name)] = placement.dim if isinstance(placement, Shard) else None
+    return layout
+
+
+def _checkpoint_name(name: str) -> str:
+    """A parameter's name as in our checkpoints: without the activation-checkpointing wrapper's prefix."""
+    return name.replace("_checkpoint_wrapped_module.", "")
+
 
 def deepspeed_config(cfg: Any, device_type: str) -> dict:
     """The DeepSpeed JSON config of a run (``cfg``: the run's Config with parallel/optim/train)."""
@@ -119,14 +216,21 @@ def build_deepspeed_engine(model: nn.Module, optimizer_groups: list[dict], cfg: 
 
     if cfg.parallel.engine != "deepspeed":
         raise ConfigError(f"build_deepspeed_engine needs parallel.engine = 'deepspeed', got {cfg.parallel.engine!r}")
-    if mesh is not None and mesh["tp"].size() > 1:
-        raise ConfigError(
-            f"parallel.tp = {mesh['tp'].size()} with parallel.engine = 'deepspeed': the DTensor tensor-parallel "
-            "plans compose with the fsdp engine; use engine 'fsdp' for tp > 1"
-        )
     device_type = next(model.parameters()).device.type
     if not dist.is_initialized():
         raise ConfigError("the deepspeed engine needs a process group: launch with torchrun or deepspeed")
+    cfg.parallel.validate()  # e.g. ZeRO-3 with tp > 1
+    tensor_parallel = mesh is not None and mesh["tp"].size() > 1
+    if tensor_parallel:
+        # TP replaces the parameters: the groups are given in the model's parameters as they were
+        names = {id(p): name for name, p in model.named_parameters()}
+        apply_tensor_parallel(model, mesh["tp"], cfg.parallel, cfg.model)
+        localize_tensor_parallel(model)
+        compute_on_dtensor_views(model, list(block_list(model, cfg.model)))
+        params = dict(model.named_parameters())
+        optimizer_groups = [
+            {**group, "params": [params[names[id(p)]] for p in group["params"]]} for group in optimizer_groups
+        ]
     # Per-block checkpointing, reentrant: a non-reentrant recomputation under ZeRO-3 ran on the
     # partitioned (empty) parameters, as the block's gathering hooks did not run for it.
     apply_activation_checkpointing(block_list(model, cfg.model), cfg.parallel.activation_checkpointing, reentrant=True)
@@ -144,12 +248,21 @@ def build_deepspeed_engine(model: nn.Module, optimizer_groups: list[dict], cfg: 
 # Checkpoints
 
 
+TP_LAYOUT_KEY = "tensor_parallel_layout"  # client state of a tp > 1 checkpoint: shard dim by name
+
+
 def save_deepspeed_checkpoint(engine, directory: str | Path, step: int, client_state: dict | None = None) -> None:
     """DeepSpeed's own sharded checkpoint (``directory/step-N/`` + the ``latest`` tag file).
 
     DeepSpeed writes the tag file last, so a killed save leaves ``latest`` on the previous good one.
+    With tp > 1 each TP rank writes its shards (``mp_rank_XX``) and the client state records how
+    they split each parameter, which ``deepspeed_to_state_dict`` needs to merge them.
     """
-    engine.save_checkpoint(str(directory), tag=f"step-{step:07d}", client_state=client_state or {})
+    client_state = dict(client_state or {})
+    layout = tensor_parallel_layout(engine.module)
+    if layout:
+        client_state[TP_LAYOUT_KEY] = layout
+    engine.save_checkpoint(str(directory), tag=f"step-{step:07d}", client_state=client_state)
 
 
 def load_deepspeed_checkpoint(engine, directory: str | Path) -> dict:
@@ -161,17 +274,46 @@ def load_deepspeed_checkpoint(engine, directory: str | Path) -> dict:
 
 
 def deepspeed_to_state_dict(directory: str | Path, tag: str | None = None) -> dict[str, torch.Tensor]:
-    """The full fp32 model state dict of a DeepSpeed checkpoint of any ZeRO stage, on CPU."""
+    """The full fp32 model state dict of a DeepSpeed checkpoint of any ZeRO stage, on CPU.
+
+    A checkpoint of a tp > 1 run holds one ZeRO checkpoint per TP rank; each is consolidated over
+    its data-parallel ranks and the TP shards are concatenated along their shard dimension
+    (replicated parameters and buffers are taken from TP rank 0).
+    """
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     directory = Path(directory)
-    if not (directory / "latest").is_file() and tag is None:
-        raise FileNotFoundError(f"{directory}: not a DeepSpeed checkpoint directory (no 'latest' tag file)")
-    if tag is not None and not glob.glob(os.path.join(directory, tag, "*model_states.pt")):
+    if tag is None:
+        if not (directory / "latest").is_file():
+            raise FileNotFoundError(f"{directory}: not a DeepSpeed checkpoint directory (no 'latest' tag file)")
+        tag = (directory / "latest").read_text().strip()
+    model_files = glob.glob(os.path.join(directory, tag, "*model_states.pt"))
+    if not model_files:
         raise FileNotFoundError(f"{directory / tag}: no DeepSpeed model states in this tag")
-    state = get_fp32_state_dict_from_zero_checkpoint(str(directory), tag=tag)
-    # names as in our checkpoints: without the activation-checkpointing wrapper's prefix
-    return {name.replace("_checkpoint_wrapped_module.", ""): tensor for name, tensor in state.items()}
+    tp_ranks = sorted({int(m) for f in model_files for m in re.findall(r"mp_rank_(\d+)_model_states", f)})
+    if len(tp_ranks) <= 1:
+        return _without_wrapper_prefix(get_fp32_state_dict_from_zero_checkpoint(str(directory), tag=tag))
+
+    first = sorted(glob.glob(os.path.join(directory, tag, "*mp_rank_00_model_states.pt")))[0]
+    layout = torch.load(first, map_location="cpu", weights_only=False).get(TP_LAYOUT_KEY)
+    if layout is None:
+        raise ValueError(f"{directory / tag}: a checkpoint of {len(tp_ranks)} TP ranks without its '{TP_LAYOUT_KEY}'")
+    shards = []
+    for rank in tp_ranks:
+        # zero_to_fp32 consolidates all the files of a tag: show it those of one TP rank
+        with tempfile.TemporaryDirectory() as view:
+            os.mkdir(os.path.join(view, tag))
+            for f in glob.glob(os.path.join(directory, tag, f"*mp_rank_{rank:02d}_*")):
+                os.symlink(os.path.abspath(f), os.path.join(view, tag, os.path.basename(f)))
+            shards.append(_without_wrapper_prefix(get_fp32_state_dict_from_zero_checkpoint(view, tag=tag)))
+    return {
+        name: tensor if layout.get(name) is None else torch.cat([s[name] for s in shards], dim=layout[name])
+        for name, tensor in shards[0].items()
+    }
+
+
+def _without_wrapper_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {_checkpoint_name(name): tensor for name, tensor in state.items()}
 
 
 def convert_deepspeed_checkpoint(directory: str | Path, out_dir: str | Path, tag: str | None = None) -> Path:

@@ -236,7 +236,7 @@ def forward_backward(model, micro_batches: list[dict], autocast, mesh=None, para
     return total
 
 
-def deepspeed_forward_backward(engine, micro_batches: list[dict], autocast, mesh=None) -> torch.Tensor:
+def deepspeed_forward_backward(engine, micro_batches: list[dict], autocast, mesh=None, parallel_cfg=None) -> torch.Tensor:
     """``forward_backward`` for a DeepSpeed engine: the same token-normalised loss per micro-batch.
 
     DeepSpeed accumulates the micro-batches' gradients itself (and averages them over the
@@ -248,17 +248,19 @@ def deepspeed_forward_backward(engine, micro_batches: list[dict], autocast, mesh
     num_tokens = dp_mean(count_valid_tokens(micro_batches).float(), mesh).clamp(min=1)
     total = 0.0
     for n, mb in enumerate(micro_batches):
-        with autocast():
-            logits = engine(mb["input_ids"], doc_ids=mb["doc_ids"])
-        loss = loss_sum(logits, mb["labels"]) / num_tokens
-        engine.backward(loss, scale_wrt_gas=False)
+        with loss_context(mesh, parallel_cfg):
+            with autocast():
+                logits = engine(mb["input_ids"], doc_ids=mb["doc_ids"])
+            # under vocabulary-parallel loss a replicated DTensor; DeepSpeed gets the plain scalar
+            loss = to_full(loss_sum(logits, mb["labels"]) / num_tokens)
+            engine.backward(loss, scale_wrt_gas=False)
         if n < len(micro_batches) - 1:
             engine.step()
         total = total + loss.detach()
     return total
 
 
-def deepspeed_step(engine, micro_batches: list[dict], autocast, mesh, step: int,
+def deepspeed_step(engine, micro_batches: list[dict], autocast, mesh, parallel_cfg, step: int,
                    run_dir: Path) -> tuple[float, float]:
     """One optimizer step of a DeepSpeed engine (``step`` taken so far); returns (loss, grad norm).
 
@@ -267,7 +269,7 @@ def deepspeed_step(engine, micro_batches: list[dict], autocast, mesh, step: int,
     (bf16 and fp32 have no overflow skip there): a non-finite norm stops the run right after that
     update, whose weights are not saved. Either way the run resumes from its latest checkpoint.
     """
-    loss_value = dp_mean(deepspeed_forward_backward(engine, micro_batches, autocast, mesh), mesh).item()
+    loss_value = dp_mean(deepspeed_forward_backward(engine, micro_batches, autocast, mesh, parallel_cfg), mesh).item()
     advice = (
         f"The last good state is the latest checkpoint in {run_dir}; lower optim.lr or raise "
         "optim.warmup_steps and resume"
@@ -464,7 +466,9 @@ def train(cfg: Config) -> dict:
             micro_batches = [next(train_iter) for _ in range(cfg.train.grad_accum_steps)]
             lr = scheduler.get_last_lr()[0]  # the rate this update uses
             if use_deepspeed:  # raises instead of skipping (see deepspeed_step)
-                loss_value, grad_norm_value = deepspeed_step(engine, micro_batches, autocast, mesh, state.step, run_dir)
+                loss_value, grad_norm_value = deepspeed_step(
+                    engine, micro_batches, autocast, mesh, cfg.parallel, state.step, run_dir
+                )
             else:
                 loss = forward_backward(model, micro_batches, autocast, mesh, cfg.parallel)
                 grad_norm = clip_grad_norm(model, cfg.optim.clip_grad_norm)
