@@ -30,8 +30,12 @@ def run_config(stage: int):
 
 
 def _local_loss(engine, step: int, rows: slice) -> torch.Tensor:
+    """This rank's loss of a step's batch rows; a plain tensor also from vocabulary-sharded logits
+    (tp > 1, computed under ``loss_context``)."""
+    from xlstm_train.parallel import to_full
+
     inputs, labels, doc_ids = batch(step)
-    return F.cross_entropy(engine(inputs[rows], doc_ids[rows]).flatten(0, 1), labels[rows].flatten())
+    return to_full(F.cross_entropy(engine(inputs[rows], doc_ids[rows]).flatten(0, 1), labels[rows].flatten()))
 
 
 def _zero_stages(ckpt_root: str) -> None:
@@ -126,8 +130,11 @@ def _zero_with_tensor_parallel(ckpt_root: str) -> None:
     import torch.distributed as dist
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad
 
-    from xlstm_train.parallel import build_mesh, dp_mean, dp_rank_and_size, loss_context, to_full
-    from xlstm_train.parallel.deepspeed_engine import build_deepspeed_engine, save_deepspeed_checkpoint
+    from xlstm_train.parallel import build_mesh, dp_mean, dp_rank_and_size, loss_context
+    from xlstm_train.parallel.deepspeed_engine import (
+        build_deepspeed_engine,
+        save_deepspeed_checkpoint,
+    )
 
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # see _zero_stages
     for arch, stage, checkpointing in TP_CASES:
@@ -145,17 +152,12 @@ def _zero_with_tensor_parallel(ckpt_root: str) -> None:
         rows = slice(dp_rank * BATCH // dp_size, (dp_rank + 1) * BATCH // dp_size)
         names = [n for n, _ in reference.named_parameters()]
 
-        def local_loss(step: int) -> torch.Tensor:
-            inputs, labels, doc_ids = batch(step)
-            logits = engine(inputs[rows], doc_ids[rows])  # vocabulary-sharded (loss_parallel)
-            return to_full(F.cross_entropy(logits.flatten(0, 1), labels[rows].flatten()))
-
         for step in range(3):
             inputs, labels, doc_ids = batch(step)
             ref_loss = F.cross_entropy(reference(inputs, doc_ids).flatten(0, 1), labels.flatten())
             ref_loss.backward()
             with loss_context(mesh, cfg.parallel):
-                loss = local_loss(step)
+                loss = _local_loss(engine, step, rows)
                 engine.backward(loss)
             where = f"{arch} ZeRO-{stage} tp=2 dp=2 checkpointing={checkpointing} step {step}"
             assert_close(dp_mean(loss, mesh), ref_loss, what=f"{where} loss")
@@ -171,7 +173,7 @@ def _zero_with_tensor_parallel(ckpt_root: str) -> None:
         # a checkpoint per TP rank, and the next step's loss for the converted one to match
         save_deepspeed_checkpoint(engine, os.path.join(ckpt_root, arch), step=3)
         with loss_context(mesh, cfg.parallel), torch.no_grad():
-            next_loss = dp_mean(local_loss(3), mesh)
+            next_loss = dp_mean(_local_loss(engine, 3, rows), mesh)
         if dist.get_rank() == 0:
             torch.save(next_loss, os.path.join(ckpt_root, arch, "next_loss.pt"))
         dist.barrier()

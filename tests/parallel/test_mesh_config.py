@@ -53,8 +53,10 @@ def test_tp_must_divide_every_split_head_count():
         ),
         (
             {"engine": "deepspeed", "tp": 2, "zero_stage": 3},
-            r"parallel.zero_stage = 3 with parallel.tp = 2 and parallel.engine = 'deepspeed'.*allowed: "
-            r"parallel.zero_stage = 1 or 2 with tp > 1",
+            (
+                r"parallel.zero_stage = 3 with parallel.tp = 2 and parallel.engine = 'deepspeed'.*allowed: "
+                r"parallel.zero_stage = 1 or 2 with tp > 1"
+            ),
         ),
         ({"activation_checkpointing": "some"}, r"parallel.activation_checkpointing = 'some'"),
     ],

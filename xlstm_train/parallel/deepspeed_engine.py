@@ -5,6 +5,10 @@ ZeRO partitioning (stage 1: optimizer states, 2: + gradients, 3: + parameters), 
 offload of the optimizer, bf16, gradient accumulation and clipping. Its process groups come from
 our DeviceMesh through ``MeshMPU``, so ZeRO partitions over the data-parallel ranks only.
 
+With tp > 1 (ZeRO-1 and 2) the model is first split by its tensor-parallel plan; the DTensor
+parameters then become plain parameters holding the local shards, which ZeRO partitions like any
+other, and the plan's code computes on DTensor views of them (``localize_tensor_parallel``).
+
 The optimizer is ``torch.optim.AdamW`` (``"torch_adam": true``): DeepSpeed's fused Adam is a
 JIT-built extension that a CPU-only machine (CI) cannot rely on.
 """
@@ -15,7 +19,6 @@ import glob
 import os
 import re
 import tempfile
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -79,6 +82,7 @@ class MeshMPU:
 
     def get_pipeline_model_parallel_rank(self) -> int:
         return 0
+
 
 # ------------------------------------------------------------------------------------------------
 # Tensor parallel under ZeRO: local shards as plain parameters
@@ -294,7 +298,7 @@ def deepspeed_to_state_dict(directory: str | Path, tag: str | None = None) -> di
     if len(tp_ranks) <= 1:
         return _without_wrapper_prefix(get_fp32_state_dict_from_zero_checkpoint(str(directory), tag=tag))
 
-    first = sorted(glob.glob(os.path.join(directory, tag, "*mp_rank_00_model_states.pt")))[0]
+    first = min(glob.glob(os.path.join(directory, tag, "*mp_rank_00_model_states.pt")))
     layout = torch.load(first, map_location="cpu", weights_only=False).get(TP_LAYOUT_KEY)
     if layout is None:
         raise ValueError(f"{directory / tag}: a checkpoint of {len(tp_ranks)} TP ranks without its '{TP_LAYOUT_KEY}'")
