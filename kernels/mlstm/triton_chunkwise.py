@@ -88,35 +88,33 @@ def _tile_gates(
 
 
 @triton.jit
-def _diagonal_log_weights(log_f, log_i, segment, tau):
-    """Log-weights of a tile's queries t for its own keys s <= t of the same segment (-inf
-    elsewhere): the log forget gates over (s, t] plus log i_s."""
-    visible = (segment[:, None] == segment[None, :]) & (tau[:, None] >= tau[None, :])
-    # a cumsum down each column of the strictly-lower part
-    decay = tl.cumsum(tl.where(tau[:, None] > tau[None, :], log_f[:, None], 0.0), 0)
-    return tl.where(visible, decay + log_i[None, :], float("-inf"))
-
-
-@triton.jit
-def _earlier_log_weights(log_f_q, segment_q, log_f_k, log_i_k, segment_k, between, tau):
-    """Log-weights of a query tile's tokens t for the keys s of an earlier tile of the chunk: the log
-    forget gates over (s, t] are those over (s, key tile end], over the tiles in between
-    (``between``) and over [query tile start, t]."""
-    into_query = tl.cumsum(log_f_q, 0)
-    out_of_key = tl.sum(tl.where(tau[None, :] > tau[:, None], log_f_k[None, :], 0.0), 1)
-    visible = segment_q[:, None] == segment_k[None, :]
-    return tl.where(visible, into_query[:, None] + (between + out_of_key + log_i_k)[None, :], float("-inf"))
+def _log_weights(
+    I, F, RESET, gate_base, reset_base, tile_start, chunk_start, t, s, S,
+    IS_EXP: tl.constexpr, T: tl.constexpr, L: tl.constexpr,
+):  # fmt: skip
+    """T x L log-weights of a query tile's tokens t for the chunk's keys s: the log forget gates over
+    (s, t] plus log i_s for keys s <= t of t's segment, -inf elsewhere. The gates over (s, t] are
+    those over [tile start, t] (a cumsum down each column) plus, for keys before the tile, those
+    over (s, tile start) (a reverse cumsum of the following tokens' gates)."""
+    log_f_q, _, segment_q = _tile_gates(I, F, RESET, gate_base, reset_base, tile_start, chunk_start, S, IS_EXP, T, L)
+    _, log_i_k, segment_k = _tile_gates(I, F, RESET, gate_base, reset_base, chunk_start, chunk_start, S, IS_EXP, L, L)
+    before_tile = s + 1 < tile_start
+    f_next = tl.load(F + gate_base + s + 1, mask=before_tile, other=0.0).to(tl.float32)
+    to_tile = tl.cumsum(tl.where(before_tile, _log_sigmoid(f_next), 0.0), 0, reverse=True)
+    decay = tl.cumsum(tl.where(t[:, None] > s[None, :], log_f_q[:, None], 0.0), 0) + to_tile[None, :]
+    visible = (segment_q[:, None] == segment_k[None, :]) & (t[:, None] >= s[None, :])
+    return tl.where(visible, decay + log_i_k[None, :], float("-inf"))
 
 
 @triton.jit
 def _chunk_summary_kernel(
     I, F, RESET, LOG_W, ORIGIN_FIRST, INTRA_MAX, CHUNK_DECAY, CHUNK_RESET, S, NH, NC,
-    IS_EXP: tl.constexpr, L: tl.constexpr, T: tl.constexpr,
+    IS_EXP: tl.constexpr, L: tl.constexpr,
 ):  # fmt: skip
     """Per chunk, once, the gate sums the state and tile kernels need: per token the log-weight of
     its key in the state after the chunk (stabiliser excluded), the log-weight of the state before
-    the chunk in its output (-inf after a reset) and (exp gate) the largest log-weight of its keys
-    in the chunk; per chunk the log decay over its last segment and whether it has a reset."""
+    the chunk in its output (-inf after a reset) and (exp gate) the largest log-weight of its other
+    sources in the chunk; per chunk the log decay over its last segment and whether it has a reset."""
     chunk = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
     batch = pid_bh // NH
@@ -139,23 +137,13 @@ def _chunk_summary_kernel(
     tl.store(CHUNK_DECAY + pid_bh * NC + chunk, tl.sum(tl.where(in_last, log_f, 0.0), 0))
     tl.store(CHUNK_RESET + pid_bh * NC + chunk, (last_segment > 0).to(tl.int32))
     if IS_EXP:
-        tau = tl.arange(0, T)
-        for a in tl.static_range(L // T):
-            tile_start = chunk_start + a * T
-            log_f_q, log_i_q, segment_q = _tile_gates(
-                I, F, RESET, gate_base, reset_base, tile_start, chunk_start, S, IS_EXP, T, L
-            )
-            intra_max = tl.max(_diagonal_log_weights(log_f_q, log_i_q, segment_q, tau), 1)
-            between = tl.zeros([1], dtype=tl.float32)
-            for j in tl.static_range(a):
-                key_start = tile_start - (j + 1) * T
-                log_f_k, log_i_k, segment_k = _tile_gates(
-                    I, F, RESET, gate_base, reset_base, key_start, chunk_start, S, IS_EXP, T, L
-                )
-                log_d = _earlier_log_weights(log_f_q, segment_q, log_f_k, log_i_k, segment_k, between, tau)
-                intra_max = tl.maximum(intra_max, tl.max(log_d, 1))
-                between += tl.sum(log_f_k, 0)
-            tl.store(INTRA_MAX + gate_base + tile_start + tau, intra_max, mask=tile_start + tau < S)
+        # the stabiliser's part inside the chunk: the largest log-weight of the token's keys and,
+        # after a reset, of the zero state (m = 0) its segment starts from
+        log_d = _log_weights(I, F, RESET, gate_base, reset_base, chunk_start, chunk_start, t, t, S, IS_EXP, L, L)
+        same_segment = (segment[None, :] == segment[:, None]) & (lanes[None, :] <= lanes[:, None])
+        since_reset = tl.sum(tl.where(same_segment, log_f[None, :], 0.0), 1)
+        zero_state = tl.where(segment > 0, since_reset, float("-inf"))
+        tl.store(INTRA_MAX + gate_base + t, tl.maximum(tl.max(log_d, 1), zero_state), mask=valid)
 
 
 @triton.jit
@@ -299,20 +287,6 @@ def _bwd_states_kernel(
 
 
 @triton.jit
-def _scores(X, Y, rows_x, valid_x, rows_y, valid_y, D, T: tl.constexpr, BD: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """X[rows_x] @ Y[rows_y]^T over a head dim D in BD-wide slices: the T x T products q.k or dh.v
-    of a query tile and a key tile (fp32)."""
-    acc = tl.zeros([T, T], dtype=tl.float32)
-    for d0 in range(0, D, BD):
-        offs = d0 + tl.arange(0, BD)
-        mask = offs < D
-        x = tl.load(X + rows_x[:, None] * D + offs[None, :], mask=valid_x[:, None] & mask[None, :], other=0.0)
-        y = tl.load(Y + rows_y[:, None] * D + offs[None, :], mask=valid_y[:, None] & mask[None, :], other=0.0)
-        acc = tl.dot(x, tl.trans(y), acc, input_precision=DOT_PRECISION)
-    return acc
-
-
-@triton.jit
 def _fwd_output_kernel(
     Q, K, V, I, F, RESET, ORIGIN_FIRST, INTRA_MAX, C_STATES, N_STATES, M_STATES, H, M_TOKENS, QN_TOKENS,
     S, NH, DQK, DV, NC, scale, eps,
@@ -359,16 +333,7 @@ def _fwd_output_kernel(
         lower = tl.full([T], 1.0, dtype=tl.float32)
     w_origin = tl.exp(origin + m_prev - m)  # zero after a reset and past the end
 
-    # log-weights: the log forget gates over (s, t] are those over [tile start, t] (a cumsum down
-    # each column) plus, for keys before the tile, those over (s, tile start) (a reverse cumsum)
-    log_f_q, _, segment_q = _tile_gates(I, F, RESET, pid_bh * S, batch * S, tile_start, chunk_start, S, IS_EXP, T, L)
-    _, log_i_k, segment_k = _tile_gates(I, F, RESET, pid_bh * S, batch * S, chunk_start, chunk_start, S, IS_EXP, L, L)
-    before_tile = s + 1 < tile_start
-    f_next = tl.load(F + pid_bh * S + s + 1, mask=before_tile, other=0.0).to(tl.float32)
-    to_tile = tl.cumsum(tl.where(before_tile, _log_sigmoid(f_next), 0.0), 0, reverse=True)
-    decay = tl.cumsum(tl.where(t[:, None] > s[None, :], log_f_q[:, None], 0.0), 0) + to_tile[None, :]
-    visible = (segment_q[:, None] == segment_k[None, :]) & (t[:, None] >= s[None, :])
-    log_d = tl.where(visible, decay + log_i_k[None, :], float("-inf"))
+    log_d = _log_weights(I, F, RESET, pid_bh * S, batch * S, tile_start, chunk_start, t, s, S, IS_EXP, T, L)
     p = tl.where(valid[:, None], scores * scale * tl.exp(log_d - m[:, None]), 0.0)
     q_n = w_origin * scale * q_n + tl.sum(p, 1)
     den = tl.maximum(tl.abs(q_n), lower) + eps
@@ -403,92 +368,65 @@ def _fwd_output_kernel(
 
 
 @triton.jit
-def _score_grads(scores, d_scores, log_d, m, den, dqn, valid, scale):
-    """The weighted scores P, their gradient dP (dP = dh.v / den + dqn: the normaliser sums the same
-    scores) and the decay weights d (P = q.k * scale * d) of a query tile and a key tile."""
-    # rows past the end have no stabiliser: keep their weights at zero, not exp(large)
-    d = tl.where(valid[:, None], tl.exp(log_d - m[:, None]), 0.0)
-    p = scores * scale * d
-    d_p = d_scores / den[:, None] + dqn[:, None]
-    return p, d_p, d
-
-
-@triton.jit
-def _diagonal_gate_grads(p, d_p, tau):
-    """Gate gradients of a tile's terms with its own keys, from the gradients of their log-weights
-    P * dP, summed over the intervals of gates each term spans: log f_u enters the terms (t, s)
-    with s < u <= t: queries_from[u, s] sums the queries t >= u, then keys s < u count."""
-    d_log_d = p * d_p
-    queries_from = tl.dot(tl.where(tau[:, None] <= tau[None, :], 1.0, 0.0), d_log_d, input_precision="ieee")
-    d_log_f = tl.sum(tl.where(tau[:, None] > tau[None, :], queries_from, 0.0), 1)
-    d_log_i = tl.sum(d_log_d, 0)
-    return d_log_f, d_log_i
-
-
-@triton.jit
 def _bwd_scores_kernel(
-    Q, K, V, I, F, RESET, DH, M_TOKENS, DEN, DQN, P_OUT, DS_OUT, DLOG_F, DLOG_I, COL_SUMS,
+    Q, K, V, I, F, RESET, DH, M_TOKENS, DEN, DQN, P_OUT, DS_OUT, DLOG_F, COL_SUMS,
     S, NH, DQK, DV, NC, scale,
     IS_EXP: tl.constexpr, L: tl.constexpr, T: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """Per (query tile, head), the T x T pieces of the backward, once, for each key tile of the chunk
-    up to the query tile: P and dS = dP * d in the input dtype (the dq and dk/dv kernels load them
-    instead of recomputing them next to their state tiles), and the gate gradients of these terms.
-    Those of gates inside the query tile go to DLOG_F and DLOG_I; for an earlier key tile, the
-    column sums of the log-weight gradients go to COL_SUMS for the gates kernel."""
+    """Per (query tile, head), the T x L pieces of the backward, once: the weighted scores P and their
+    gradients dS = dP * d in the input dtype, rows of an (S, L) matrix per head (the dq and dk/dv
+    kernels load them instead of recomputing them next to their state tiles); the gradients of
+    the log-weights' gates inside the query tile (DLOG_F) and, for the gates kernel, the column
+    sums of the log-weight gradients (COL_SUMS, one L-vector per tile)."""
     tile = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
     batch = pid_bh // NH
-    NT: tl.constexpr = L // T
-    NPAIRS: tl.constexpr = NT * (NT + 1) // 2
-    chunk = tile // NT
-    a = tile - chunk * NT  # the query tile within the chunk
+    chunk = tile // (L // T)
     chunk_start = chunk * L
     tile_start = tile * T
     tau = tl.arange(0, T)
     t = tile_start + tau
     valid = t < S
     rows = pid_bh * S + t
+    s = chunk_start + tl.arange(0, L)
+    key_valid = (s < S) & (s < tile_start + T)
+    key_rows = pid_bh * S + s
     m = tl.load(M_TOKENS + rows, mask=valid, other=0.0)
     den = tl.load(DEN + rows, mask=valid, other=1.0)
     dqn = tl.load(DQN + rows, mask=valid, other=0.0)
-    # the tile pairs (query a, key b <= a) of a chunk are numbered a * (a + 1) / 2 + b
-    first_pair = (pid_bh * NC + chunk) * NPAIRS + a * (a + 1) // 2
-    square = tau[:, None] * T + tau[None, :]
 
-    log_f_q, log_i_q, segment_q = _tile_gates(I, F, RESET, pid_bh * S, batch * S, tile_start, chunk_start, S, IS_EXP, T, L)
-    scores = _scores(Q, K, rows, valid, rows, valid, DQK, T, BK, DOT_PRECISION)
-    d_scores = _scores(DH, V, rows, valid, rows, valid, DV, T, BV, DOT_PRECISION)
-    log_d = _diagonal_log_weights(log_f_q, log_i_q, segment_q, tau)
-    p, d_p, d = _score_grads(scores, d_scores, log_d, m, den, dqn, valid, scale)
-    d_log_f, d_log_i = _diagonal_gate_grads(p, d_p, tau)
-    tl.store(P_OUT + (first_pair + a) * T * T + square, p.to(P_OUT.dtype.element_ty))
-    tl.store(DS_OUT + (first_pair + a) * T * T + square, (d_p * d).to(DS_OUT.dtype.element_ty))
+    scores = tl.zeros([T, L], dtype=tl.float32)
+    for k0 in range(0, DQK, BK):
+        offs_k = k0 + tl.arange(0, BK)
+        mask_k = offs_k < DQK
+        q_tile = tl.load(Q + rows[:, None] * DQK + offs_k[None, :], mask=valid[:, None] & mask_k[None, :], other=0.0)
+        k_tile = tl.load(K + key_rows[:, None] * DQK + offs_k[None, :], mask=key_valid[:, None] & mask_k[None, :], other=0.0)
+        scores = tl.dot(q_tile, tl.trans(k_tile), scores, input_precision=DOT_PRECISION)
+    d_scores = tl.zeros([T, L], dtype=tl.float32)
+    for v0 in range(0, DV, BV):
+        offs_v = v0 + tl.arange(0, BV)
+        mask_v = offs_v < DV
+        dh_tile = tl.load(DH + rows[:, None] * DV + offs_v[None, :], mask=valid[:, None] & mask_v[None, :], other=0.0)
+        v_tile = tl.load(V + key_rows[:, None] * DV + offs_v[None, :], mask=key_valid[:, None] & mask_v[None, :], other=0.0)
+        d_scores = tl.dot(dh_tile, tl.trans(v_tile), d_scores, input_precision=DOT_PRECISION)
 
-    from_earlier = tl.zeros([T], dtype=tl.float32)  # per query: the log-weight gradients of earlier keys
-    between = tl.zeros([1], dtype=tl.float32)
-    for j in range(a):
-        b = a - 1 - j
-        key_start = chunk_start + b * T
-        key_rows = pid_bh * S + key_start + tau
-        key_valid = key_start + tau < S
-        log_f_k, log_i_k, segment_k = _tile_gates(I, F, RESET, pid_bh * S, batch * S, key_start, chunk_start, S, IS_EXP, T, L)
-        scores = _scores(Q, K, rows, valid, key_rows, key_valid, DQK, T, BK, DOT_PRECISION)
-        d_scores = _scores(DH, V, rows, valid, key_rows, key_valid, DV, T, BV, DOT_PRECISION)
-        log_d = _earlier_log_weights(log_f_q, segment_q, log_f_k, log_i_k, segment_k, between, tau)
-        p, d_p, d = _score_grads(scores, d_scores, log_d, m, den, dqn, valid, scale)
-        tl.store(P_OUT + (first_pair + b) * T * T + square, p.to(P_OUT.dtype.element_ty))
-        tl.store(DS_OUT + (first_pair + b) * T * T + square, (d_p * d).to(DS_OUT.dtype.element_ty))
-        d_log_d = p * d_p
-        from_earlier += tl.sum(d_log_d, 1)
-        tl.store(COL_SUMS + (first_pair + b) * T + tau, tl.sum(d_log_d, 0))
-        between += tl.sum(log_f_k, 0)
+    log_d = _log_weights(I, F, RESET, pid_bh * S, batch * S, tile_start, chunk_start, t, s, S, IS_EXP, T, L)
+    # rows past the end have no stabiliser: keep their weights at zero, not exp(large)
+    d = tl.where(valid[:, None], tl.exp(log_d - m[:, None]), 0.0)
+    p = scores * scale * d
+    d_p = d_scores / den[:, None] + dqn[:, None]  # the normaliser sums the same scores
+    block = (pid_bh * tl.num_programs(0) + tile) * T * L + tau[:, None] * L + tl.arange(0, L)[None, :]
+    tl.store(P_OUT + block, p.to(P_OUT.dtype.element_ty))
+    tl.store(DS_OUT + block, (d_p * d).to(DS_OUT.dtype.element_ty))
 
-    # gate u of this tile lies in the interval of every term (t, s) with s in an earlier tile, t >= u
-    d_log_f += tl.cumsum(from_earlier, 0, reverse=True)
-    tl.store(DLOG_F + rows, d_log_f, mask=valid)
-    tl.store(DLOG_I + rows, d_log_i, mask=valid)
+    # Gate u of this tile lies in the interval (s, t] of the terms with queries t >= u of the tile
+    # and keys s < u: a reverse cumsum down the columns sums the queries, a masked row sum the keys.
+    # (Not as q.dq - k.dk, whose diagonal terms cancel when the forget gates are closed.)
+    d_log_d = p * d_p
+    queries_from = tl.cumsum(d_log_d, 0, reverse=True)
+    tl.store(DLOG_F + rows, tl.sum(tl.where(s[None, :] < t[:, None], queries_from, 0.0), 1), mask=valid)
+    tl.store(COL_SUMS + (pid_bh * tl.num_programs(0) + tile) * L + tl.arange(0, L), tl.sum(d_log_d, 0))
 
 
 @triton.jit
@@ -500,14 +438,14 @@ def _bwd_dq_kernel(
     """dq of one query tile, and per query the gradient of the incoming state's log-weight."""
     tile = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
-    NT: tl.constexpr = L // T
-    NPAIRS: tl.constexpr = NT * (NT + 1) // 2
-    chunk = tile // NT
-    a = tile - chunk * NT
+    chunk = tile // (L // T)
     tau = tl.arange(0, T)
     t = tile * T + tau
     valid = t < S
     rows = pid_bh * S + t
+    s = chunk * L + tl.arange(0, L)
+    key_valid = (s < S) & (s < tile * T + T)
+    key_rows = pid_bh * S + s
     state_index = pid_bh * (NC + 1) + chunk  # the state before this chunk
     m_prev = tl.load(M_STATES + state_index)
     m = tl.load(M_TOKENS + rows, mask=valid, other=0.0)
@@ -515,8 +453,7 @@ def _bwd_dq_kernel(
     dqn = tl.load(DQN + rows, mask=valid, other=0.0)
     origin = tl.load(ORIGIN_FIRST + rows, mask=valid, other=float("-inf"))
     w_origin = tl.exp(origin + m_prev - m)  # zero after a reset and past the end
-    first_pair = (pid_bh * NC + chunk) * NPAIRS + a * (a + 1) // 2
-    square = tau[:, None] * T + tau[None, :]
+    d_scores = tl.load(DS + (pid_bh * tl.num_programs(0) + tile) * T * L + tau[:, None] * L + tl.arange(0, L)[None, :])
 
     d_log_origin = tl.zeros([T], dtype=tl.float32)
     for k0 in range(0, DQK, BK):
@@ -539,15 +476,8 @@ def _bwd_dq_kernel(
             dq_state = tl.dot(dh_weighted, tl.trans(c_tile.to(q_tile.dtype)), dq_state, input_precision=DOT_PRECISION)
         dq_state += (w_origin * dqn)[:, None] * n_tile[None, :]
         d_log_origin += tl.sum(q_tile.to(tl.float32) * dq_state, 1) * scale
-        dq_keys = tl.zeros([T, BK], dtype=tl.float32)
-        for b in range(a + 1):
-            key_t = chunk * L + b * T + tau
-            k_tile = tl.load(
-                K + (pid_bh * S + key_t)[:, None] * DQK + offs_k[None, :], mask=(key_t < S)[:, None] & mask_k[None, :], other=0.0
-            )
-            d_scores = tl.load(DS + (first_pair + b) * T * T + square)
-            dq_keys = tl.dot(d_scores, k_tile, dq_keys, input_precision=DOT_PRECISION)
-        dq = (dq_keys + dq_state) * scale
+        k_tile = tl.load(K + key_rows[:, None] * DQK + offs_k[None, :], mask=key_valid[:, None] & mask_k[None, :], other=0.0)
+        dq = tl.dot(d_scores, k_tile, dq_state, input_precision=DOT_PRECISION) * scale
         tl.store(DQ + rows[:, None] * DQK + offs_k[None, :], dq.to(DQ.dtype.element_ty), mask=valid[:, None] & mask_k[None, :])
     tl.store(DLOG_ORIGIN + rows, d_log_origin, mask=valid)
 
@@ -558,30 +488,29 @@ def _bwd_dkdv_kernel(
     S, DQK, DV, NC, scale,
     L: tl.constexpr, T: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """dk, dv of one key tile, and per key the gradient of its log-weight in the state after the chunk."""
+    """dk, dv of one key tile, and per key the gradient of its log-weight in the state after the chunk.
+    The intra-chunk parts loop over the chunk's query tiles from this one on (earlier ones do not
+    see its keys), each a T x T block of P and dS."""
     tile = tl.program_id(0)
+    n_tiles = tl.num_programs(0)
     pid_bh = tl.program_id(1).to(tl.int64)
-    NT: tl.constexpr = L // T
-    NPAIRS: tl.constexpr = NT * (NT + 1) // 2
-    chunk = tile // NT
-    b = tile - chunk * NT  # the key tile within the chunk
+    chunk = tile // (L // T)
+    last_query_tile = tl.minimum(chunk * (L // T) + L // T, n_tiles)  # the last chunk may be short
     tau = tl.arange(0, T)
     t = tile * T + tau
     valid = t < S
     rows = pid_bh * S + t
+    # block (query tile a, this key tile) of P and dS: rows a*T + tau, columns of this tile's keys
+    block = (pid_bh * n_tiles * T + tau)[:, None] * L + (tile * T - chunk * L + tau)[None, :]
     next_index = pid_bh * (NC + 1) + chunk + 1  # the state after this chunk
     # the key's weight in the state after the chunk, with that state's stabiliser
     w = tl.exp(tl.load(LOG_W + rows, mask=valid, other=float("-inf")) - tl.load(M_STATES + next_index))
-    query_tiles = tl.minimum(NT, tl.cdiv(S - chunk * L, T))  # the chunk's tiles (the last chunk may be short)
-    pairs = (pid_bh * NC + chunk) * NPAIRS
-    square = tau[:, None] * T + tau[None, :]
 
     d_log_w = tl.zeros([T], dtype=tl.float32)
     for k0 in range(0, DQK, BK):
         offs_k = k0 + tl.arange(0, BK)
         mask_k = offs_k < DQK
-        mask_tk = valid[:, None] & mask_k[None, :]
-        k_tile = tl.load(K + rows[:, None] * DQK + offs_k[None, :], mask=mask_tk, other=0.0)
+        k_tile = tl.load(K + rows[:, None] * DQK + offs_k[None, :], mask=valid[:, None] & mask_k[None, :], other=0.0)
         dn_tile = tl.load(DN_STATES + next_index * DQK + offs_k, mask=mask_k, other=0.0)
         dk_state = tl.zeros([T, BK], dtype=tl.float32)
         for v0 in range(0, DV, BV):
@@ -598,15 +527,17 @@ def _bwd_dkdv_kernel(
         dk_state += w[:, None] * dn_tile[None, :]
         d_log_w += tl.sum(k_tile.to(tl.float32) * dk_state, 1)
         dk_queries = tl.zeros([T, BK], dtype=tl.float32)
-        for a in range(b, query_tiles):
-            query_t = chunk * L + a * T + tau
+        for a in range(tile, last_query_tile):
+            query_t = a * T + tau
             q_tile = tl.load(
-                Q + (pid_bh * S + query_t)[:, None] * DQK + offs_k[None, :], mask=(query_t < S)[:, None] & mask_k[None, :], other=0.0
+                Q + (pid_bh * S + query_t)[:, None] * DQK + offs_k[None, :],
+                mask=(query_t < S)[:, None] & mask_k[None, :],
+                other=0.0,
             )
-            d_scores = tl.load(DS + (pairs + a * (a + 1) // 2 + b) * T * T + square)
+            d_scores = tl.load(DS + block + a * T * L)
             dk_queries = tl.dot(tl.trans(d_scores), q_tile, dk_queries, input_precision=DOT_PRECISION)
         dk = dk_queries * scale + dk_state
-        tl.store(DK + rows[:, None] * DQK + offs_k[None, :], dk.to(DK.dtype.element_ty), mask=mask_tk)
+        tl.store(DK + rows[:, None] * DQK + offs_k[None, :], dk.to(DK.dtype.element_ty), mask=valid[:, None] & mask_k[None, :])
 
     for v0 in range(0, DV, BV):
         offs_v = v0 + tl.arange(0, BV)
@@ -623,11 +554,11 @@ def _bwd_dkdv_kernel(
             )
             k_weighted = (k_tile.to(tl.float32) * w[:, None]).to(k_tile.dtype)
             dv = tl.dot(k_weighted, dc_tile.to(k_tile.dtype), dv, input_precision=DOT_PRECISION)
-        for a in range(b, query_tiles):
-            query_t = chunk * L + a * T + tau
+        for a in range(tile, last_query_tile):
+            query_t = a * T + tau
             query_valid = query_t < S
             query_rows = pid_bh * S + query_t
-            p = tl.load(P + (pairs + a * (a + 1) // 2 + b) * T * T + square)
+            p = tl.load(P + block + a * T * L)
             den = tl.load(DEN + query_rows, mask=query_valid, other=1.0)
             dh_tile = tl.load(DH + query_rows[:, None] * DV + offs_v[None, :], mask=query_valid[:, None] & mask_v[None, :], other=0.0)
             dh_scaled = (dh_tile.to(tl.float32) / den[:, None]).to(dh_tile.dtype)
@@ -637,63 +568,47 @@ def _bwd_dkdv_kernel(
 
 
 @triton.jit
-def _exclusive_prefix(x, tau):
-    """sum of x over the tile's earlier tokens (a masked sum: no difference of running totals)."""
-    return tl.sum(tl.where(tau[None, :] < tau[:, None], x[None, :], 0.0), 1)
-
-
-@triton.jit
 def _gate_grads_kernel(
     DLOG_F, DLOG_I, DLOG_ORIGIN, DLOG_W, COL_SUMS, CARRY_DOTS, CHUNK_DECAY, CHUNK_RESET, M_STATES,
-    S, NC, N_CARRY_TILES,
+    S, NC, N_TILES, N_CARRY_TILES,
     L: tl.constexpr, T: tl.constexpr, CARRY_TILES_POW2: tl.constexpr,
 ):  # fmt: skip
-    """Per chunk: adds to the intra-tile gate gradients (DLOG_F, DLOG_I, from the scores kernel) the
-    terms whose gate intervals cross tiles. Gate u lies in the interval of
-    - the incoming-state term of every query t >= u of the chunk (DLOG_ORIGIN),
-    - the outgoing-state term of every key s < u (DLOG_W, which also adds to log i_s),
-    - the carried state's term (all gates of the chunk),
-    - the term (t, s) of a query tile after u's tile and a key s < u: for s in u's tile through the
-      column sums of that tile pair, for s in an earlier tile through the pair's total."""
+    """Per chunk: adds to the gate gradients of the scores kernel (DLOG_F: the terms of each gate's
+    own query tile) the terms of the other intervals that contain each gate u:
+    - the incoming-state terms of the queries t >= u (DLOG_ORIGIN),
+    - the outgoing-state terms of the keys s < u (DLOG_W, which also adds to log i_s),
+    - the carried state's term (every gate of the chunk),
+    - the terms (t, s) of queries t in a later tile and keys s < u (COL_SUMS of that tile).
+    Prefix sums exclude the token itself by loading the previous one, not by a subtraction."""
     chunk = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
     NT: tl.constexpr = L // T
-    NPAIRS: tl.constexpr = NT * (NT + 1) // 2
-    tau = tl.arange(0, T)
+    lanes = tl.arange(0, L)
+    t = chunk * L + lanes
+    valid = t < S
+    rows = pid_bh * S + t
+    has_previous = valid & (lanes > 0)
+
     state_index = pid_bh * (NC + 1) + chunk
     has_reset = tl.load(CHUNK_RESET + pid_bh * NC + chunk) > 0
     decay = tl.load(CHUNK_DECAY + pid_bh * NC + chunk)
     carry = tl.where(has_reset, 0.0, tl.exp(decay + tl.load(M_STATES + state_index) - tl.load(M_STATES + state_index + 1)))
     tiles = tl.arange(0, CARRY_TILES_POW2)
     carry_dots = tl.load(CARRY_DOTS + (pid_bh * NC + chunk) * N_CARRY_TILES + tiles, mask=tiles < N_CARRY_TILES, other=0.0)
-    carried = carry * tl.sum(carry_dots, 0)
-    pairs = (pid_bh * NC + chunk) * NPAIRS
-    chunk_rows = pid_bh * S + chunk * L
-    for c in tl.static_range(NT):
-        t = chunk * L + c * T + tau
-        valid = t < S
-        rows = chunk_rows + c * T + tau
-        d_log_f = tl.load(DLOG_F + rows, mask=valid, other=0.0)
-        d_log_i = tl.load(DLOG_I + rows, mask=valid, other=0.0)
-        d_origin = tl.load(DLOG_ORIGIN + rows, mask=valid, other=0.0)
-        d_w = tl.load(DLOG_W + rows, mask=valid, other=0.0)
-        d_log_f += tl.cumsum(d_origin, 0, reverse=True) + _exclusive_prefix(d_w, tau) + carried
-        d_log_i += d_w
-        whole_tiles = tl.zeros([1], dtype=tl.float32)
-        for b in tl.static_range(c):
-            whole_tiles += tl.sum(tl.load(DLOG_W + chunk_rows + b * T + tau, mask=chunk * L + b * T + tau < S, other=0.0), 0)
-        for a in tl.static_range(c + 1, NT):
-            query_valid = chunk * L + a * T + tau < S
-            whole_tiles += tl.sum(tl.load(DLOG_ORIGIN + chunk_rows + a * T + tau, mask=query_valid, other=0.0), 0)
-            # unwritten pairs (query tiles past the end) hold zeros
-            col = tl.load(COL_SUMS + (pairs + a * (a + 1) // 2 + c) * T + tau)
-            d_log_i += col
-            d_log_f += _exclusive_prefix(col, tau)
-            for b in tl.static_range(c):
-                whole_tiles += tl.sum(tl.load(COL_SUMS + (pairs + a * (a + 1) // 2 + b) * T + tau), 0)
-        d_log_f += whole_tiles
-        tl.store(DLOG_F + rows, d_log_f, mask=valid)
-        tl.store(DLOG_I + rows, d_log_i, mask=valid)
+
+    d_log_f = tl.load(DLOG_F + rows, mask=valid, other=0.0) + carry * tl.sum(carry_dots, 0)
+    d_log_f += tl.cumsum(tl.load(DLOG_ORIGIN + rows, mask=valid, other=0.0), 0, reverse=True)
+    d_log_f += tl.cumsum(tl.load(DLOG_W + rows - 1, mask=has_previous, other=0.0), 0)
+    d_log_i = tl.load(DLOG_W + rows, mask=valid, other=0.0)
+    for a in tl.static_range(NT):
+        tile = chunk * NT + a
+        col_sums = COL_SUMS + (pid_bh * N_TILES + tile) * L + lanes
+        exists = tile * L + lanes < N_TILES * L  # this query tile is not past the end
+        d_log_i += tl.load(col_sums, mask=exists, other=0.0)
+        keys_before = tl.cumsum(tl.load(col_sums - 1, mask=exists & (lanes > 0), other=0.0), 0)
+        d_log_f += tl.where(lanes < a * T, keys_before, 0.0)
+    tl.store(DLOG_F + rows, d_log_f, mask=valid)
+    tl.store(DLOG_I + rows, d_log_i, mask=valid)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -738,10 +653,12 @@ class _Config:
         # stages where state tiles stream through the inner loop (-0.15 ms each in the output and dq
         # kernels at the 7B layer's shape on an H100, none elsewhere)
         tile_kernels = dict(BK=_tile(self.DQK, 64), BV=_tile(self.DV, 128), num_warps=4, num_stages=2)
-        self.output = dict(tile_kernels, num_stages=3)
+        # 32-wide DQK slices in the output kernel: with 64 and 4 warps, Triton 3.6 computed wrong
+        # rows of h at T=64, L=128 on an H100 (right under the interpreter and with 8 warps)
+        self.output = dict(tile_kernels, BK=_tile(self.DQK, 32), num_stages=3)
         self.scores = dict(tile_kernels)
         self.dq = dict(tile_kernels, num_stages=3)
-        self.dkdv = dict(tile_kernels)
+        self.dkdv = dict(tile_kernels, num_stages=3)
 
     def override(self, settings: str) -> None:
         """Apply launch settings such as ``"tile=32,states.num_stages=3,dkdv.num_warps=8"`` (for
@@ -765,12 +682,6 @@ class _Config:
     def n_tiles(self) -> int:
         return triton.cdiv(self.S, self.T)
 
-    @property
-    def n_pairs(self) -> int:
-        """(query tile, key tile) pairs per chunk: key tile <= query tile."""
-        tiles = self.L // self.T
-        return tiles * (tiles + 1) // 2
-
 
 class _ChunkSummary:
     """Gate sums per chunk (see ``_chunk_summary_kernel``), computed once per call."""
@@ -784,7 +695,7 @@ class _ChunkSummary:
         self.has_reset = torch.empty(BH, cfg.NC, device=i.device, dtype=torch.int32)
         _chunk_summary_kernel[(cfg.NC, BH)](
             i, f, reset, self.log_w, self.origin_first, self.intra_max, self.decay, self.has_reset,
-            cfg.S, cfg.NH, cfg.NC, IS_EXP=cfg.is_exp, L=cfg.L, T=cfg.T, num_warps=4,
+            cfg.S, cfg.NH, cfg.NC, IS_EXP=cfg.is_exp, L=cfg.L, num_warps=8,
         )  # fmt: skip
 
 
@@ -862,14 +773,14 @@ def _launch_bwd_grads(q, k, v, i, f, reset, dh, m_tokens, den, dqn, summary, sta
     d_log_i, d_log_origin, d_log_w = (torch.empty_like(d_log_f) for _ in range(3))
     c_states, n_states, m_states = states
     dc_states, dn_states, carry_dots = d_states
-    pairs = BH * cfg.NC * cfg.n_pairs
-    p = torch.empty(pairs, cfg.T, cfg.T, device=q.device, dtype=q.dtype)
+    # P and dS: per head an (S, L) matrix, the row of each query over its chunk's keys
+    p = torch.empty(BH, cfg.n_tiles * cfg.T, cfg.L, device=q.device, dtype=q.dtype)
     d_scores = torch.empty_like(p)
-    col_sums = torch.zeros(pairs, cfg.T, device=q.device, dtype=torch.float32)  # pairs never written read as 0
+    col_sums = torch.empty(BH, cfg.n_tiles, cfg.L, device=q.device, dtype=torch.float32)
     launch = dict(L=cfg.L, T=cfg.T, DOT_PRECISION=cfg.dot_precision)
     grid = (cfg.n_tiles, BH)
     _bwd_scores_kernel[grid](
-        q, k, v, i, f, reset, dh, m_tokens, den, dqn, p, d_scores, d_log_f, d_log_i, col_sums,
+        q, k, v, i, f, reset, dh, m_tokens, den, dqn, p, d_scores, d_log_f, col_sums,
         cfg.S, cfg.NH, cfg.DQK, cfg.DV, cfg.NC, cfg.scale, IS_EXP=cfg.is_exp, **launch, **cfg.scores,
     )  # fmt: skip
     _bwd_dq_kernel[grid](
@@ -883,8 +794,8 @@ def _launch_bwd_grads(q, k, v, i, f, reset, dh, m_tokens, den, dqn, summary, sta
     n_carry_tiles = carry_dots.shape[-1]
     _gate_grads_kernel[(cfg.NC, BH)](
         d_log_f, d_log_i, d_log_origin, d_log_w, col_sums, carry_dots, summary.decay, summary.has_reset, m_states,
-        cfg.S, cfg.NC, n_carry_tiles, L=cfg.L, T=cfg.T, CARRY_TILES_POW2=triton.next_power_of_2(n_carry_tiles),
-        num_warps=4,
+        cfg.S, cfg.NC, cfg.n_tiles, n_carry_tiles,
+        L=cfg.L, T=cfg.T, CARRY_TILES_POW2=triton.next_power_of_2(n_carry_tiles), num_warps=4,
     )  # fmt: skip
     shape = (cfg.B, cfg.NH, cfg.S)
     return dq, dk, dv, d_log_f.view(shape), d_log_i.view(shape)

@@ -160,6 +160,20 @@ def test_chunks_of_several_tiles_match_reference_fp32(
     compare_with_reference(inputs, input_gate, 1e-4, seed, chunk_size=chunk, doc_ids=doc_ids)
 
 
+@pytest.mark.parametrize("chunk,tile", [(16, 16), (64, 16)])
+def test_stabiliser_after_a_reset_counts_the_zero_state(monkeypatch, seed, chunk, tile):
+    """After a reset the segment starts from the zero state with m = 0, a source of the stabiliser
+    like any key: with closed input gates (log i = -8) and open forget gates it is the largest, and
+    the normaliser's lower bound exp(-m) depends on it."""
+    with_launch_variant(monkeypatch, f"tile={tile}")
+    B, NH, S, D = 1, 2, 40, 16
+    inputs = make_inputs(B, NH, S, D, D, input_gate="exp", hard=False, with_state=False, dtype=torch.float32)
+    inputs["i"] = torch.full_like(inputs["i"], -8.0)
+    inputs["f"] = torch.full_like(inputs["f"], 8.0)
+    doc_ids = (torch.arange(S, device=DEVICE) >= 9).long()[None]  # a reset inside the first chunk
+    compare_with_reference(inputs, "exp", 1e-4, seed, chunk_size=chunk, doc_ids=doc_ids)
+
+
 @pytest.mark.parametrize("input_gate", ["exp", "sigmoid"])
 def test_gradients_of_h_alone_with_a_partial_initial_state(seed, input_gate):
     """return_state=False (no gradient flows in through the final state) and only n0 (and m0) given."""
