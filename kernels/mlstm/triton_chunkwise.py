@@ -695,7 +695,7 @@ class _ChunkSummary:
         self.has_reset = torch.empty(BH, cfg.NC, device=i.device, dtype=torch.int32)
         _chunk_summary_kernel[(cfg.NC, BH)](
             i, f, reset, self.log_w, self.origin_first, self.intra_max, self.decay, self.has_reset,
-            cfg.S, cfg.NH, cfg.NC, IS_EXP=cfg.is_exp, L=cfg.L, num_warps=8,
+            cfg.S, cfg.NH, cfg.NC, IS_EXP=cfg.is_exp, L=cfg.L, num_warps=4,
         )  # fmt: skip
 
 
