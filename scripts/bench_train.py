@@ -71,6 +71,7 @@ def bench_one(args: argparse.Namespace) -> dict | None:
         init_distributed,
         loss_context,
         parallelize_model,
+        to_full,
     )
     from xlstm_train.train.config import load_config
     from xlstm_train.train.flops import flops_per_token
@@ -102,8 +103,9 @@ def bench_one(args: argparse.Namespace) -> dict | None:
     def step(tokens: torch.Tensor) -> None:
         inputs, labels = tokens[:, :-1], tokens[:, 1:]
         if cfg.parallel.engine == "deepspeed":
-            loss = F.cross_entropy(engine(inputs).float().flatten(0, 1), labels.flatten())
-            engine.backward(loss)
+            with loss_context(mesh, cfg.parallel):
+                loss = F.cross_entropy(engine(inputs).float().flatten(0, 1), labels.flatten())
+                engine.backward(to_full(loss))  # a replicated DTensor under vocabulary-parallel loss
             engine.step()
             return
         with loss_context(mesh, cfg.parallel):
