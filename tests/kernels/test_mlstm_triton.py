@@ -118,43 +118,32 @@ def compare_with_reference(inputs, input_gate, tol, seed, **kwargs):
         assert not bad, f"relative errors above {tol}: {bad} (seed {seed}, all: {kernel_errors})"
 
 
+# The chunk's tile is the chunk itself up to 64 tokens; the cases with a tile of 16 at chunk 32 and
+# 64 take the cross-tile log-weights, stabilisers and gate-gradient sums that the default shapes
+# (chunk 128, tile 64) take, at CPU sizes.
 CPU_CASES = [
-    # (input_gate, S, DQK, DV, chunk, hard, with_state, with_docs)
-    ("exp", 37, 16, 32, 16, True, True, False),
-    ("exp", 69, 32, 16, 32, True, False, True),
-    ("exp", 64, 16, 16, 16, False, True, True),
-    ("exp", 1, 16, 16, 16, True, True, False),
-    ("sigmoid", 37, 16, 32, 16, True, True, True),
-    ("sigmoid", 69, 32, 16, 32, False, False, False),
-    ("sigmoid", 1, 32, 16, 16, False, True, False),
+    # (input_gate, S, DQK, DV, chunk, tile, hard, with_state, with_docs)
+    ("exp", 37, 16, 32, 16, 16, True, True, False),
+    ("exp", 69, 32, 16, 32, 32, True, False, True),
+    ("exp", 64, 16, 16, 16, 16, False, True, True),
+    ("exp", 1, 16, 16, 16, 16, True, True, False),
+    ("sigmoid", 37, 16, 32, 16, 16, True, True, True),
+    ("sigmoid", 69, 32, 16, 32, 32, False, False, False),
+    ("sigmoid", 1, 32, 16, 16, 16, False, True, False),
+    ("exp", 37, 16, 32, 32, 16, True, True, False),
+    ("exp", 100, 32, 16, 64, 16, True, False, True),
+    ("exp", 130, 16, 16, 64, 16, True, True, True),
+    ("exp", 64, 16, 16, 64, 16, False, True, True),
+    ("sigmoid", 77, 16, 32, 32, 16, True, True, True),
+    ("sigmoid", 69, 32, 16, 64, 16, False, False, False),
 ]
 
 
-@pytest.mark.parametrize("input_gate,S,DQK,DV,chunk,hard,with_state,with_docs", CPU_CASES)
-def test_chunkwise_kernel_matches_reference_fp32(seed, input_gate, S, DQK, DV, chunk, hard, with_state, with_docs):
-    inputs = make_inputs(2, 2, S, DQK, DV, input_gate=input_gate, hard=hard, with_state=with_state, dtype=torch.float32)
-    doc_ids = random_doc_ids(2, S) if with_docs else None
-    compare_with_reference(inputs, input_gate, 1e-4, seed, chunk_size=chunk, doc_ids=doc_ids)
-
-
-# chunks of several tiles (tile 16 at chunk 32 and 64): the cross-tile log-weights, stabilisers and
-# gate-gradient sums that the default shapes (chunk 128, tile 64) use, at CPU sizes
-MULTI_TILE_CASES = [
-    # (input_gate, S, DQK, DV, chunk, hard, with_state, with_docs)
-    ("exp", 37, 16, 32, 32, True, True, False),
-    ("exp", 100, 32, 16, 64, True, False, True),
-    ("exp", 130, 16, 16, 64, True, True, True),
-    ("exp", 64, 16, 16, 64, False, True, True),
-    ("sigmoid", 77, 16, 32, 32, True, True, True),
-    ("sigmoid", 69, 32, 16, 64, False, False, False),
-]
-
-
-@pytest.mark.parametrize("input_gate,S,DQK,DV,chunk,hard,with_state,with_docs", MULTI_TILE_CASES)
-def test_chunks_of_several_tiles_match_reference_fp32(
-    monkeypatch, seed, input_gate, S, DQK, DV, chunk, hard, with_state, with_docs
+@pytest.mark.parametrize("input_gate,S,DQK,DV,chunk,tile,hard,with_state,with_docs", CPU_CASES)
+def test_chunkwise_kernel_matches_reference_fp32(
+    monkeypatch, seed, input_gate, S, DQK, DV, chunk, tile, hard, with_state, with_docs
 ):
-    with_launch_variant(monkeypatch, "tile=16")
+    with_launch_variant(monkeypatch, f"tile={tile}")
     inputs = make_inputs(2, 2, S, DQK, DV, input_gate=input_gate, hard=hard, with_state=with_state, dtype=torch.float32)
     doc_ids = random_doc_ids(2, S) if with_docs else None
     compare_with_reference(inputs, input_gate, 1e-4, seed, chunk_size=chunk, doc_ids=doc_ids)
