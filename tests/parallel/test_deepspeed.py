@@ -38,14 +38,33 @@ def _local_loss(engine, step: int, rows: slice) -> torch.Tensor:
     return to_full(F.cross_entropy(engine(inputs[rows], doc_ids[rows]).flatten(0, 1), labels[rows].flatten()))
 
 
+def _engine_and_reference(cfg, arch: str):
+    """A DeepSpeed engine of ``cfg`` on a fresh ``arch`` model, the single-process copy it must match
+    with its optimizer, the mesh, this rank's batch rows and the parameter names."""
+    import torch.distributed as dist
+
+    from xlstm_train.parallel import build_mesh, dp_rank_and_size
+    from xlstm_train.parallel.deepspeed_engine import build_deepspeed_engine
+
+    model_cfg, model = make_model(arch)
+    cfg.model = model_cfg
+    reference = copy.deepcopy(model)
+    ref_opt = torch.optim.AdamW(reference.parameters(), lr=1e-2, betas=(0.9, 0.95), eps=1e-5, weight_decay=0.1)
+    mesh = build_mesh(cfg.parallel, dist.get_world_size(), "cpu", model_cfg)
+    engine, _ = build_deepspeed_engine(model, [{"params": list(model.parameters())}], cfg, mesh)
+    dp_rank, dp_size = dp_rank_and_size(mesh)
+    rows = slice(dp_rank * BATCH // dp_size, (dp_rank + 1) * BATCH // dp_size)
+    names = [n for n, _ in reference.named_parameters()]
+    return engine, reference, ref_opt, mesh, rows, names
+
+
 def _zero_stages(ckpt_root: str) -> None:
     import deepspeed
     import torch.distributed as dist
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad
 
-    from xlstm_train.parallel import build_mesh, dp_mean, dp_rank_and_size
+    from xlstm_train.parallel import dp_mean
     from xlstm_train.parallel.deepspeed_engine import (
-        build_deepspeed_engine,
         load_deepspeed_checkpoint,
         save_deepspeed_checkpoint,
     )
@@ -58,15 +77,7 @@ def _zero_stages(ckpt_root: str) -> None:
         cfg = run_config(stage)
         cfg.parallel.offload_optimizer = offload  # Adam states and fp32 master weights in CPU memory
         cfg.parallel.activation_checkpointing = checkpointing
-        model_cfg, model = make_model("xlstm_large")
-        cfg.model = model_cfg
-        reference = copy.deepcopy(model)
-        ref_opt = torch.optim.AdamW(reference.parameters(), lr=1e-2, betas=(0.9, 0.95), eps=1e-5, weight_decay=0.1)
-        mesh = build_mesh(cfg.parallel, dist.get_world_size(), "cpu", model_cfg)
-        engine, _ = build_deepspeed_engine(model, [{"params": list(model.parameters())}], cfg, mesh)
-        dp_rank, dp_size = dp_rank_and_size(mesh)
-        rows = slice(dp_rank * BATCH // dp_size, (dp_rank + 1) * BATCH // dp_size)
-        names = [n for n, _ in reference.named_parameters()]
+        engine, reference, ref_opt, mesh, rows, names = _engine_and_reference(cfg, "xlstm_large")
         for step in range(3):
             inputs, labels, doc_ids = batch(step)
             ref_loss = F.cross_entropy(reference(inputs, doc_ids).flatten(0, 1), labels.flatten())
@@ -130,9 +141,8 @@ def _zero_with_tensor_parallel(ckpt_root: str) -> None:
     import torch.distributed as dist
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad
 
-    from xlstm_train.parallel import build_mesh, dp_mean, dp_rank_and_size, loss_context
+    from xlstm_train.parallel import dp_mean, dp_rank_and_size, loss_context
     from xlstm_train.parallel.deepspeed_engine import (
-        build_deepspeed_engine,
         save_deepspeed_checkpoint,
     )
 
@@ -140,17 +150,10 @@ def _zero_with_tensor_parallel(ckpt_root: str) -> None:
     for arch, stage, checkpointing in TP_CASES:
         cfg = run_config(stage)
         cfg.parallel.tp, cfg.parallel.activation_checkpointing = 2, checkpointing
-        model_cfg, model = make_model(arch)
-        cfg.model = model_cfg
-        reference = copy.deepcopy(model)
-        ref_opt = torch.optim.AdamW(reference.parameters(), lr=1e-2, betas=(0.9, 0.95), eps=1e-5, weight_decay=0.1)
-        mesh = build_mesh(cfg.parallel, dist.get_world_size(), "cpu", model_cfg)
-        engine, _ = build_deepspeed_engine(model, [{"params": list(model.parameters())}], cfg, mesh)
-        dp_rank, dp_size = dp_rank_and_size(mesh)
+        engine, reference, ref_opt, mesh, rows, names = _engine_and_reference(cfg, arch)
+        dp_size = dp_rank_and_size(mesh)[1]
         assert (engine.dp_world_size, dp_size) == (2, 2)  # ZeRO partitions over dp, not over tp x dp
         assert engine.optimizer.partition_count == [dp_size]
-        rows = slice(dp_rank * BATCH // dp_size, (dp_rank + 1) * BATCH // dp_size)
-        names = [n for n, _ in reference.named_parameters()]
 
         for step in range(3):
             inputs, labels, doc_ids = batch(step)
