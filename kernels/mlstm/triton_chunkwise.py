@@ -107,6 +107,12 @@ def _log_weights(
 
 
 @triton.jit
+def _compose_max_plus(shift_a, floor_a, shift_b, floor_b):
+    """The map m -> max(m + shift, floor) of applying a, then b."""
+    return shift_a + shift_b, tl.maximum(floor_a + shift_b, floor_b)
+
+
+@triton.jit
 def _chunk_summary_kernel(
     I, F, RESET, LOG_W, ORIGIN_FIRST, INTRA_MAX, CHUNK_DECAY, CHUNK_RESET, S, NH, NC,
     IS_EXP: tl.constexpr, L: tl.constexpr,
@@ -138,12 +144,15 @@ def _chunk_summary_kernel(
     tl.store(CHUNK_RESET + pid_bh * NC + chunk, (last_segment > 0).to(tl.int32))
     if IS_EXP:
         # the stabiliser's part inside the chunk: the largest log-weight of the token's keys and,
-        # after a reset, of the zero state (m = 0) its segment starts from
-        log_d = _log_weights(I, F, RESET, gate_base, reset_base, chunk_start, chunk_start, t, t, S, IS_EXP, L, L)
-        same_segment = (segment[None, :] == segment[:, None]) & (lanes[None, :] <= lanes[:, None])
-        since_reset = tl.sum(tl.where(same_segment, log_f[None, :], 0.0), 1)
-        zero_state = tl.where(segment > 0, since_reset, float("-inf"))
-        tl.store(INTRA_MAX + gate_base + t, tl.maximum(tl.max(log_d, 1), zero_state), mask=valid)
+        # after a reset, of the zero state (m = 0) its segment starts from. That is the max-plus scan
+        # m_t = max(m_{t-1} + log f_t, log i_t) over the chunk from m = -inf (the state before the
+        # chunk is the output kernel's part), restarted from m = 0 at a reset: O(L) as an
+        # associative scan of the maps m -> max(m + a, b).
+        is_reset = tl.load(RESET + reset_base + t, mask=valid, other=0) != 0
+        shift = tl.where(is_reset, float("-inf"), log_f)
+        floor = tl.where(is_reset, tl.maximum(log_f, log_i), log_i)
+        _, intra_max = tl.associative_scan((shift, floor), 0, _compose_max_plus)
+        tl.store(INTRA_MAX + gate_base + t, intra_max, mask=valid)
 
 
 @triton.jit
@@ -341,7 +350,6 @@ def _fwd_output_kernel(
     tl.store(QN_TOKENS + rows, q_n, mask=valid)
 
     p = p.to(Q.dtype.element_ty)
-    q_coef = w_origin * scale
     for v0 in range(0, DV, BV):
         offs_v = v0 + tl.arange(0, BV)
         mask_v = offs_v < DV
@@ -359,8 +367,9 @@ def _fwd_output_kernel(
                 mask=mask_k[:, None] & mask_v[None, :],
                 other=0.0,
             )
-            q_weighted = (q_tile.to(tl.float32) * q_coef[:, None]).to(q_tile.dtype)
-            acc = tl.dot(q_weighted, c_tile.to(q_tile.dtype), acc, input_precision=DOT_PRECISION)
+            acc = tl.dot(q_tile, c_tile.to(q_tile.dtype), acc, input_precision=DOT_PRECISION)
+        # the state's weight is one number per query: applied to the product, not to its operands
+        acc = acc * (w_origin * scale)[:, None]
         v_tile = tl.load(V + key_rows[:, None] * DV + offs_v[None, :], mask=key_valid[:, None] & mask_v[None, :], other=0.0)
         acc = tl.dot(p, v_tile, acc, input_precision=DOT_PRECISION)
         h = acc / den[:, None]
@@ -472,9 +481,8 @@ def _bwd_dq_kernel(
                 mask=mask_k[:, None] & mask_v[None, :],
                 other=0.0,
             )
-            dh_weighted = (dh_tile.to(tl.float32) * (w_origin / den)[:, None]).to(q_tile.dtype)
-            dq_state = tl.dot(dh_weighted, tl.trans(c_tile.to(q_tile.dtype)), dq_state, input_precision=DOT_PRECISION)
-        dq_state += (w_origin * dqn)[:, None] * n_tile[None, :]
+            dq_state = tl.dot(dh_tile, tl.trans(c_tile.to(q_tile.dtype)), dq_state, input_precision=DOT_PRECISION)
+        dq_state = (w_origin / den)[:, None] * dq_state + (w_origin * dqn)[:, None] * n_tile[None, :]
         d_log_origin += tl.sum(q_tile.to(tl.float32) * dq_state, 1) * scale
         k_tile = tl.load(K + key_rows[:, None] * DQK + offs_k[None, :], mask=key_valid[:, None] & mask_k[None, :], other=0.0)
         dq = tl.dot(d_scores, k_tile, dq_state, input_precision=DOT_PRECISION) * scale
@@ -522,9 +530,9 @@ def _bwd_dkdv_kernel(
                 mask=mask_k[:, None] & mask_v[None, :],
                 other=0.0,
             )
-            v_weighted = (v_tile.to(tl.float32) * w[:, None]).to(k_tile.dtype)
-            dk_state = tl.dot(v_weighted, tl.trans(dc_tile.to(k_tile.dtype)), dk_state, input_precision=DOT_PRECISION)
-        dk_state += w[:, None] * dn_tile[None, :]
+            dk_state = tl.dot(v_tile, tl.trans(dc_tile.to(k_tile.dtype)), dk_state, input_precision=DOT_PRECISION)
+        # the key's weight is one number per row: applied to the products, not to their operands
+        dk_state = w[:, None] * (dk_state + dn_tile[None, :])
         d_log_w += tl.sum(k_tile.to(tl.float32) * dk_state, 1)
         dk_queries = tl.zeros([T, BK], dtype=tl.float32)
         for a in range(tile, last_query_tile):
@@ -552,8 +560,8 @@ def _bwd_dkdv_kernel(
                 mask=mask_k[:, None] & mask_v[None, :],
                 other=0.0,
             )
-            k_weighted = (k_tile.to(tl.float32) * w[:, None]).to(k_tile.dtype)
-            dv = tl.dot(k_weighted, dc_tile.to(k_tile.dtype), dv, input_precision=DOT_PRECISION)
+            dv = tl.dot(k_tile, dc_tile.to(k_tile.dtype), dv, input_precision=DOT_PRECISION)
+        dv = dv * w[:, None]
         for a in range(tile, last_query_tile):
             query_t = a * T + tau
             query_valid = query_t < S
