@@ -29,7 +29,7 @@ log-weights (intra-chunk, origin state, chunk-end state, carried state) over the
 contain each gate. (The shortcut ``dL/dB_t = q_t.dq_t - k_t.dk_t`` loses all relative precision
 when forget gates are closed: the diagonal terms cancel.) The stabilisers matter only through eps
 and the final state's scale: the per-token m is the max-plus scan ``m_t = max(log f_t + m_{t-1},
-log i_t)``, whose gradient is routed back through its argmax (``_stabiliser_scan_backward``).
+log i_t)``, whose gradient is routed back through its argmax (``_input_gate_grads_kernel``).
 
 Document resets are exact: inside a chunk the tokens form segments split at resets; a token sees
 only keys of its own segment and, in the first segment only, the state before the chunk. Later
@@ -667,6 +667,8 @@ class _Config:
         self.scores = dict(tile_kernels)
         self.dq = dict(tile_kernels, num_stages=3)
         self.dkdv = dict(tile_kernels, num_stages=3)
+        # the input gates' gradients: one program per head scanning blocks of tokens from the end
+        self.input_gates = dict(BLOCK=1024, num_warps=4)
 
     def override(self, settings: str) -> None:
         """Apply launch settings such as ``"tile=32,states.num_stages=3,dkdv.num_warps=8"`` (for
@@ -849,26 +851,67 @@ def _normaliser_grads(dh, h, m_tokens, qn_tokens, cfg: _Config):
     return den, delta, dqn
 
 
-def _stabiliser_scan_backward(grad_m, log_f, log_i, m_tokens, m0, reset):
-    """Backward of m_t = max(log_f_t + m_{t-1}, log_i_t) (m_{-1} = m0; 0 after a reset).
+@triton.jit
+def _compose_affine(scale_a, shift_a, scale_b, shift_b):
+    """The map x -> shift + scale * x of applying a, then b."""
+    return scale_a * scale_b, shift_b + scale_b * shift_a
 
-    ``grad_m`` (B, NH, S) is dL/dm_t with m_t as a free variable. A max routes its gradient to the
-    winner, so the gradient reaching m_t through later steps is a suffix sum of grad_m up to the next
-    step where the input gate won. Returns the extra gradients of log_f, log_i and m0 (fp64).
-    """
-    B, NH, S = grad_m.shape
-    m_before = torch.cat([m0.reshape(B, NH, 1).to(m_tokens.dtype), m_tokens[..., :-1]], dim=-1)
-    m_before = torch.where(reset[:, None, :], torch.zeros_like(m_before), m_before)
-    carried = (log_f + m_before >= log_i).to(torch.float64)  # m_t took the carried value
-    linked = (carried > 0) & ~reset[:, None, :]  # ... and that value was m_{t-1}, not a reset's zero
-    suffix = torch.flip(torch.cumsum(torch.flip(grad_m.to(torch.float64), [-1]), -1), [-1])
-    suffix = torch.cat([suffix, suffix.new_zeros(B, NH, 1)], dim=-1)
-    positions = torch.arange(S, device=grad_m.device).expand(B, NH, S)
-    breaks = torch.where(linked, torch.full_like(positions, S), positions)
-    next_break = torch.flip(torch.cummin(torch.flip(breaks, [-1]), -1).values, [-1])  # first break >= t
-    next_break = torch.cat([next_break[..., 1:], torch.full_like(next_break[..., :1], S)], dim=-1)  # > t
-    total = suffix[..., :-1] - torch.gather(suffix, -1, next_break)
-    return total * carried, total * (1.0 - carried), total[..., 0] * carried[..., 0]
+
+@triton.jit
+def _carried(F, I, RESET, M_TOKENS, m0, rows, batch, t, S, valid):
+    """Whether the stabiliser m_t = max(log f_t + m_{t-1}, log i_t) took the carried value, and
+    whether that value was m_{t-1} (m0 for t = 0) rather than the zero a reset starts from."""
+    log_f = _log_sigmoid(tl.load(F + rows, mask=valid, other=0.0).to(tl.float32))
+    log_i = tl.load(I + rows, mask=valid, other=0.0).to(tl.float32)
+    reset = tl.load(RESET + batch * S + t, mask=valid, other=0) != 0
+    m_before = tl.load(M_TOKENS + rows - 1, mask=valid & (t > 0), other=0.0)
+    m_before = tl.where(reset, 0.0, tl.where(t > 0, m_before, m0))
+    carried = log_f + m_before >= log_i
+    return carried, carried & ~reset & valid
+
+
+@triton.jit
+def _input_gate_grads_kernel(
+    DLOG_F, DLOG_I, F, I, RESET, M_TOKENS, M0, DELTA, DEN, GRAD_M_LAST, DF, DI, DM0, S, NH, eps,
+    IS_EXP: tl.constexpr, HAS_M0: tl.constexpr, HAS_GRAD_M_LAST: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """Per head: the gradients of the gate pre-activations from those of the log gates, with (exp
+    gate) the stabiliser's part. The stabilisers enter the function only through eps (h_t depends
+    on m_t as dh/dm = -h eps / den, so dL/dm_t = -eps delta_t / den_t) and the final state's scale
+    (GRAD_M_LAST). m_t = max(log f_t + m_{t-1}, log i_t) routes its gradient to the winner, so the
+    gradient reaching m_t is G_t = dL/dm_t + [m_{t+1} took m_t] G_{t+1}: a reverse affine
+    recurrence, scanned block by block from the end (each block's tokens in descending order, so
+    that a forward scan runs it)."""
+    pid_bh = tl.program_id(0).to(tl.int64)
+    batch = pid_bh // NH
+    m0 = tl.load(M0 + pid_bh) if HAS_M0 else 0.0
+    g_after = 0.0  # G of the token after the block
+    for block in range(tl.cdiv(S, BLOCK)):
+        t = S - 1 - block * BLOCK - tl.arange(0, BLOCK)
+        valid = t >= 0
+        rows = pid_bh * S + t
+        d_log_f = tl.load(DLOG_F + rows, mask=valid, other=0.0)
+        d_log_i = tl.load(DLOG_I + rows, mask=valid, other=0.0)
+        f = tl.load(F + rows, mask=valid, other=0.0).to(tl.float32)
+        i = tl.load(I + rows, mask=valid, other=0.0).to(tl.float32)
+        if IS_EXP:
+            carried, linked = _carried(F, I, RESET, M_TOKENS, m0, rows, batch, t, S, valid)
+            _, next_linked = _carried(F, I, RESET, M_TOKENS, m0, rows + 1, batch, t + 1, S, valid & (t + 1 < S))
+            grad_m = -eps * tl.load(DELTA + rows, mask=valid, other=0.0) / tl.load(DEN + rows, mask=valid, other=1.0)
+            if HAS_GRAD_M_LAST:
+                grad_m += tl.where(t == S - 1, tl.load(GRAD_M_LAST + pid_bh), 0.0)
+            through, g_block = tl.associative_scan((tl.where(next_linked, 1.0, 0.0), grad_m), 0, _compose_affine)
+            g = g_block + through * g_after
+            g_after = tl.sum(tl.where(tl.arange(0, BLOCK) == BLOCK - 1, g, 0.0), 0)
+            d_log_f += tl.where(carried, g, 0.0)
+            d_log_i += tl.where(carried, 0.0, g)
+            if HAS_M0:
+                tl.store(DM0 + pid_bh + t, tl.where(linked, g, 0.0), mask=t == 0)
+            di = d_log_i
+        else:
+            di = d_log_i * tl.sigmoid(-i)
+        tl.store(DF + rows, (d_log_f * tl.sigmoid(-f)).to(DF.dtype.element_ty), mask=valid)
+        tl.store(DI + rows, di.to(DI.dtype.element_ty), mask=valid)
 
 
 class _MLSTMChunkwise(torch.autograd.Function):
@@ -907,41 +950,39 @@ class _MLSTMChunkwise(torch.autograd.Function):
         dq, dk, dv, d_log_f, d_log_i = _launch_bwd_grads(
             q, k, v, i, f, reset, dh, m_tokens, den, dqn, summary, states, (dc_states, dn_states, carry_dots), cfg
         )
-        d_log_f, d_log_i = d_log_f.double(), d_log_i.double()
-
         dc0 = dc_first.view(cfg.B, cfg.NH, cfg.DQK, cfg.DV)
         dn0 = dn_states[:, 0].view(cfg.B, cfg.NH, cfg.DQK)
-        dm0 = None
-        if cfg.is_exp:
-            # the stabilisers enter the function only through eps: h depends on its token's m as
-            # dh/dm = -h * eps / den, the final state (c, n) scales as exp(-m_last)
-            grad_m = -cfg.eps * delta.double() / den.double()
+        # the final state (c, n) is stored relative to exp(m_last): its gradients reach m_last
+        grad_m_last = None
+        if cfg.is_exp and (dc_last is not None or dn_last is not None or dm_last is not None):
+            grad_m_last = torch.zeros(cfg.B, cfg.NH, device=dev, dtype=torch.float64)
             if dc_last is not None:
-                grad_m[..., -1] -= (dc_last.double() * c_last.double()).sum((-1, -2))
+                grad_m_last -= (dc_last.double() * c_last.double()).sum((-1, -2))
             if dn_last is not None:
-                grad_m[..., -1] -= (dn_last.double() * n_states[:, -1].view(cfg.B, cfg.NH, -1).double()).sum(-1)
+                grad_m_last -= (dn_last.double() * n_states[:, -1].view(cfg.B, cfg.NH, -1).double()).sum(-1)
             if dm_last is not None:
-                grad_m[..., -1] += dm_last.reshape(cfg.B, cfg.NH).double()
-            log_f = torch.nn.functional.logsigmoid(f.double())
-            m0_values = m0 if m0 is not None else torch.zeros(cfg.B, cfg.NH, 1, device=dev)
-            extra_f, extra_i, extra_m0 = _stabiliser_scan_backward(
-                grad_m, log_f, i.double(), m_tokens.double(), m0_values.double(), reset.bool()
-            )
-            d_log_f = d_log_f + extra_f
-            d_log_i = d_log_i + extra_i
-            if m0 is not None:
-                dm0 = extra_m0
-                if c0 is not None:  # c0, n0 are stored relative to exp(m0)
-                    dm0 = dm0 + (dc0.double() * c0.double()).sum((-1, -2)) + (dn0.double() * n0.double()).sum(-1)
-                dm0 = dm0.reshape(cfg.B, cfg.NH, 1).to(m0.dtype)
-            di = d_log_i
-        else:
-            di = d_log_i * torch.sigmoid(-i.double())
-        df = d_log_f * torch.sigmoid(-f.double())
+                grad_m_last += dm_last.reshape(cfg.B, cfg.NH).double()
+            grad_m_last = grad_m_last.float()
+        has_m0 = cfg.is_exp and m0 is not None
+        m0_flat = m0.reshape(-1).float().contiguous() if has_m0 else den  # not read without
+        dm0 = torch.empty(cfg.B * cfg.NH, device=dev, dtype=torch.float32) if has_m0 else None
+        di, df = torch.empty_like(i), torch.empty_like(f)
+        _input_gate_grads_kernel[(cfg.B * cfg.NH,)](
+            d_log_f, d_log_i, f, i, reset, m_tokens, m0_flat, delta, den,
+            grad_m_last if grad_m_last is not None else den, df, di, dm0 if has_m0 else den,
+            cfg.S, cfg.NH, cfg.eps,
+            IS_EXP=cfg.is_exp, HAS_M0=has_m0, HAS_GRAD_M_LAST=grad_m_last is not None,
+            **dict(cfg.input_gates, BLOCK=min(cfg.input_gates["BLOCK"], triton.next_power_of_2(cfg.S))),
+        )  # fmt: skip
+        if has_m0:
+            dm0 = dm0.double().view(cfg.B, cfg.NH)
+            if c0 is not None:  # c0, n0 are stored relative to exp(m0)
+                dm0 = dm0 + (dc0.double() * c0.double()).sum((-1, -2)) + (dn0.double() * n0.double()).sum(-1)
+            dm0 = dm0.reshape(cfg.B, cfg.NH, 1).to(m0.dtype)
 
         dc0 = dc0.to(c0.dtype) if c0 is not None else None
         dn0 = dn0.to(n0.dtype) if n0 is not None else None
-        return dq, dk, dv, di.to(i.dtype), df.to(f.dtype), dc0, dn0, dm0, None, None, None, None
+        return dq, dk, dv, di, df, dc0, dn0, dm0, None, None, None, None
 
 
 # torch.compile leaves this call out of its graphs (a graph break): our launches size grids and

@@ -219,6 +219,18 @@ def test_triton_rejects_bad_chunk_size_and_dtype():
         mlstm(**{k: t.double() for k, t in inputs.items()}, impl="triton")
 
 
+@pytest.mark.parametrize("closed_input_gates", [False, True])
+def test_stabiliser_gradient_crosses_blocks_of_tokens(monkeypatch, seed, closed_input_gates):
+    """The input gates' kernel scans the stabiliser's gradient back over blocks of tokens. With the
+    input gates closed, every m_t is the carried m0 + sum of log f: the final state's gradient
+    reaches every forget gate and m0 only across all the blocks."""
+    with_launch_variant(monkeypatch, "input_gates.BLOCK=16")
+    inputs = make_inputs(1, 2, 45, 32, 16, input_gate="exp", hard=not closed_input_gates, with_state=True, dtype=torch.float32)
+    if closed_input_gates:
+        inputs["i"] = inputs["i"] - 30.0
+    compare_with_reference(inputs, "exp", 1e-4, seed, chunk_size=16)
+
+
 def test_triton_rejects_a_tile_that_does_not_divide_the_chunk(monkeypatch):
     inputs = make_inputs(1, 1, 8, 16, 16, input_gate="exp", hard=False, with_state=False, dtype=torch.float32)
     with_launch_variant(monkeypatch, "tile=32")
@@ -285,7 +297,7 @@ def test_launch_variants_match_reference_fp32(monkeypatch, seed, settings):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("input_gate", ["exp", "sigmoid"])
-@pytest.mark.parametrize("settings", LAUNCH_VARIANTS)
+@pytest.mark.parametrize("settings", LAUNCH_VARIANTS + ["input_gates.BLOCK=64"])
 def test_launch_variants_bf16_on_gpu(monkeypatch, seed, settings, input_gate):
     with_launch_variant(monkeypatch, settings)
     inputs = make_inputs(2, 2, 300, 256, 512, input_gate=input_gate, hard=True, with_state=True, dtype=torch.bfloat16)
