@@ -142,7 +142,8 @@ def run_mlstm_breakdown(args) -> list[dict]:
                     cells = "  ".join(f"{k} {v:7.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in times.items())
                     print(f"{layer:>10} S={S:<6} {gate:<8} {variant:<70} {cells}", flush=True)
     for kernel in (tc._chunk_summary_kernel, tc._fwd_states_kernel, tc._fwd_output_kernel, tc._bwd_states_kernel,
-                   tc._bwd_scores_kernel, tc._bwd_dq_kernel, tc._bwd_dkdv_kernel, tc._gate_grads_kernel):
+                   tc._bwd_scores_kernel, tc._bwd_dq_kernel, tc._bwd_dkdv_kernel, tc._gate_grads_kernel,
+                   tc._input_gate_grads_kernel):
         for caches in kernel.device_caches.values():
             for compiled in caches[0].values():
                 print(f"  {kernel.__name__}: {compiled.n_regs} registers, {compiled.n_spills} spilled, "

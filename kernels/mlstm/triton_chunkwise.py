@@ -10,9 +10,8 @@ chunk and head, 256 KB at the xLSTM-7B shape), tiles keep each program's L x L p
 * ``_fwd_states_kernel``: the inter-chunk recurrence. One program per (head, DQK tile, DV tile) walks
   the chunks in order, in fp32, and writes the state (C, n, m) before every chunk (C in the input
   dtype: the chunk kernels round it to that for their products anyway) and the final state (fp32).
-* ``_fwd_output_kernel``: one program per (query tile, DV tile, head): the contribution of the state
-  before the chunk plus the causal part over the chunk's keys up to the tile, key tile by key tile;
-  writes h and, per token, the stabiliser m and the signed normaliser q.n (the backward's only
+* ``_fwd_output_kernel``: one program per (query tile, head): the contribution of the state before
+  the chunk plus the causal part over the chunk's keys up to the tile, as one T x L block; writes h and, per token, the stabiliser m and the signed normaliser q.n (the backward's only
   per-token extras).
 * ``_bwd_states_kernel``: the reverse recurrence for dC, dn, written before every chunk.
 * ``_bwd_scores_kernel``: one program per (query tile, head): for each key tile of the chunk up to
@@ -21,7 +20,8 @@ chunk and head, 256 KB at the xLSTM-7B shape), tiles keep each program's L x L p
 * ``_bwd_dq_kernel`` (per query tile), ``_bwd_dkdv_kernel`` (per key tile): they load P and dS, so
   that next to their state tiles they hold no score recomputation.
 * ``_gate_grads_kernel``: per chunk, sums the per-token pieces of the gate gradients over the
-  intervals of gates each term spans.
+  intervals of gates each term spans; ``_input_gate_grads_kernel``, per head, adds the
+  stabiliser's part and applies the gates' activations.
 
 Gate gradients: with the stabilisers held fixed, every term's log-weight is a sum of log forget
 gates over an interval plus the source's log input gate, so the kernels sum the gradients of the
