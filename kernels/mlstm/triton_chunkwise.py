@@ -11,8 +11,9 @@ chunk and head, 256 KB at the xLSTM-7B shape), tiles keep each program's L x L p
   the chunks in order, in fp32, and writes the state (C, n, m) before every chunk (C in the input
   dtype: the chunk kernels round it to that for their products anyway) and the final state (fp32).
 * ``_fwd_output_kernel``: one program per (query tile, head): the contribution of the state before
-  the chunk plus the causal part over the chunk's keys up to the tile, as one T x L block; writes h and, per token, the stabiliser m and the signed normaliser q.n (the backward's only
-  per-token extras).
+  the chunk plus the causal part over the chunk's keys up to the tile, as one T x L block; writes
+  h and, per token, the stabiliser m and the signed normaliser q.n (the backward's only per-token
+  extras).
 * ``_bwd_states_kernel``: the reverse recurrence for dC, dn, written before every chunk.
 * ``_bwd_scores_kernel``: one program per (query tile, head): for each key tile of the chunk up to
   it, the T x T scores P and their gradients dS (written in the input dtype) and the gate
