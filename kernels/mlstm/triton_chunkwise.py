@@ -115,7 +115,7 @@ def _compose_max_plus(shift_a, floor_a, shift_b, floor_b):
 
 @triton.jit
 def _chunk_summary_kernel(
-    I, F, RESET, LOG_W, ORIGIN_FIRST, INTRA_MAX, CHUNK_DECAY, CHUNK_RESET, S, NH, NC,
+    I, F, RESET, LOG_W, ORIGIN_FIRST, INTRA_MAX, CHUNK_DECAY, CHUNK_RESET, CHUNK_MAX, S, NH, NC,
     IS_EXP: tl.constexpr, L: tl.constexpr,
 ):  # fmt: skip
     """Per chunk, once, the gate sums the state and tile kernels need: per token the log-weight of
@@ -139,7 +139,9 @@ def _chunk_summary_kernel(
     last_segment = tl.max(segment, 0)
     in_last = segment == last_segment
     valid = t < S
-    tl.store(LOG_W + gate_base + t, tl.where(in_last, after + log_i, float("-inf")), mask=valid)
+    log_w = tl.where(in_last, after + log_i, float("-inf"))
+    tl.store(LOG_W + gate_base + t, log_w, mask=valid)
+    tl.store(CHUNK_MAX + pid_bh * NC + chunk, tl.max(log_w, 0))
     tl.store(ORIGIN_FIRST + gate_base + t, tl.where(segment == 0, origin, float("-inf")), mask=valid)
     tl.store(CHUNK_DECAY + pid_bh * NC + chunk, tl.sum(tl.where(in_last, log_f, 0.0), 0))
     tl.store(CHUNK_RESET + pid_bh * NC + chunk, (last_segment > 0).to(tl.int32))
@@ -157,25 +159,34 @@ def _chunk_summary_kernel(
 
 
 @triton.jit
-def _state_update(LOG_W, CHUNK_DECAY, CHUNK_RESET, pid_bh, chunk, t, valid, S, NC, m_prev, IS_EXP: tl.constexpr):
-    """Weights of the state update over one chunk: C_next = carry * C_prev + sum_s w_s k_s v_s^T.
-    Only the chunk's last segment reaches the next state; after a reset the carried state is dropped."""
-    log_w = tl.load(LOG_W + pid_bh * S + t, mask=valid, other=float("-inf"))
+def _carry(CHUNK_DECAY, CHUNK_RESET, pid_bh, chunk, NC, m_prev, m_next):
+    """The carried state's weight over one chunk: zero after a reset (the state is dropped)."""
     decay = tl.load(CHUNK_DECAY + pid_bh * NC + chunk)
+    has_reset = tl.load(CHUNK_RESET + pid_bh * NC + chunk) > 0
+    return tl.where(has_reset, 0.0, tl.exp(decay + m_prev - m_next))
+
+
+@triton.jit
+def _state_update(
+    LOG_W, CHUNK_DECAY, CHUNK_RESET, CHUNK_MAX, pid_bh, chunk, t, valid, S, NC, m_prev, IS_EXP: tl.constexpr
+):  # fmt: skip
+    """Weights of the state update over one chunk: C_next = carry * C_prev + sum_s w_s k_s v_s^T.
+    Only the chunk's last segment reaches the next state. The keys' largest log-weight comes from the
+    summary: a reduction over the chunk here would put a barrier into every step of the recurrence."""
+    log_w = tl.load(LOG_W + pid_bh * S + t, mask=valid, other=float("-inf"))
     has_reset = tl.load(CHUNK_RESET + pid_bh * NC + chunk) > 0
     m_origin = tl.where(has_reset, 0.0, m_prev)
     if IS_EXP:
-        m_next = tl.maximum(decay + m_origin, tl.max(log_w, 0))
+        m_next = tl.maximum(tl.load(CHUNK_DECAY + pid_bh * NC + chunk) + m_origin, tl.load(CHUNK_MAX + pid_bh * NC + chunk))
     else:
         m_next = m_origin
-    carry = tl.where(has_reset, 0.0, tl.exp(decay + m_prev - m_next))
-    w = tl.exp(log_w - m_next)
-    return carry, w, m_next
+    carry = _carry(CHUNK_DECAY, CHUNK_RESET, pid_bh, chunk, NC, m_prev, m_next)
+    return carry, tl.exp(log_w - m_next), m_next
 
 
 @triton.jit
 def _fwd_states_kernel(
-    K, V, LOG_W, CHUNK_DECAY, CHUNK_RESET, C0, N0, M0, C_STATES, N_STATES, M_STATES, C_LAST,
+    K, V, LOG_W, CHUNK_DECAY, CHUNK_RESET, CHUNK_MAX, C0, N0, M0, C_STATES, N_STATES, M_STATES, C_LAST,
     S, DQK, DV, NC,
     HAS_INIT: tl.constexpr, IS_EXP: tl.constexpr, L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -211,13 +222,14 @@ def _fwd_states_kernel(
                 tl.store(M_STATES + state_index, m)
         t = chunk * L + tau
         valid = t < S
-        carry, w, m = _state_update(LOG_W, CHUNK_DECAY, CHUNK_RESET, pid_bh, chunk, t, valid, S, NC, m, IS_EXP)
+        carry, w, m = _state_update(LOG_W, CHUNK_DECAY, CHUNK_RESET, CHUNK_MAX, pid_bh, chunk, t, valid, S, NC, m, IS_EXP)
         rows = pid_bh * S + t
         k_chunk = tl.load(K + rows[:, None] * DQK + offs_k[None, :], mask=valid[:, None] & mask_k[None, :], other=0.0)
         v_chunk = tl.load(V + rows[:, None] * DV + offs_v[None, :], mask=valid[:, None] & mask_v[None, :], other=0.0)
         v_weighted = (v_chunk.to(tl.float32) * w[:, None]).to(v_chunk.dtype)
         c = carry * c + tl.dot(tl.trans(k_chunk), v_weighted, input_precision=DOT_PRECISION)
-        n = carry * n + tl.sum(k_chunk.to(tl.float32) * w[:, None], 0)
+        if pid_v == 0:  # the other DV tiles' programs neither need n nor store it
+            n = carry * n + tl.sum(k_chunk.to(tl.float32) * w[:, None], 0)
 
     # the final state is an output: kept in fp32 (C_STATES may hold a narrower copy)
     state_index = pid_bh * (NC + 1) + NC
@@ -259,24 +271,25 @@ def _bwd_states_kernel(
 
     # <state before the chunk, its gradient after the chunk> per chunk: the gradient of the carried
     # state's log-weight. Summed here, where dC is at hand in fp32, so that the dk/dv kernel does not
-    # read C; one partial per program, summed over the tiles by the dk/dv kernel.
+    # read C; each program stores its BK row sums and the gate kernel adds them up (summing over the
+    # rows as well would need a barrier across warps in every step of the recurrence).
     n_tiles = tl.num_programs(0)
     for step in range(NC):
         chunk = NC - 1 - step
         state_index = pid_bh * (NC + 1) + chunk
         tl.store(DC_STATES + (state_index + 1) * DQK * DV + tile_kv, dc.to(DC_STATES.dtype.element_ty), mask=mask_kv)
         c_tile = tl.load(C_STATES + state_index * DQK * DV + tile_kv, mask=mask_kv, other=0.0).to(tl.float32)
-        carry_dot = tl.sum(tl.sum(c_tile * dc, 1), 0)
+        carry_dots = tl.sum(c_tile * dc, 1)
         if pid_v == 0:
             tl.store(DN_STATES + (state_index + 1) * DQK + offs_k, dn, mask=mask_k)
             n_tile = tl.load(N_STATES + state_index * DQK + offs_k, mask=mask_k, other=0.0)
-            carry_dot += tl.sum(n_tile * dn, 0)
-        tl.store(CARRY_DOTS + (pid_bh * NC + chunk) * n_tiles + tile_id, carry_dot)
+            carry_dots += n_tile * dn
+        tl.store(CARRY_DOTS + ((pid_bh * NC + chunk) * n_tiles + tile_id) * BK + tl.arange(0, BK), carry_dots)
         t = chunk * L + tau
         valid = t < S
         rows = pid_bh * S + t
         m_prev = tl.load(M_STATES + state_index)
-        carry, _, _ = _state_update(LOG_W, CHUNK_DECAY, CHUNK_RESET, pid_bh, chunk, t, valid, S, NC, m_prev, IS_EXP)
+        carry = _carry(CHUNK_DECAY, CHUNK_RESET, pid_bh, chunk, NC, m_prev, tl.load(M_STATES + state_index + 1))
         m = tl.load(M_TOKENS + rows, mask=valid, other=0.0)
         den = tl.load(DEN + rows, mask=valid, other=1.0)
         dqn = tl.load(DQN + rows, mask=valid, other=0.0)
@@ -287,7 +300,8 @@ def _bwd_states_kernel(
         dh_tile = tl.load(DH + rows[:, None] * DV + offs_v[None, :], mask=valid[:, None] & mask_v[None, :], other=0.0)
         dh_weighted = (dh_tile.to(tl.float32) * (w_origin * scale / den)[:, None]).to(q_tile.dtype)
         dc = carry * dc + tl.dot(tl.trans(q_tile), dh_weighted, input_precision=DOT_PRECISION)
-        dn = carry * dn + tl.sum(q_tile.to(tl.float32) * (w_origin * scale * dqn)[:, None], 0)
+        if pid_v == 0:
+            dn = carry * dn + tl.sum(q_tile.to(tl.float32) * (w_origin * scale * dqn)[:, None], 0)
 
     # the gradient of the initial state is an output: fp32
     state_index = pid_bh * (NC + 1)
@@ -579,8 +593,8 @@ def _bwd_dkdv_kernel(
 @triton.jit
 def _gate_grads_kernel(
     DLOG_F, DLOG_I, DLOG_ORIGIN, DLOG_W, COL_SUMS, CARRY_DOTS, CHUNK_DECAY, CHUNK_RESET, M_STATES,
-    S, NC, N_TILES, N_CARRY_TILES,
-    L: tl.constexpr, T: tl.constexpr, CARRY_TILES_POW2: tl.constexpr,
+    S, NC, N_TILES, N_CARRY_DOTS,
+    L: tl.constexpr, T: tl.constexpr, CARRY_DOTS_POW2: tl.constexpr,
 ):  # fmt: skip
     """Per chunk: adds to the gate gradients of the scores kernel (DLOG_F: the terms of each gate's
     own query tile) the terms of the other intervals that contain each gate u:
@@ -599,11 +613,9 @@ def _gate_grads_kernel(
     has_previous = valid & (lanes > 0)
 
     state_index = pid_bh * (NC + 1) + chunk
-    has_reset = tl.load(CHUNK_RESET + pid_bh * NC + chunk) > 0
-    decay = tl.load(CHUNK_DECAY + pid_bh * NC + chunk)
-    carry = tl.where(has_reset, 0.0, tl.exp(decay + tl.load(M_STATES + state_index) - tl.load(M_STATES + state_index + 1)))
-    tiles = tl.arange(0, CARRY_TILES_POW2)
-    carry_dots = tl.load(CARRY_DOTS + (pid_bh * NC + chunk) * N_CARRY_TILES + tiles, mask=tiles < N_CARRY_TILES, other=0.0)
+    carry = _carry(CHUNK_DECAY, CHUNK_RESET, pid_bh, chunk, NC, tl.load(M_STATES + state_index), tl.load(M_STATES + state_index + 1))
+    parts = tl.arange(0, CARRY_DOTS_POW2)
+    carry_dots = tl.load(CARRY_DOTS + (pid_bh * NC + chunk) * N_CARRY_DOTS + parts, mask=parts < N_CARRY_DOTS, other=0.0)
 
     d_log_f = tl.load(DLOG_F + rows, mask=valid, other=0.0) + carry * tl.sum(carry_dots, 0)
     d_log_f += tl.cumsum(tl.load(DLOG_ORIGIN + rows, mask=valid, other=0.0), 0, reverse=True)
@@ -704,8 +716,9 @@ class _ChunkSummary:
         self.intra_max = torch.empty_like(self.log_w) if cfg.is_exp else self.log_w  # not read
         self.decay = torch.empty(BH, cfg.NC, device=i.device, dtype=torch.float32)
         self.has_reset = torch.empty(BH, cfg.NC, device=i.device, dtype=torch.int32)
+        self.chunk_max = torch.empty_like(self.decay)
         _chunk_summary_kernel[(cfg.NC, BH)](
-            i, f, reset, self.log_w, self.origin_first, self.intra_max, self.decay, self.has_reset,
+            i, f, reset, self.log_w, self.origin_first, self.intra_max, self.decay, self.has_reset, self.chunk_max,
             cfg.S, cfg.NH, cfg.NC, IS_EXP=cfg.is_exp, L=cfg.L, num_warps=4,
         )  # fmt: skip
 
@@ -725,7 +738,7 @@ def _launch_fwd_states(k, v, summary: _ChunkSummary, c0, n0, m0, cfg: _Config):
     launch = cfg.fwd_states
     grid = (triton.cdiv(cfg.DQK, launch["BK"]) * triton.cdiv(cfg.DV, launch["BV"]), BH)
     _fwd_states_kernel[grid](
-        k, v, summary.log_w, summary.decay, summary.has_reset, c0_arg, n0_arg, m0_flat,
+        k, v, summary.log_w, summary.decay, summary.has_reset, summary.chunk_max, c0_arg, n0_arg, m0_flat,
         c_states, n_states, m_states, c_last, cfg.S, cfg.DQK, cfg.DV, cfg.NC,
         HAS_INIT=has_init, IS_EXP=cfg.is_exp, L=cfg.L, DOT_PRECISION=cfg.dot_precision, **launch,
     )  # fmt: skip
@@ -767,7 +780,7 @@ def _launch_bwd_states(q, dh, summary, m_tokens, den, dqn, states, dc_last, dn_l
         dc_last, dn_last = dc_first, dn_states  # not read
     launch = cfg.bwd_states
     grid = (triton.cdiv(cfg.DQK, launch["BK"]) * triton.cdiv(cfg.DV, launch["BV"]), BH)
-    carry_dots = torch.empty(BH, cfg.NC, grid[0], device=q.device, dtype=torch.float32)
+    carry_dots = torch.empty(BH, cfg.NC, grid[0] * launch["BK"], device=q.device, dtype=torch.float32)
     _bwd_states_kernel[grid](
         q, dh, summary.log_w, summary.origin_first, summary.decay, summary.has_reset, m_tokens, den, dqn,
         c_states, n_states, m_states, dc_last, dn_last, dc_states, dn_states, dc_first, carry_dots,
@@ -802,11 +815,11 @@ def _launch_bwd_grads(q, k, v, i, f, reset, dh, m_tokens, den, dqn, summary, sta
         q, k, v, dh, den, summary.log_w, p, d_scores, m_states, dc_states, dn_states, dk, dv, d_log_w,
         cfg.S, cfg.DQK, cfg.DV, cfg.NC, cfg.scale, **launch, **cfg.dkdv,
     )  # fmt: skip
-    n_carry_tiles = carry_dots.shape[-1]
+    n_carry_dots = carry_dots.shape[-1]
     _gate_grads_kernel[(cfg.NC, BH)](
         d_log_f, d_log_i, d_log_origin, d_log_w, col_sums, carry_dots, summary.decay, summary.has_reset, m_states,
-        cfg.S, cfg.NC, cfg.n_tiles, n_carry_tiles,
-        L=cfg.L, T=cfg.T, CARRY_TILES_POW2=triton.next_power_of_2(n_carry_tiles), num_warps=4,
+        cfg.S, cfg.NC, cfg.n_tiles, n_carry_dots,
+        L=cfg.L, T=cfg.T, CARRY_DOTS_POW2=triton.next_power_of_2(n_carry_dots), num_warps=4,
     )  # fmt: skip
     shape = (cfg.B, cfg.NH, cfg.S)
     return dq, dk, dv, d_log_f.view(shape), d_log_i.view(shape)
