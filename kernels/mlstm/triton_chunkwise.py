@@ -108,6 +108,18 @@ def _log_weights(
 
 
 @triton.jit
+def _scale_rows(x, w):
+    """x * w[:, None] in x's dtype, for a tensor-core operand. bf16 tiles are scaled in bf16: the
+    weight's extra rounding stays within bf16's tolerance, and a tile converted to fp32 would
+    take twice the registers, which the state kernels spill. fp16 (whose range a weight may
+    exceed) and fp32 go through fp32."""
+    if x.dtype == tl.bfloat16:
+        return x * w.to(tl.bfloat16)[:, None]
+    else:
+        return (x.to(tl.float32) * w[:, None]).to(x.dtype)
+
+
+@triton.jit
 def _compose_max_plus(shift_a, floor_a, shift_b, floor_b):
     """The map m -> max(m + shift, floor) of applying a, then b."""
     return shift_a + shift_b, tl.maximum(floor_a + shift_b, floor_b)
@@ -226,7 +238,7 @@ def _fwd_states_kernel(
         rows = pid_bh * S + t
         k_chunk = tl.load(K + rows[:, None] * DQK + offs_k[None, :], mask=valid[:, None] & mask_k[None, :], other=0.0)
         v_chunk = tl.load(V + rows[:, None] * DV + offs_v[None, :], mask=valid[:, None] & mask_v[None, :], other=0.0)
-        v_weighted = (v_chunk.to(tl.float32) * w[:, None]).to(v_chunk.dtype)
+        v_weighted = _scale_rows(v_chunk, w)
         c = carry * c + tl.dot(tl.trans(k_chunk), v_weighted, input_precision=DOT_PRECISION)
         if pid_v == 0:  # the other DV tiles' programs neither need n nor store it
             n = carry * n + tl.sum(k_chunk.to(tl.float32) * w[:, None], 0)
@@ -298,7 +310,7 @@ def _bwd_states_kernel(
 
         q_tile = tl.load(Q + rows[:, None] * DQK + offs_k[None, :], mask=valid[:, None] & mask_k[None, :], other=0.0)
         dh_tile = tl.load(DH + rows[:, None] * DV + offs_v[None, :], mask=valid[:, None] & mask_v[None, :], other=0.0)
-        dh_weighted = (dh_tile.to(tl.float32) * (w_origin * scale / den)[:, None]).to(q_tile.dtype)
+        dh_weighted = _scale_rows(dh_tile, w_origin * scale / den)
         dc = carry * dc + tl.dot(tl.trans(q_tile), dh_weighted, input_precision=DOT_PRECISION)
         if pid_v == 0:
             dn = carry * dn + tl.sum(q_tile.to(tl.float32) * (w_origin * scale * dqn)[:, None], 0)
@@ -584,7 +596,7 @@ def _bwd_dkdv_kernel(
             p = tl.load(P + block + a * T * L)
             den = tl.load(DEN + query_rows, mask=query_valid, other=1.0)
             dh_tile = tl.load(DH + query_rows[:, None] * DV + offs_v[None, :], mask=query_valid[:, None] & mask_v[None, :], other=0.0)
-            dh_scaled = (dh_tile.to(tl.float32) / den[:, None]).to(dh_tile.dtype)
+            dh_scaled = _scale_rows(dh_tile, 1.0 / den)
             dv = tl.dot(tl.trans(p), dh_scaled, dv, input_precision=DOT_PRECISION)
         tl.store(DV_OUT + rows[:, None] * DV + offs_v[None, :], dv.to(DV_OUT.dtype.element_ty), mask=valid[:, None] & mask_v[None, :])
     tl.store(DLOG_W + rows, d_log_w, mask=valid)
