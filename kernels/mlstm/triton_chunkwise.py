@@ -133,7 +133,8 @@ def _chunk_summary_kernel(
     """Per chunk, once, the gate sums the state and tile kernels need: per token the log-weight of
     its key in the state after the chunk (stabiliser excluded), the log-weight of the state before
     the chunk in its output (-inf after a reset) and (exp gate) the largest log-weight of its other
-    sources in the chunk; per chunk the log decay over its last segment and whether it has a reset."""
+    sources in the chunk; per chunk the log decay over its last segment, whether it has a reset and
+    the largest log-weight of its keys (so that the state kernels need no reduction over the chunk)."""
     chunk = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
     batch = pid_bh // NH
