@@ -126,8 +126,10 @@ def run_mlstm_breakdown(args) -> list[dict]:
                             "fwd_output": lambda: tc._launch_fwd_output(q, k, v, i, f, reset, summary, *states, cfg),
                             "bwd_states": lambda: tc._launch_bwd_states(
                                 q, dh, summary, m_tok, den, dqn, states, None, None, cfg),
-                            "bwd_grads": lambda: tc._launch_bwd_grads(
-                                q, k, v, i, f, reset, dh, m_tok, den, dqn, summary, states, d_states, cfg),
+                            "bwd_grads": lambda: tc._launch_bwd_key_grads(
+                                q, k, v, dh, den, summary, states[2],
+                                tc._launch_bwd_query_grads(q, k, v, i, f, reset, dh, m_tok, den, dqn, summary, states, cfg),
+                                d_states, cfg),
                         }  # fmt: skip
                         times = {
                             name: triton.testing.do_bench(fn, warmup=10, rep=args.rep_ms, return_mode="median")

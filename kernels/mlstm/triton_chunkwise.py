@@ -350,7 +350,10 @@ def _fwd_output_kernel(
 
     scores = tl.zeros([T, L], dtype=tl.float32)
     q_n = tl.zeros([T], dtype=tl.float32)
-    for k0 in range(0, DQK, BK):
+    # Not software-pipelined: q_tile feeds both the tensor cores and the q.n sum in registers, and
+    # with 2 or 3 stages Triton 3.6 raced on it (H100, 4 warps: h differed between identical calls
+    # in about 0.1% of its entries). Unpipelined, this loop costs no measurable time.
+    for k0 in tl.range(0, DQK, BK, num_stages=1):
         offs_k = k0 + tl.arange(0, BK)
         mask_k = offs_k < DQK
         q_tile = tl.load(Q + rows[:, None] * DQK + offs_k[None, :], mask=valid[:, None] & mask_k[None, :], other=0.0)
@@ -687,9 +690,7 @@ class _Config:
         # stages where state tiles stream through the inner loop (-0.15 ms each in the output and dq
         # kernels at the 7B layer's shape on an H100, none elsewhere)
         tile_kernels = dict(BK=_tile(self.DQK, 64), BV=_tile(self.DV, 128), num_warps=4, num_stages=2)
-        # 32-wide DQK slices in the output kernel: with 64 and 4 warps, Triton 3.6 computed wrong
-        # rows of h at T=64, L=128 on an H100 (right under the interpreter and with 8 warps)
-        self.output = dict(tile_kernels, BK=_tile(self.DQK, 32), num_stages=3)
+        self.output = dict(tile_kernels, num_stages=3)
         self.scores = dict(tile_kernels)
         self.dq = dict(tile_kernels, num_stages=3)
         self.dkdv = dict(tile_kernels, num_stages=3)
@@ -697,17 +698,24 @@ class _Config:
         # few programs at long sequences, so each takes wide blocks and many warps (at S=8192, 7B
         # layer, H100: 0.071 ms with blocks of 1024 on 4 warps, 0.032 with 4096 on 16)
         self.input_gates = dict(BLOCK=4096, num_warps=16)
+        # 2: the backward runs the scores and dq kernels on a second CUDA stream, beside the reverse
+        # recurrence (7B layer, H100, forward+backward: 9.09-9.15 -> 8.91-8.95 ms at S=8192,
+        # 8.90 -> 8.83-8.85 at 2048); 1: every kernel on the caller's stream
+        self.streams = 2
 
     def override(self, settings: str) -> None:
         """Apply launch settings such as ``"tile=32,states.num_stages=3,dkdv.num_warps=8"`` (for
         benchmarks and tests of the variants; ``states`` sets both state kernels, ``grads`` the three
-        backward tile kernels, ``tile`` the tile size T, ``state_dtype`` the stored states' dtype)."""
+        backward tile kernels, ``tile`` the tile size T, ``state_dtype`` the stored states' dtype,
+        ``streams=1`` the backward on one stream)."""
         for item in settings.split(","):
             key, value = item.split("=")
             if key == "state_dtype":
                 self.state_dtype = getattr(torch, value)
             elif key == "tile":
                 self.T = int(value)
+            elif key == "streams":
+                self.streams = int(value)
             else:
                 group, name = key.split(".")
                 groups = {"states": ("fwd_states", "bwd_states"), "grads": ("scores", "dq", "dkdv")}.get(group, (group,))
@@ -805,13 +813,14 @@ def _launch_bwd_states(q, dh, summary, m_tokens, den, dqn, states, dc_last, dn_l
     return dc_states, dn_states, dc_first, carry_dots
 
 
-def _launch_bwd_grads(q, k, v, i, f, reset, dh, m_tokens, den, dqn, summary, states, d_states, cfg: _Config):
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+def _launch_bwd_query_grads(q, k, v, i, f, reset, dh, m_tokens, den, dqn, summary, states, cfg: _Config):
+    """The backward's tile kernels that need neither dC nor dn: the scores (P, dS and the gates'
+    in-tile terms) and dq."""
     BH = cfg.B * cfg.NH
+    dq = torch.empty_like(q)
     d_log_f = torch.empty(BH, cfg.S, device=q.device, dtype=torch.float32)
-    d_log_i, d_log_origin, d_log_w = (torch.empty_like(d_log_f) for _ in range(3))
+    d_log_origin = torch.empty_like(d_log_f)
     c_states, n_states, m_states = states
-    dc_states, dn_states, carry_dots = d_states
     # P and dS: per head an (S, L) matrix, the row of each query over its chunk's keys
     p = torch.empty(BH, cfg.n_tiles * cfg.T, cfg.L, device=q.device, dtype=q.dtype)
     d_scores = torch.empty_like(p)
@@ -826,9 +835,19 @@ def _launch_bwd_grads(q, k, v, i, f, reset, dh, m_tokens, den, dqn, summary, sta
         q, k, dh, summary.origin_first, m_tokens, den, dqn, d_scores, c_states, n_states, m_states, dq, d_log_origin,
         cfg.S, cfg.DQK, cfg.DV, cfg.NC, cfg.scale, **launch, **cfg.dq,
     )  # fmt: skip
-    _bwd_dkdv_kernel[grid](
+    return dq, p, d_scores, d_log_f, d_log_origin, col_sums
+
+
+def _launch_bwd_key_grads(q, k, v, dh, den, summary, m_states, query_grads, d_states, cfg: _Config):
+    """dk, dv and the gate gradients, once the scores and the states' gradients are there."""
+    dq, p, d_scores, d_log_f, d_log_origin, col_sums = query_grads
+    dc_states, dn_states, carry_dots = d_states
+    BH = cfg.B * cfg.NH
+    dk, dv = torch.empty_like(k), torch.empty_like(v)
+    d_log_i, d_log_w = torch.empty_like(d_log_f), torch.empty_like(d_log_f)
+    _bwd_dkdv_kernel[(cfg.n_tiles, BH)](
         q, k, v, dh, den, summary.log_w, p, d_scores, m_states, dc_states, dn_states, dk, dv, d_log_w,
-        cfg.S, cfg.DQK, cfg.DV, cfg.NC, cfg.scale, **launch, **cfg.dkdv,
+        cfg.S, cfg.DQK, cfg.DV, cfg.NC, cfg.scale, L=cfg.L, T=cfg.T, DOT_PRECISION=cfg.dot_precision, **cfg.dkdv,
     )  # fmt: skip
     n_carry_dots = carry_dots.shape[-1]
     _gate_grads_kernel[(cfg.NC, BH)](
@@ -838,6 +857,41 @@ def _launch_bwd_grads(q, k, v, i, f, reset, dh, m_tokens, den, dqn, summary, sta
     )  # fmt: skip
     shape = (cfg.B, cfg.NH, cfg.S)
     return dq, dk, dv, d_log_f.view(shape), d_log_i.view(shape)
+
+
+_SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    """A second stream per device, made once: creating streams per call would cost a driver call."""
+    if device not in _SIDE_STREAMS:
+        _SIDE_STREAMS[device] = torch.cuda.Stream(device)
+    return _SIDE_STREAMS[device]
+
+
+def _launch_bwd_grads(q, k, v, i, f, reset, dh, m_tokens, den, dqn, summary, states, dc_last, dn_last, cfg: _Config):
+    """The backward after the normaliser: the reverse recurrence, then dq, dk, dv and the gates'
+    gradients. The recurrence (few programs, each bound by memory latency) does not depend on the
+    scores and dq kernels (tensor-core tiles): on a GPU those run on a second stream, so that their
+    programs fill the SMs the recurrence leaves idle. Returns those gradients and the initial
+    state's (dc_first, dn_states)."""
+    main = torch.cuda.current_stream(q.device) if q.is_cuda and cfg.streams > 1 else None
+    if main is not None:
+        side = _side_stream(q.device)
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
+            query_grads = _launch_bwd_query_grads(q, k, v, i, f, reset, dh, m_tokens, den, dqn, summary, states, cfg)
+        for tensor in query_grads:  # allocated on the side stream, used and freed on the main one
+            tensor.record_stream(main)
+    else:
+        query_grads = _launch_bwd_query_grads(q, k, v, i, f, reset, dh, m_tokens, den, dqn, summary, states, cfg)
+    dc_states, dn_states, dc_first, carry_dots = _launch_bwd_states(
+        q, dh, summary, m_tokens, den, dqn, states, dc_last, dn_last, cfg
+    )
+    if main is not None:
+        main.wait_stream(side)
+    grads = _launch_bwd_key_grads(q, k, v, dh, den, summary, states[2], query_grads, (dc_states, dn_states, carry_dots), cfg)
+    return grads, dc_first, dn_states
 
 
 @triton.jit
@@ -973,11 +1027,8 @@ class _MLSTMChunkwise(torch.autograd.Function):
         den, delta, dqn = _normaliser_grads(dh, h, m_tokens, qn_tokens, cfg)
         summary = ctx.summary
         states = (c_states, n_states, m_states)
-        dc_states, dn_states, dc_first, carry_dots = _launch_bwd_states(
-            q, dh, summary, m_tokens, den, dqn, states, dc_last, dn_last, cfg
-        )
-        dq, dk, dv, d_log_f, d_log_i = _launch_bwd_grads(
-            q, k, v, i, f, reset, dh, m_tokens, den, dqn, summary, states, (dc_states, dn_states, carry_dots), cfg
+        (dq, dk, dv, d_log_f, d_log_i), dc_first, dn_states = _launch_bwd_grads(
+            q, k, v, i, f, reset, dh, m_tokens, den, dqn, summary, states, dc_last, dn_last, cfg
         )
         dc0 = dc_first.view(cfg.B, cfg.NH, cfg.DQK, cfg.DV)
         dn0 = dn_states[:, 0].view(cfg.B, cfg.NH, cfg.DQK)
