@@ -699,7 +699,7 @@ class _Config:
         # layer, H100: 0.071 ms with blocks of 1024 on 4 warps, 0.032 with 4096 on 16)
         self.input_gates = dict(BLOCK=4096, num_warps=16)
         # 2: the backward runs the scores and dq kernels on a second CUDA stream, beside the reverse
-        # recurrence (7B layer, H100: 0.05-0.07 ms off forward+backward at S=2048, 0.15-0.22 at
+        # recurrence (7B layer, H100: 0.04-0.08 ms off forward+backward at S=2048, 0.11-0.22 at
         # 8192, docs/benchmarks.md run H); 1: every kernel on the caller's stream
         self.streams = 2
 
