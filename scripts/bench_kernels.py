@@ -148,6 +148,8 @@ def run_mlstm_breakdown(args) -> list[dict]:
                    tc._input_gate_grads_kernel):
         for caches in kernel.device_caches.values():
             for compiled in caches[0].values():
+                if not hasattr(compiled, "n_regs"):  # its launch failed (out of resources)
+                    continue
                 print(f"  {kernel.__name__}: {compiled.n_regs} registers, {compiled.n_spills} spilled, "
                       f"{compiled.metadata.shared} B shared, {compiled.metadata.num_warps} warps, "
                       f"{compiled.metadata.num_stages} stages")  # fmt: skip
