@@ -17,7 +17,8 @@ from torch.distributed.checkpoint import FileSystemReader
 from xlstm_train.config import ConfigError
 from xlstm_train.data.tokenizer import open_tokenizer, train_byte_level_bpe
 from xlstm_train.export import hf
-from xlstm_train.export.hf import export_hf, load_model_state, read_checkpoint_config
+from xlstm_train.export.hf import export_hf
+from xlstm_train.train.checkpoint import load_model_state, read_checkpoint_config
 from xlstm_train.models import build_model
 from xlstm_train.train.config import load_config
 from xlstm_train.train.trainer import train

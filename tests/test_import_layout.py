@@ -37,7 +37,8 @@ def test_transformers_xlstm_round_trip_from_the_repository_root(tmp_path):
         from pathlib import Path
         import torch, yaml
         from transformers import xLSTMForCausalLM
-        from xlstm_train.export.hf import export_hf, load_model_state, read_checkpoint_config
+        from xlstm_train.export.hf import export_hf
+        from xlstm_train.train.checkpoint import load_model_state, read_checkpoint_config
         from xlstm_train.models import build_model
         from xlstm_train.train.config import load_config
         from xlstm_train.train.trainer import train

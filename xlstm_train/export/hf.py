@@ -34,14 +34,13 @@ import json
 import os
 import random
 import shutil
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import yaml
 
-from xlstm_train.config import ConfigError, from_dict
+from xlstm_train.config import ConfigError
 from xlstm_train.data import DataError
 from xlstm_train.data.tokenizer import HuggingFaceTokenizer, SentencePieceTokenizer, load_tokenizer, open_tokenizer
 
@@ -69,64 +68,6 @@ class ExportedTokenizer:
     auto_tokenizer: bool
     token_ids: dict[str, int | None]
     readme: str
-
-
-# ----------------------------------------------------------------------------------------------
-# Reading the checkpoint
-
-
-def read_checkpoint_config(checkpoint_dir: Path) -> Config:
-    """The run configuration saved with a checkpoint; a ConfigError unless the checkpoint is whole."""
-    from xlstm_train.train import checkpoint as ckpt
-    from xlstm_train.train.config import Config
-
-    checkpoint_dir = Path(checkpoint_dir)
-    expected = (
-        "expected a complete checkpoint directory (runs/<name>/step-NNNNNNN holding .metadata and "
-        f"{ckpt.CONFIG_FILE})"
-    )
-    if not checkpoint_dir.is_dir():
-        raise ConfigError(f"checkpoint '{checkpoint_dir}': no such directory; {expected}")
-    if checkpoint_dir.name.endswith(".tmp"):
-        raise ConfigError(f"checkpoint '{checkpoint_dir}' is a save that never completed (.tmp); {expected}")
-    missing = [name for name in (".metadata", ckpt.CONFIG_FILE) if not (checkpoint_dir / name).is_file()]
-    if missing:
-        latest = ckpt.latest_checkpoint(checkpoint_dir)
-        hint = f"; the latest checkpoint in this run directory is '{latest}'" if latest is not None else ""
-        raise ConfigError(f"checkpoint '{checkpoint_dir}' has no {' or '.join(missing)}; {expected}{hint}")
-    try:
-        return from_dict(Config, ckpt.read_config(checkpoint_dir), where=str(checkpoint_dir / ckpt.CONFIG_FILE))
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{checkpoint_dir / ckpt.CONFIG_FILE} is not valid YAML: {e}") from None
-
-
-def load_model_state(checkpoint_dir: Path, model_cfg) -> dict[str, torch.Tensor]:
-    """The model's full (unsharded) fp32 state dict from a DCP checkpoint, read in this process.
-
-    The model is built on the meta device and materialised without init: every tensor of its state
-    dict is then filled by DCP. Tied weights stay one tensor under both names."""
-    import torch
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.api import CheckpointException
-
-    from xlstm_train.models import build_model
-
-    with torch.device("meta"):
-        model = build_model(model_cfg)
-    model.to_empty(device="cpu")
-    state = model.state_dict()
-    with warnings.catch_warnings():  # single-process DCP is intended here
-        warnings.filterwarnings("ignore", message=r"torch\.distributed is disabled")
-        try:
-            dcp.load({"model": state}, checkpoint_id=checkpoint_dir, no_dist=True)
-        except CheckpointException as e:  # missing keys, shape mismatches; one (exception, trace) per rank
-            causes = "; ".join(str(failure[0] if isinstance(failure, tuple) else failure)
-                               for failure in e.failures.values())  # fmt: skip
-            raise ConfigError(
-                f"checkpoint '{checkpoint_dir}': its model weights do not fit the model its "
-                f"config.yaml describes: {causes}"
-            ) from None
-    return state
 
 
 # ----------------------------------------------------------------------------------------------
@@ -519,6 +460,8 @@ def export_hf(
         raise ConfigError(f"dtype = {dtype!r}: expected one of {', '.join(DTYPES)}")
     if slstm_backend not in SLSTM_BACKENDS:
         raise ConfigError(f"slstm_backend = {slstm_backend!r}: expected one of {', '.join(SLSTM_BACKENDS)}")
+    from xlstm_train.train.checkpoint import load_model_state, read_checkpoint_config
+
     cfg = read_checkpoint_config(checkpoint_dir)
     _check_out_dir(out_dir, checkpoint_dir, overwrite)
     check_exportable(cfg.model, checkpoint_dir / "config.yaml")

@@ -36,6 +36,8 @@ import torch.distributed.checkpoint as dcp
 import yaml
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+from xlstm_train.config import ConfigError, from_dict
+
 TRAIN_STATE_FILE = "train_state.pt"
 DEEPSPEED_TAG_FILE = "latest"  # DeepSpeed's pointer to its checkpoint tag, written last
 CONFIG_FILE = "config.yaml"
@@ -218,3 +220,59 @@ def read_train_state(path: Path) -> dict:
 
 def read_config(path: Path) -> dict:
     return yaml.safe_load((path / CONFIG_FILE).read_text())
+
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading a checkpoint outside training (export, evaluation)
+
+
+def read_checkpoint_config(checkpoint_dir: Path):
+    """The run configuration (a ``Config``) saved with a checkpoint; a ConfigError unless the
+    checkpoint is whole."""
+    from xlstm_train.train.config import Config
+
+    checkpoint_dir = Path(checkpoint_dir)
+    expected = (
+        "expected a complete checkpoint directory (runs/<name>/step-NNNNNNN holding .metadata and "
+        f"{CONFIG_FILE})"
+    )
+    if not checkpoint_dir.is_dir():
+        raise ConfigError(f"checkpoint '{checkpoint_dir}': no such directory; {expected}")
+    if checkpoint_dir.name.endswith(".tmp"):
+        raise ConfigError(f"checkpoint '{checkpoint_dir}' is a save that never completed (.tmp); {expected}")
+    missing = [name for name in (".metadata", CONFIG_FILE) if not (checkpoint_dir / name).is_file()]
+    if missing:
+        latest = latest_checkpoint(checkpoint_dir)
+        hint = f"; the latest checkpoint in this run directory is '{latest}'" if latest is not None else ""
+        raise ConfigError(f"checkpoint '{checkpoint_dir}' has no {' or '.join(missing)}; {expected}{hint}")
+    try:
+        return from_dict(Config, read_config(checkpoint_dir), where=str(checkpoint_dir / CONFIG_FILE))
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{checkpoint_dir / CONFIG_FILE} is not valid YAML: {e}") from None
+
+
+def load_model_state(checkpoint_dir: Path, model_cfg) -> dict[str, torch.Tensor]:
+    """The model's full (unsharded) fp32 state dict from a DCP checkpoint, read in this process.
+
+    The model is built on the meta device and materialised without init: every tensor of its state
+    dict is then filled by DCP. Tied weights stay one tensor under both names."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from xlstm_train.models import build_model
+
+    with torch.device("meta"):
+        model = build_model(model_cfg)
+    model.to_empty(device="cpu")
+    state = model.state_dict()
+    with _single_process_ok():
+        try:
+            dcp.load({"model": state}, checkpoint_id=checkpoint_dir, no_dist=True)
+        except CheckpointException as e:  # missing keys, shape mismatches; one (exception, trace) per rank
+            causes = "; ".join(str(failure[0] if isinstance(failure, tuple) else failure)
+                               for failure in e.failures.values())  # fmt: skip
+            raise ConfigError(
+                f"checkpoint '{checkpoint_dir}': its model weights do not fit the model its "
+                f"config.yaml describes: {causes}"
+            ) from None
+    return state
