@@ -103,7 +103,7 @@ def test_sampling_respects_top_k_and_generator():
     c = generate(model, prompt, 8, temperature=2.0, generator=torch.Generator().manual_seed(3))
     assert torch.equal(b, c)
     with pytest.raises(ValueError, match="prompt_ids"):
-        generate(model, torch.zeros(2, 3, dtype=torch.long), 1)
+        generate(model, torch.zeros(2, 0, dtype=torch.long), 1)
 
 
 def test_init_weights_materialises_meta_model(tiny_cfg):

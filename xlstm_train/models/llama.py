@@ -4,6 +4,9 @@ Module names follow torchtitan's Llama (``tok_embeddings``, ``layers.{i}.attenti
 ``norm``, ``output``), and so does the init (depth-scaled output projections). With
 ``reset_at_document_boundaries`` and ``doc_ids`` the causal mask is block-diagonal: a token attends
 only to earlier tokens of its own document.
+
+For generation the model keeps a key/value cache (``KVCache``) as its ``state``, so that decoding a
+token costs one position's projections plus attention over the cache, not a pass over the sequence.
 """
 
 from __future__ import annotations
@@ -76,12 +79,83 @@ def rope_tables(head_dim: int, max_seq_len: int, theta: float, device=None) -> t
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x ``(B, S, H, D)``; rotates each pair ``(x[2j], x[2j+1])`` by angle ``pos * theta^(-2j/D)``."""
+    """x ``(B, S, H, D)``; rotates each pair ``(x[2j], x[2j+1])`` by angle ``pos * theta^(-2j/D)``.
+
+    cos, sin are ``(S, D/2)``, or ``(B, S, D/2)`` when the rows of a batch sit at different positions."""
     xf = x.float().unflatten(-1, (-1, 2))
     x0, x1 = xf[..., 0], xf[..., 1]
-    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    if cos.dim() == 2:
+        cos, sin = cos[None], sin[None]
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
     out = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)
     return out.flatten(-2).to(x.dtype)
+
+
+@dataclass
+class KVCache:
+    """Keys and values of every layer for the first ``length`` positions: Llama's generation state.
+
+    ``keys[l]``/``values[l]`` are ``(B, KVH, capacity, D)`` buffers. A forward pass with a cache
+    writes its positions ``[length, length + S)`` into the buffers and returns a new ``KVCache`` with
+    the larger length; the buffers grow by doubling when full (a copy). An older cache object still
+    describes its own positions correctly, but two continuations of one cache must not both be
+    decoded, since they would write the same buffer slots.
+
+    ``padding`` ``(B,)``, when set, counts the empty slots at the start of each row: ``merge`` puts
+    prompts of different lengths into one batch right-aligned, so all rows decode in step. Those
+    slots are masked out, and a row's positions for RoPE are its slot index minus its padding.
+    """
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    length: int
+    padding: torch.Tensor | None = None
+
+    @property
+    def capacity(self) -> int:
+        return self.keys[0].shape[2]
+
+    def with_room_for(self, num_new: int, max_len: int) -> KVCache:
+        """This cache, or a copy into buffers large enough for ``num_new`` more positions."""
+        needed = self.length + num_new
+        if needed <= self.capacity:
+            return self
+        capacity = min(max(2 * self.capacity, _round_up_to(needed, 256)), max(max_len, needed))
+
+        def grown(buffer):
+            new = buffer.new_zeros(*buffer.shape[:2], capacity, buffer.shape[3])
+            new[:, :, : self.length] = buffer[:, :, : self.length]
+            return new
+
+        return KVCache([grown(k) for k in self.keys], [grown(v) for v in self.values], self.length, self.padding)
+
+    @staticmethod
+    def merge(caches: list[KVCache]) -> KVCache:
+        """One batch from caches of single sequences (possibly of different lengths), right-aligned."""
+        length = max(c.length for c in caches)
+        pads = [length - c.length for c in caches]
+
+        def stacked(buffers):
+            first = buffers[0]
+            out = first.new_zeros(sum(b.shape[0] for b in buffers), first.shape[1], length, first.shape[3])
+            row = 0
+            for buffer, pad in zip(buffers, pads):
+                out[row : row + buffer.shape[0], :, pad:] = buffer[:, :, : length - pad]
+                row += buffer.shape[0]
+            return out
+
+        num_layers = len(caches[0].keys)
+        keys = [stacked([c.keys[layer] for c in caches]) for layer in range(num_layers)]
+        values = [stacked([c.values[layer] for c in caches]) for layer in range(num_layers)]
+        rows = [c.keys[0].shape[0] for c in caches]
+        padding = None
+        if any(pads):
+            padding = torch.tensor([p for p, r in zip(pads, rows) for _ in range(r)], device=keys[0].device)
+        return KVCache(keys, values, length, padding)
+
+
+def _round_up_to(x: int, multiple: int) -> int:
+    return -(-x // multiple) * multiple
 
 
 class Attention(nn.Module):
@@ -94,14 +168,23 @@ class Attention(nn.Module):
         self.wv = nn.Linear(E, cfg.kv_heads * D, bias=False)
         self.wo = nn.Linear(cfg.num_heads * D, E, bias=False)
 
-    def forward(self, x, cos, sin, mask):
+    def forward(self, x, cos, sin, mask, cache_kv=None, start=0):
+        """``cache_kv``: this layer's ``(keys, values)`` buffers of a ``KVCache``; the new positions are
+        written at ``[start, start + S)`` and attention runs over ``[0, start + S)``. ``mask`` None
+        means plain causal attention from position 0, or over all cached keys for one new token."""
         B, S, _ = x.shape
         q = apply_rope(self.wq(x).view(B, S, -1, self.head_dim), cos, sin).transpose(1, 2)
         k = apply_rope(self.wk(x).view(B, S, -1, self.head_dim), cos, sin).transpose(1, 2)
         v = self.wv(x).view(B, S, -1, self.head_dim).transpose(1, 2)
+        if cache_kv is not None:
+            keys, values = cache_kv
+            keys[:, :, start : start + S] = k.to(keys.dtype)
+            values[:, :, start : start + S] = v.to(values.dtype)
+            k, v = keys[:, :, : start + S].to(q.dtype), values[:, :, : start + S].to(q.dtype)
         gqa = q.shape[1] != k.shape[1]
         if mask is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+            causal = k.shape[2] == S  # one new token (S == 1) attends to every cached key
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=causal and S > 1, enable_gqa=gqa)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         return self.wo(out.transpose(1, 2).reshape(B, S, -1))
@@ -126,15 +209,16 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(cfg.embedding_dim, cfg.norm_eps)
         self.feed_forward = FeedForward(cfg)
 
-    def forward(self, x, cos, sin, mask):
-        x = x + self.attention(self.attention_norm(x), cos, sin, mask)
+    def forward(self, x, cos, sin, mask, cache_kv=None, start=0):
+        x = x + self.attention(self.attention_norm(x), cos, sin, mask, cache_kv, start)
         return x + self.feed_forward(self.ffn_norm(x))
 
 
 class Llama(nn.Module):
     """``model(input_ids, doc_ids=None, state=None, return_state=False)`` -> logits.
 
-    Attention has no recurrent state: ``state`` is ignored and returned as None.
+    The state is a ``KVCache``: ``return_state=True`` returns the cache of every position so far, and
+    a ``state`` passed in continues from it (positions, RoPE angles and the causal mask follow).
     """
 
     def __init__(self, cfg: LlamaConfig):
@@ -182,15 +266,52 @@ class Llama(nn.Module):
 
     def forward(self, input_ids, doc_ids=None, state=None, return_state=False):
         B, S = input_ids.shape
-        if S > self.cfg.max_seq_len:
-            raise ValueError(f"llama: sequence length {S} exceeds model.max_seq_len = {self.cfg.max_seq_len}")
+        start = 0 if state is None else state.length
+        if start + S > self.cfg.max_seq_len:
+            raise ValueError(f"llama: sequence length {start + S} exceeds model.max_seq_len = {self.cfg.max_seq_len}")
         mask = None
         if doc_ids is not None and self.cfg.reset_at_document_boundaries:
+            if state is not None:
+                raise ValueError("llama: doc_ids cannot be combined with a KV cache (state)")
             causal = torch.ones(S, S, dtype=torch.bool, device=input_ids.device).tril()
             mask = (causal & (doc_ids[:, :, None] == doc_ids[:, None, :]))[:, None]  # (B, 1, S, S)
-        cos, sin = self.rope_cos[:S], self.rope_sin[:S]
+        cache = None
+        if return_state or state is not None:
+            cache = state.with_room_for(S, self.cfg.max_seq_len) if state is not None else self._new_cache(B, S)
+        cos, sin = self.rope_cos[start : start + S], self.rope_sin[start : start + S]
+        if cache is not None and (cache.padding is not None or (start > 0 and S > 1)):
+            mask, positions = self._cache_mask(cache, S, input_ids.device)
+            if cache.padding is not None:
+                cos, sin = self.rope_cos[positions], self.rope_sin[positions]
         x = self.tok_embeddings(input_ids)
-        for layer in self.layers:
-            x = layer(x, cos, sin, mask)
+        for n, layer in enumerate(self.layers):
+            cache_kv = None if cache is None else (cache.keys[n], cache.values[n])
+            x = layer(x, cos, sin, mask, cache_kv, start)
         logits = self.output(self.norm(x))
-        return (logits, None) if return_state else logits
+        if not return_state:
+            return logits
+        return logits, KVCache(cache.keys, cache.values, start + S, cache.padding)
+
+    def _new_cache(self, batch_size: int, num_tokens: int) -> KVCache:
+        capacity = min(_round_up_to(num_tokens, 256), self.cfg.max_seq_len)
+        weight = self.layers[0].attention.wk.weight
+        device_type = weight.device.type
+        # under autocast the keys come out of the projections in the autocast dtype: store them so
+        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else weight.dtype
+        shape = (batch_size, self.cfg.kv_heads, capacity, self.cfg.head_dim)
+        keys = [torch.zeros(shape, dtype=dtype, device=weight.device) for _ in self.layers]
+        values = [torch.zeros(shape, dtype=dtype, device=weight.device) for _ in self.layers]
+        return KVCache(keys, values, 0)
+
+    @staticmethod
+    def _cache_mask(cache: KVCache, S: int, device) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(mask ``(B or 1, 1, S, start + S)``, RoPE positions ``(B, S)`` or None) for new positions."""
+        start = cache.length
+        query_slot = start + torch.arange(S, device=device)
+        key_slot = torch.arange(start + S, device=device)
+        mask = (key_slot[None, :] <= query_slot[:, None])[None, None]
+        if cache.padding is None:
+            return mask, None
+        padding = cache.padding.to(device)
+        mask = mask & (key_slot[None, None, None, :] >= padding[:, None, None, None])
+        return mask, query_slot[None, :] - padding[:, None]
