@@ -1,6 +1,5 @@
 """The training loop end to end, on tiny models and a synthetic task (a few seconds each)."""
 
-import contextlib
 import json
 import math
 
@@ -12,6 +11,7 @@ from xlstm_train.config import ConfigError
 from xlstm_train.models import build_model
 from xlstm_train.models.xlstm_blocks import xLSTMBlocksConfig
 from xlstm_train.train import checkpoint as ckpt
+from xlstm_train.train import engine
 from xlstm_train.train import trainer
 from xlstm_train.train.config import load_config
 from xlstm_train.train.optim import lr_multiplier
@@ -187,10 +187,10 @@ def test_grad_accumulation_equals_larger_batch_fp64():
     batch = {"input_ids": input_ids, "labels": labels, "doc_ids": doc_ids}
     split = [{k: v[i:j] for k, v in batch.items()} for i, j in ((0, 2), (2, 3), (3, 6))]
 
-    loss_one = trainer.forward_backward(model, [batch], contextlib.nullcontext)
+    loss_one = engine.forward_backward(model, [batch])
     grads_one = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
-    loss_acc = trainer.forward_backward(model, split, contextlib.nullcontext)
+    loss_acc = engine.forward_backward(model, split)
     grads_acc = [p.grad.clone() for p in model.parameters()]
 
     # the fp64 reference: mean token loss over the whole batch, from scratch

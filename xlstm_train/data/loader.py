@@ -154,10 +154,12 @@ def _resolve_streams(specs, seq_len: int, vocab_size: int, tokenizer_sha256: str
     return streams, np.asarray(weights, dtype=np.float64)
 
 
-def _tokenizer_sha256(data_cfg) -> str | None:
+def _tokenizer_sha256(data_cfg, tokenizer=None) -> str | None:
+    """The hash of ``data.tokenizer`` that the shards must have been made with; ``tokenizer``: that
+    tokenizer already opened (hashing a large tokenizer file once per run is enough)."""
     if not data_cfg.tokenizer:
         return None
-    return open_tokenizer(data_cfg.tokenizer).identity["sha256"]
+    return (tokenizer or open_tokenizer(data_cfg.tokenizer)).identity["sha256"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -339,7 +341,7 @@ def _heldout_windows(stream: TokenStream, fraction: float) -> int:
 
 
 def build_train_loader(data_cfg, *, micro_batch_size: int, vocab_size: int, dp_rank: int = 0, dp_size: int = 1,
-                       consumed_samples: int = 0, device="cpu"):
+                       consumed_samples: int = 0, device="cpu", tokenizer=None):
     _check_rank(dp_rank, dp_size, micro_batch_size)
     if data_cfg.source == "synthetic":
         from xlstm_train.data.synthetic import build_synthetic_loader
@@ -350,7 +352,7 @@ def build_train_loader(data_cfg, *, micro_batch_size: int, vocab_size: int, dp_r
     if not data_cfg.datasets:
         raise DataError("data.datasets is empty: name at least one directory written by prepare-data")
     streams, weights = _resolve_streams(data_cfg.datasets, data_cfg.seq_len, vocab_size,
-                                        _tokenizer_sha256(data_cfg), "datasets")
+                                        _tokenizer_sha256(data_cfg, tokenizer), "datasets")
     held_out = 0.0 if data_cfg.validation else data_cfg.validation_fraction
     ranges = []
     for stream in streams:
@@ -368,7 +370,7 @@ def build_train_loader(data_cfg, *, micro_batch_size: int, vocab_size: int, dp_r
 
 
 def build_val_loader(data_cfg, *, micro_batch_size: int, vocab_size: int, num_batches: int, dp_rank: int = 0,
-                     dp_size: int = 1, device="cpu"):
+                     dp_size: int = 1, device="cpu", tokenizer=None):
     _check_rank(dp_rank, dp_size, micro_batch_size)
     if data_cfg.source == "synthetic":
         from xlstm_train.data.synthetic import build_synthetic_val_loader
@@ -379,7 +381,7 @@ def build_val_loader(data_cfg, *, micro_batch_size: int, vocab_size: int, num_ba
     specs = data_cfg.validation or data_cfg.datasets
     if not specs:
         raise DataError("data.datasets is empty: name at least one directory written by prepare-data")
-    streams, weights = _resolve_streams(specs, data_cfg.seq_len, vocab_size, _tokenizer_sha256(data_cfg),
+    streams, weights = _resolve_streams(specs, data_cfg.seq_len, vocab_size, _tokenizer_sha256(data_cfg, tokenizer),
                                         "validation" if data_cfg.validation else "datasets")
     needed = num_batches * micro_batch_size * dp_size
     ranges = []

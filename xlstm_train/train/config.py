@@ -123,6 +123,11 @@ class Config:
             )
         if not self.name or "/" in self.name:
             raise ConfigError(f"name = {self.name!r}: expected a non-empty name without '/'")
+        if self.parallel.engine == "deepspeed" and self.train.on_nonfinite == "skip":
+            raise ConfigError(
+                "train.on_nonfinite = 'skip' with parallel.engine = 'deepspeed': DeepSpeed applies the update "
+                "inside engine.step() and cannot skip it in fp32/bf16; allowed: stop (or engine 'fsdp')"
+            )
 
 
 def _check(prefix: str, name: str, value, ok: bool, allowed: str) -> None:

@@ -1,17 +1,13 @@
-"""The training loop: one process, or one of many launched by torchrun (see ``launch/``).
+"""The training loop: one process, or one of many launched by torchrun or deepspeed (see ``launch/``).
 
 ``train(cfg)`` reads top to bottom: check the inputs (nothing is written before they pass), build
-(device, seed, model, optimizer, schedule, loaders, checkpoint restore, loggers), then loop:
+(device, seed, model, engine, schedule, loaders, checkpoint restore, loggers), then loop:
 
-    accumulate micro-batches -> clip -> finite check -> optimizer step -> schedule
+    engine.step (forward-backward -> clip -> finite check -> update or skip) -> schedule
     -> log -> evaluate -> checkpoint
 
-and finally sample a few lines of text from the trained model.
-
-Under ``parallel.engine: deepspeed`` a DeepSpeed ZeRO engine takes the optimizer's place (see
-``xlstm_train.parallel.deepspeed_engine``): the same parameter groups, loss and schedule, with
-DeepSpeed accumulating, clipping and stepping; its checkpoints are DeepSpeed's format beside our
-train state.
+and finally sample a few lines of text from the trained model. The step itself lives in
+``xlstm_train.train.engine`` (FSDP2 or DeepSpeed, as ``parallel.engine`` says).
 
 The run directory (``cfg.run_path``) is never deleted or overwritten. A run whose directory holds a
 complete checkpoint continues from the latest one (``checkpoint.resume: auto``); a new run needs an
@@ -22,8 +18,6 @@ starts from that checkpoint.
 
 from __future__ import annotations
 
-import contextlib
-import math
 import random
 import time
 from dataclasses import asdict, dataclass
@@ -31,7 +25,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 import yaml
 
 from xlstm_train.config import ConfigError, to_dict
@@ -45,27 +38,20 @@ from xlstm_train.models import build_model, count_params
 from xlstm_train.models.generate import generate
 from xlstm_train.parallel import (
     build_mesh,
-    clip_grad_norm_,
     destroy_distributed,
     dp_mean,
     dp_rank_and_size,
     init_distributed,
     loss_context,
-    parallelize_model,
     setup_rank_logging,
     to_full,
 )
-from xlstm_train.parallel.deepspeed_engine import (
-    build_deepspeed_engine,
-    load_deepspeed_checkpoint,
-)
 from xlstm_train.train import checkpoint as ckpt
 from xlstm_train.train.config import Config
+from xlstm_train.train.engine import Engine, StepResult, build_engine, token_loss
 from xlstm_train.train.flops import flops_per_token
 from xlstm_train.train.metrics import MetricsLogger, memory_gib, peak_flops, perplexity
-from xlstm_train.train.optim import build_optimizer, build_scheduler, param_groups
-
-IGNORE_INDEX = -100
+from xlstm_train.train.optim import build_scheduler
 
 
 class _SilentLogger:
@@ -203,111 +189,27 @@ def check_checkpoint_matches(path: Path, cfg: Config) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# One step's pieces (each will take a device mesh when the model is parallelised)
-
-
-def count_valid_tokens(micro_batches: list[dict]) -> torch.Tensor:
-    return sum((mb["labels"] != IGNORE_INDEX).sum() for mb in micro_batches)
-
-
-def loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Summed cross-entropy over the non-ignored tokens, computed in fp32 or wider."""
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
-
-
-def forward_backward(model, micro_batches: list[dict], autocast, mesh=None, parallel_cfg=None) -> torch.Tensor:
-    """Accumulate the gradient of the step's mean token loss; return this rank's share of it.
-
-    Each micro-batch's summed loss is divided by the number of non-ignored tokens in the whole step,
-    so accumulating k micro-batches gives exactly the gradient of one batch k times larger. With
-    data parallelism the divisor is the mean token count per rank: FSDP averages the ranks'
-    gradients, which makes the sum over all ranks' tokens divided by all of them.
-    """
-    num_tokens = dp_mean(count_valid_tokens(micro_batches).float(), mesh).clamp(min=1)
-    total = 0.0
-    for mb in micro_batches:
-        with loss_context(mesh, parallel_cfg):
-            with autocast():
-                logits = model(mb["input_ids"], doc_ids=mb["doc_ids"])
-            loss = loss_sum(logits, mb["labels"]) / num_tokens
-            loss.backward()
-        total = total + to_full(loss.detach())  # a DTensor under vocabulary-parallel loss
-    return total
-
-
-def deepspeed_forward_backward(engine, micro_batches: list[dict], autocast, mesh=None, parallel_cfg=None) -> torch.Tensor:
-    """``forward_backward`` for a DeepSpeed engine: the same token-normalised loss per micro-batch.
-
-    DeepSpeed accumulates the micro-batches' gradients itself (and averages them over the
-    data-parallel ranks, as FSDP does). Our loss is already divided by the step's token count, so
-    its extra division by the accumulation steps is switched off. Every micro-batch but the last
-    is followed by ``engine.step()``, which only counts it; the caller takes the last (the update)
-    after its finite check.
-    """
-    num_tokens = dp_mean(count_valid_tokens(micro_batches).float(), mesh).clamp(min=1)
-    total = 0.0
-    for n, mb in enumerate(micro_batches):
-        with loss_context(mesh, parallel_cfg):
-            with autocast():
-                logits = engine(mb["input_ids"], doc_ids=mb["doc_ids"])
-            # under vocabulary-parallel loss a replicated DTensor; DeepSpeed gets the plain scalar
-            loss = to_full(loss_sum(logits, mb["labels"]) / num_tokens)
-            engine.backward(loss, scale_wrt_gas=False)
-        if n < len(micro_batches) - 1:
-            engine.step()
-        total = total + loss.detach()
-    return total
-
-
-def deepspeed_step(engine, micro_batches: list[dict], autocast, mesh, parallel_cfg, step: int,
-                   run_dir: Path) -> tuple[float, float]:
-    """One optimizer step of a DeepSpeed engine (``step`` taken so far); returns (loss, grad norm).
-
-    A non-finite loss stops the run before ``engine.step()``, so the update is not applied. The
-    gradient norm is computed inside ``engine.step()``, which clips and updates in the same call
-    (bf16 and fp32 have no overflow skip there): a non-finite norm stops the run right after that
-    update, whose weights are not saved. Either way the run resumes from its latest checkpoint.
-    """
-    loss_value = dp_mean(deepspeed_forward_backward(engine, micro_batches, autocast, mesh, parallel_cfg), mesh).item()
-    advice = (
-        f"The last good state is the latest checkpoint in {run_dir}; lower optim.lr or raise "
-        "optim.warmup_steps and resume"
-    )
-    if not math.isfinite(loss_value):
-        raise NonFiniteError(f"non-finite loss {loss_value} at step {step + 1}; the update was not applied. {advice}")
-    engine.step()
-    grad_norm_value = float(engine.get_global_grad_norm())
-    if not math.isfinite(grad_norm_value):
-        raise NonFiniteError(
-            f"non-finite gradient norm {grad_norm_value} at step {step + 1}; DeepSpeed has applied this "
-            f"update, so its weights are not saved. {advice}"
-        )
-    return loss_value, grad_norm_value
-
-
-def clip_grad_norm(model, max_norm: float) -> torch.Tensor:
-    """The total gradient norm before clipping (clipping only when ``max_norm`` > 0), over all
-    ranks' shards when the parameters are DTensors."""
-    return clip_grad_norm_(model.parameters(), max_norm)
+# Evaluation and samples
 
 
 @torch.no_grad()
-def evaluate(model, val_loader, autocast, mesh=None, parallel_cfg=None) -> float:
+def evaluate(engine: Engine, val_loader) -> float:
     """Mean token loss over the validation set. Each data-parallel rank evaluates its share of every
     validation batch (as in training); the loss sums and token counts are summed over the ranks."""
+    model = engine.model
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     for batch in val_loader:
-        with loss_context(mesh, parallel_cfg):
-            with autocast():
-                logits = model(batch["input_ids"], doc_ids=batch["doc_ids"])
-            total += to_full(loss_sum(logits, batch["labels"])).item()
-        count += int((batch["labels"] != IGNORE_INDEX).sum())
+        with loss_context(engine.mesh, engine.parallel_cfg):
+            with engine.autocast():
+                loss_sum, num_tokens = token_loss(model, batch)
+            total += to_full(loss_sum).item()
+        count += int(num_tokens)
     model.train(was_training)
     # the mean over ranks of (sum, count) has the global sums' ratio
-    total, count = dp_mean(torch.tensor([total, count], dtype=torch.float64, device=batch["labels"].device), mesh)
+    total, count = dp_mean(torch.tensor([total, count], dtype=torch.float64, device=batch["labels"].device),
+                           engine.mesh)  # fmt: skip
     return (total / count.clamp(min=1)).item()
 
 
@@ -343,12 +245,6 @@ def train(cfg: Config) -> dict:
     """Train as ``cfg`` says; return a summary (final step, last validation loss, paths, samples)."""
     # --- checks: every bad input ends here, before anything is written ---
     device = resolve_device(cfg.train.device)
-    use_deepspeed = cfg.parallel.engine == "deepspeed"
-    if use_deepspeed and cfg.train.on_nonfinite == "skip":
-        raise ConfigError(
-            "train.on_nonfinite = 'skip' with parallel.engine = 'deepspeed': DeepSpeed applies the update "
-            "inside engine.step() and cannot skip it in fp32/bf16; allowed: stop (or engine 'fsdp')"
-        )
     env = init_distributed(cfg.parallel.timeout_s, device.type)  # no-op for one process
     device = env.device
     if env.world_size > 1:
@@ -365,33 +261,18 @@ def train(cfg: Config) -> dict:
     state = TrainState(**saved_state.get("progress", {}))
 
     samples_per_step = cfg.train.micro_batch_size * cfg.train.grad_accum_steps * dp_size
-    train_loader = build_train_loader(
-        cfg.data, micro_batch_size=cfg.train.micro_batch_size, vocab_size=cfg.model.vocab_size,
-        dp_rank=dp_rank, dp_size=dp_size, consumed_samples=state.consumed_samples, device=str(device),
-    )
-    val_loader = build_val_loader(
-        cfg.data, micro_batch_size=cfg.train.micro_batch_size, vocab_size=cfg.model.vocab_size,
-        num_batches=cfg.train.eval_batches, dp_rank=dp_rank, dp_size=dp_size, device=str(device),
-    )
+    loader_args = dict(micro_batch_size=cfg.train.micro_batch_size, vocab_size=cfg.model.vocab_size,
+                       dp_rank=dp_rank, dp_size=dp_size, device=str(device), tokenizer=tokenizer)  # fmt: skip
+    train_loader = build_train_loader(cfg.data, consumed_samples=state.consumed_samples, **loader_args)
+    val_loader = build_val_loader(cfg.data, num_batches=cfg.train.eval_batches, **loader_args)
 
     # --- build ---
     seed_everything(cfg.train.seed)
     model = build_model(cfg.model).to(device)
     model.train()
     num_params = count_params(model)  # before sharding
-    use_bf16 = device.type == "cuda" and cfg.train.dtype == "bf16"
-    if use_deepspeed:
-        # ZeRO partitions the optimizer over the dp ranks; our schedule sets the lr of its groups
-        engine, ds_optimizer = build_deepspeed_engine(model, param_groups(model, cfg.optim), cfg, mesh)
-        scheduler = build_scheduler(ds_optimizer.optimizer, cfg.optim, cfg.train.steps)
-    else:
-        # TP -> activation checkpointing -> compile -> FSDP2, as the recipe's parallel section says
-        parallelize_model(model, mesh, cfg.parallel, cfg.model, param_dtype=torch.bfloat16 if use_bf16 else None)
-        optimizer = build_optimizer(model, cfg.optim)
-        scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
-    autocast = (
-        (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
-    )
+    engine = build_engine(model, cfg, mesh, device)
+    scheduler = build_scheduler(engine.optimizer, cfg.optim, cfg.train.steps)
     flops_token = flops_per_token(cfg.model, cfg.data.seq_len)
     peak = peak_flops(device)
 
@@ -403,14 +284,11 @@ def train(cfg: Config) -> dict:
     config_dict = to_dict(cfg)
     checkpointer = ckpt.Checkpointer(run_dir, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
     if resume_from is not None:
-        if use_deepspeed:
-            load_deepspeed_checkpoint(engine, resume_from)
-        else:
-            ckpt.Checkpointer.load(resume_from, model, optimizer)
+        engine.load(resume_from)
         scheduler.load_state_dict(saved_state["scheduler"])
         ckpt.restore_rng_state(saved_state["rng"])
     elif env.is_main:
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(config_dict, sort_keys=False))
+        (run_dir / ckpt.CONFIG_FILE).write_text(yaml.safe_dump(config_dict, sort_keys=False))
     # rank 0 logs (console, JSONL, wandb) for the whole run
     logger = MetricsLogger(
         run_dir, total_steps=cfg.train.steps, wandb_mode=cfg.logging.wandb,
@@ -419,23 +297,36 @@ def train(cfg: Config) -> dict:
     ) if env.is_main else _SilentLogger()
     say = print if env.is_main else (lambda *args, **kwargs: None)
 
-    def train_state() -> dict:
-        return {
+    def save() -> Path:
+        train_state = {
             "progress": asdict(state),
             "scheduler": scheduler.state_dict(),
             "rng": ckpt.capture_rng_state(),
             "wandb_id": logger.wandb_id,
         }
-
-    def save() -> Path:
-        if use_deepspeed:
-            return checkpointer.save_deepspeed(state.step, engine, train_state(), config_dict)
-        return checkpointer.save(state.step, model, optimizer, train_state(), config_dict)
+        return engine.save(checkpointer, state.step, train_state, config_dict)
 
     def run_eval() -> float:
-        val_loss = evaluate(model, val_loader, autocast, mesh, cfg.parallel)
+        val_loss = evaluate(engine, val_loader)
         logger.log_val({"step": state.step, "val_loss": val_loss, "val_ppl": perplexity(val_loss)})
         return val_loss
+
+    def stop_at_nonfinite(result: StepResult, rng_before_step: dict) -> None:
+        """Save the state before this step when the update was not applied, and end the run."""
+        what = f"non-finite loss {result.loss} or gradient norm {result.grad_norm} at step {state.step + 1}"
+        advice = "Lower optim.lr or raise optim.warmup_steps and resume"
+        if result.applied:  # the engine finds out only after its update: these weights are not saved
+            raise NonFiniteError(
+                f"{what}; the {cfg.parallel.engine} engine has applied this update, so its weights are "
+                f"not saved. The last good state is the latest checkpoint in {run_dir}. {advice}"
+            )
+        ckpt.restore_rng_state(rng_before_step)  # the state as it was before this step
+        path = save()
+        checkpointer.wait()
+        skip = ", or set train.on_nonfinite=skip to skip such steps" if engine.can_skip else ""
+        raise NonFiniteError(
+            f"{what}; the optimizer step was not taken. The last good state is saved in {path}. {advice}{skip}"
+        )
 
     say(
         f"{cfg.name}: {cfg.model.arch}, {num_params / 1e6:.2f}M parameters, {device.type}, "
@@ -465,32 +356,13 @@ def train(cfg: Config) -> dict:
             rng_before_step = ckpt.capture_rng_state() if cfg.train.on_nonfinite == "stop" else None
             micro_batches = [next(train_iter) for _ in range(cfg.train.grad_accum_steps)]
             lr = scheduler.get_last_lr()[0]  # the rate this update uses
-            if use_deepspeed:  # raises instead of skipping (see deepspeed_step)
-                loss_value, grad_norm_value = deepspeed_step(
-                    engine, micro_batches, autocast, mesh, cfg.parallel, state.step, run_dir
-                )
-            else:
-                loss = forward_backward(model, micro_batches, autocast, mesh, cfg.parallel)
-                grad_norm = clip_grad_norm(model, cfg.optim.clip_grad_norm)
-                loss_value, grad_norm_value = dp_mean(loss, mesh).item(), grad_norm.item()
-                if not (math.isfinite(loss_value) and math.isfinite(grad_norm_value)):
-                    optimizer.zero_grad(set_to_none=True)
-                    if cfg.train.on_nonfinite == "stop":
-                        ckpt.restore_rng_state(rng_before_step)  # the state as it was before this step
-                        path = save()
-                        checkpointer.wait()
-                        raise NonFiniteError(
-                            f"non-finite loss {loss_value} or gradient norm {grad_norm_value} at step "
-                            f"{state.step + 1}; the optimizer step was not taken. The last good state is "
-                            f"saved in {path}. Lower optim.lr or raise optim.warmup_steps and resume, "
-                            "or set train.on_nonfinite=skip to skip such steps"
-                        )
-                    state.skipped_steps += 1
-                    say(f"step {state.step + 1}: non-finite loss {loss_value} or gradient norm "
-                        f"{grad_norm_value}; update skipped ({state.skipped_steps} so far)", flush=True)
-                else:
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
+            result = engine.step(micro_batches)
+            if not result.finite:
+                if cfg.train.on_nonfinite == "stop":
+                    stop_at_nonfinite(result, rng_before_step)
+                state.skipped_steps += 1
+                say(f"step {state.step + 1}: non-finite loss {result.loss} or gradient norm "
+                    f"{result.grad_norm}; update skipped ({state.skipped_steps} so far)", flush=True)
             scheduler.step()
             state.step += 1
             state.consumed_samples += samples_per_step
@@ -504,10 +376,10 @@ def train(cfg: Config) -> dict:
                 tokens_per_s = window_tokens / max(window_time, 1e-9)
                 logger.log_train({
                     "step": state.step,
-                    "loss": loss_value,
-                    "ppl": perplexity(loss_value),
+                    "loss": result.loss,
+                    "ppl": perplexity(result.loss),
                     "lr": lr,
-                    "grad_norm": grad_norm_value,
+                    "grad_norm": result.grad_norm,
                     "tokens_per_s": tokens_per_s,
                     "mfu": flops_token * tokens_per_s / (peak * env.world_size) if peak else None,
                     "memory_gib": memory_gib(device),
@@ -530,7 +402,7 @@ def train(cfg: Config) -> dict:
         # are vocabulary-sharded DTensors that the sampler does not take, so there is no sample.
         tp_sharded = mesh is not None and mesh["tp"].size() > 1
         if tokenizer is not None and cfg.train.sample_tokens > 0 and cfg.train.sample_prompts and not tp_sharded:
-            samples = sample_text(model, tokenizer, cfg, device, autocast)
+            samples = sample_text(engine.model, tokenizer, cfg, device, engine.autocast)
             for n, text in enumerate(samples):
                 say(f"--- sample {n + 1} ---\n{text}", flush=True)
             logger.log_event("samples", step=state.step, prompts=cfg.train.sample_prompts, texts=samples)
