@@ -181,3 +181,31 @@ def test_triton_kernels_give_the_reference_model(arch):
     torch.testing.assert_close(outputs[1][0], outputs[0][0], rtol=1e-4, atol=1e-5)
     for got, expected in zip(outputs[1][1], outputs[0][1]):
         torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-5)
+
+
+def test_loss_with_labels_equals_the_loss_of_the_logits(tiny_cfg):
+    """``model(..., labels=)`` (head and soft-capped loss fused, in blocks of tokens) gives the
+    summed cross-entropy of the logits path, and the same gradient for every parameter."""
+    from xlstm_train.models.layers import model_loss_sum
+
+    if tiny_cfg.arch == "xlstm_large":
+        tiny_cfg.output_logit_soft_cap = 2.0  # low enough that the cap shapes the loss
+    model = _tiny_model(tiny_cfg)
+    ids = torch.randint(0, VOCAB, (2, 23))
+    labels = torch.randint(0, VOCAB, (2, 23))
+    labels[0, :5] = -100
+    doc_ids = torch.zeros(2, 23, dtype=torch.long)
+    doc_ids[1, 9:] = 1
+
+    logits = model(ids, doc_ids=doc_ids)
+    want = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="sum")
+    want.backward()
+    want_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+
+    loss_sum, n_tokens = model_loss_sum(model, ids, labels, doc_ids)
+    loss_sum.backward()
+    assert n_tokens.item() == 2 * 23 - 5
+    torch.testing.assert_close(loss_sum, want, rtol=1e-5, atol=1e-5)
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(param.grad, want_grads[name], rtol=1e-4, atol=1e-5, msg=name)

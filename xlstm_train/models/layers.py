@@ -1,5 +1,5 @@
-"""Building blocks shared by the xLSTM models: norms, headwise projections, the causal convolution,
-the cell calls (through ``xlstm_kernels``) and the official initialisers.
+"""Building blocks shared by the models: norms, headwise projections, the causal convolution, the
+cell calls (through ``xlstm_kernels``), the official initialisers and the language-model loss.
 
 Per-head operations derive the number of heads from tensor shapes, never from a config, so that a
 tensor-parallel shard holding only some of the heads runs the same code.
@@ -12,6 +12,8 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
+from xlstm_kernels.cross_entropy import linear_cross_entropy
 from xlstm_kernels.mlstm import mlstm, mlstm_step
 from xlstm_kernels.slstm import slstm, slstm_step
 
@@ -41,6 +43,49 @@ def soft_cap(x: torch.Tensor, cap: float) -> torch.Tensor:
 
 def round_up(x: float, multiple: int) -> int:
     return int(math.ceil(x / multiple) * multiple)
+
+
+# --------------------------------------------------------------------------------------------------
+# The language-model loss
+
+IGNORE_INDEX = -100  # labels with this value (padding, document edges) are not predicted
+
+
+def head_loss_sum(
+    x: torch.Tensor, head: nn.Linear, labels: torch.Tensor, logit_soft_cap: float | None = None
+) -> torch.Tensor:
+    """Summed cross-entropy of ``head``'s (soft-capped) logits of ``x`` over the labels that are not
+    ``IGNORE_INDEX``, in fp32.
+
+    The head and the loss run fused, a block of tokens at a time, so the logits are never
+    materialised whole (``xlstm_kernels.cross_entropy``). A tensor-parallel head (a DTensor weight)
+    runs the plain way instead: its logits come out sharded over the vocabulary and the loss is the
+    caller's vocabulary-parallel one (``loss_parallel``); the soft-cap is elementwise, so it applies
+    to the shards as they are.
+    """
+    if isinstance(head.weight, DTensor):
+        logits = head(x)
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        if logit_soft_cap is not None:
+            logits = soft_cap(logits, logit_soft_cap)
+        return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+    if head.bias is not None:
+        raise ValueError("head_loss_sum: the fused loss takes a head without bias")
+    return linear_cross_entropy(x, head.weight, labels, soft_cap=logit_soft_cap, ignore_index=IGNORE_INDEX)
+
+
+def model_loss_sum(
+    model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor, doc_ids: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(loss_sum, n_tokens)``: the summed cross-entropy of ``model`` on one micro-batch and the
+    number of labels it sums over (those not ``IGNORE_INDEX``).
+
+    The loss is computed inside the model's forward (``model(..., labels=labels)``), so that
+    wrappers that act around the forward (FSDP2's parameter gathering, DeepSpeed's engine) see it
+    as part of it. Divide by the step's token count before ``backward``.
+    """
+    loss_sum = model(input_ids, doc_ids=doc_ids, labels=labels)
+    return loss_sum, (labels != IGNORE_INDEX).sum()
 
 
 # --------------------------------------------------------------------------------------------------

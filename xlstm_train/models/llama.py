@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from xlstm_train.config import ConfigError
-from xlstm_train.models.layers import RMSNorm, round_up
+from xlstm_train.models.layers import RMSNorm, head_loss_sum, round_up
 
 
 @dataclass
@@ -215,7 +215,9 @@ class TransformerBlock(nn.Module):
 
 
 class Llama(nn.Module):
-    """``model(input_ids, doc_ids=None, state=None, return_state=False)`` -> logits.
+    """``model(input_ids, doc_ids=None, state=None, return_state=False)`` -> logits; with
+    ``labels=`` the summed cross-entropy over the labels that are not -100 instead (head and loss
+    fused, see ``layers.head_loss_sum``).
 
     The state is a ``KVCache``: ``return_state=True`` returns the cache of every position so far, and
     a ``state`` passed in continues from it (positions, RoPE angles and the causal mask follow).
@@ -264,7 +266,7 @@ class Llama(nn.Module):
             layer.ffn_norm.reset_parameters()
         self.norm.reset_parameters()
 
-    def forward(self, input_ids, doc_ids=None, state=None, return_state=False):
+    def forward(self, input_ids, doc_ids=None, state=None, return_state=False, labels=None):
         B, S = input_ids.shape
         start = 0 if state is None else state.length
         if start + S > self.cfg.max_seq_len:
@@ -287,7 +289,8 @@ class Llama(nn.Module):
         for n, layer in enumerate(self.layers):
             cache_kv = None if cache is None else (cache.keys[n], cache.values[n])
             x = layer(x, cos, sin, mask, cache_kv, start)
-        logits = self.output(self.norm(x))
+        x = self.norm(x)
+        logits = self.output(x) if labels is None else head_loss_sum(x, self.output, labels)
         if not return_state:
             return logits
         return logits, KVCache(cache.keys, cache.values, start + S, cache.padding)

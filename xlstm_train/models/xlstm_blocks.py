@@ -36,6 +36,7 @@ from xlstm_train.models.layers import (
     LayerNorm,
     LinearHeadwise,
     MultiHeadLayerNorm,
+    head_loss_sum,
     linspace_,
     mlstm_cell,
     round_up,
@@ -280,7 +281,9 @@ class xLSTMBlockStack(nn.Module):
 
 
 class xLSTMBlocksModel(nn.Module):
-    """``model(input_ids, doc_ids=None, state=None, return_state=False)`` -> logits.
+    """``model(input_ids, doc_ids=None, state=None, return_state=False)`` -> logits; with
+    ``labels=`` the summed cross-entropy over the labels that are not -100 instead (head and loss
+    fused, see ``layers.head_loss_sum``).
 
     The state is a list with one ``(conv_state, cell_state)`` pair per block: conv_state holds the
     last K-1 conv inputs, cell_state is ``(C, n, m)`` (mLSTM) or ``(y, c, n, m)`` (sLSTM).
@@ -332,7 +335,7 @@ class xLSTMBlocksModel(nn.Module):
                 wang_init_(block.ffn.proj_down.weight, E, L)
         self.xlstm_block_stack.post_blocks_norm.reset_parameters()
 
-    def forward(self, input_ids, doc_ids=None, state=None, return_state=False):
+    def forward(self, input_ids, doc_ids=None, state=None, return_state=False, labels=None):
         if not self.cfg.reset_at_document_boundaries:
             doc_ids = None
         x = self.token_embedding(input_ids)
@@ -340,5 +343,6 @@ class xLSTMBlocksModel(nn.Module):
         for n, block in enumerate(self.xlstm_block_stack.blocks):
             x, block_state = block(x, doc_ids, None if state is None else state[n], return_state)
             new_state.append(block_state)
-        logits = self.lm_head(self.xlstm_block_stack.post_blocks_norm(x))
-        return (logits, new_state) if return_state else logits
+        x = self.xlstm_block_stack.post_blocks_norm(x)
+        out = self.lm_head(x) if labels is None else head_loss_sum(x, self.lm_head, labels)
+        return (out, new_state) if return_state else out

@@ -22,6 +22,7 @@ from xlstm_train.config import ConfigError
 from xlstm_train.models.layers import (
     MultiHeadLayerNorm,
     RMSNorm,
+    head_loss_sum,
     linspace_,
     mlstm_cell,
     round_up,
@@ -162,7 +163,9 @@ class xLSTMLargeBlockStack(nn.Module):
 
 
 class xLSTMLarge(nn.Module):
-    """``model(input_ids, doc_ids=None, state=None, return_state=False)`` -> fp32 soft-capped logits.
+    """``model(input_ids, doc_ids=None, state=None, return_state=False)`` -> fp32 soft-capped logits;
+    with ``labels=`` the summed cross-entropy over the labels that are not -100 instead (the head
+    and loss fused: no logits are materialised, see ``layers.head_loss_sum``).
 
     The state is a list with one ``(C, n, m)`` tuple per block (fp32); it is never updated in place,
     so it can be carried across training windows with autograd.
@@ -204,7 +207,7 @@ class xLSTMLarge(nn.Module):
                 norm.reset_parameters()
         self.backbone.out_norm.reset_parameters()
 
-    def forward(self, input_ids, doc_ids=None, state=None, return_state=False):
+    def forward(self, input_ids, doc_ids=None, state=None, return_state=False, labels=None):
         if not self.cfg.reset_at_document_boundaries:
             doc_ids = None
         x = self.embedding(input_ids)
@@ -213,5 +216,8 @@ class xLSTMLarge(nn.Module):
             x, block_state = block(x, doc_ids, None if state is None else state[n], return_state)
             new_state.append(block_state)
         x = self.backbone.out_norm(x)
-        logits = soft_cap(self.lm_head(x).float(), self.cfg.output_logit_soft_cap)
-        return (logits, new_state) if return_state else logits
+        if labels is not None:
+            out = head_loss_sum(x, self.lm_head, labels, self.cfg.output_logit_soft_cap)
+        else:
+            out = soft_cap(self.lm_head(x).float(), self.cfg.output_logit_soft_cap)
+        return (out, new_state) if return_state else out
