@@ -1,7 +1,7 @@
 """DeepSpeed ZeRO-1/2/3 (ZeRO-2 also with the optimizer offloaded to CPU, ZeRO-3 also with
 checkpointed blocks) on 2 gloo ranks match a single process over 3 steps; its checkpoints save,
 resume and convert to ours. The trainer with engine=deepspeed (ZeRO-1/2, dp=2) matches the
-single-process fsdp trainer, across a resume."""
+single-process fsdp trainer, across a resume, and its checkpoints (tp=1 and 2) reach export."""
 
 from __future__ import annotations
 
@@ -64,10 +64,7 @@ def _zero_stages(ckpt_root: str) -> None:
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad
 
     from xlstm_train.parallel import dp_mean
-    from xlstm_train.parallel.deepspeed_engine import (
-        load_deepspeed_checkpoint,
-        save_deepspeed_checkpoint,
-    )
+    from xlstm_train.train.checkpoint import load_deepspeed_checkpoint, save_deepspeed_checkpoint
 
     # DeepSpeed JIT-compiles a shared-memory all-reduce for CPU inference at start-up; ZeRO does
     # not use it, and compiling it would take most of this test's time on a fresh CI machine.
@@ -113,10 +110,7 @@ def test_deepspeed_zero_1_2_3_match_single_process_and_resume(tmp_path):
     # the ZeRO-3 checkpoint converts to ours and loads into a plain single-process model
     import torch.distributed.checkpoint as dcp
 
-    from xlstm_train.parallel.deepspeed_engine import (
-        convert_deepspeed_checkpoint,
-        deepspeed_to_state_dict,
-    )
+    from xlstm_train.train.checkpoint import convert_deepspeed_checkpoint, deepspeed_to_state_dict
 
     for run in ("zero3-none", "zero3-full"):  # the second with checkpoint-wrapped blocks
         expected = deepspeed_to_state_dict(tmp_path / run)
@@ -142,9 +136,7 @@ def _zero_with_tensor_parallel(ckpt_root: str) -> None:
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad
 
     from xlstm_train.parallel import dp_mean, dp_rank_and_size, loss_context
-    from xlstm_train.parallel.deepspeed_engine import (
-        save_deepspeed_checkpoint,
-    )
+    from xlstm_train.train.checkpoint import save_deepspeed_checkpoint
 
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # see _zero_stages
     for arch, stage, checkpointing in TP_CASES:
@@ -187,7 +179,7 @@ def test_deepspeed_zero_1_2_with_tp2_dp2_match_single_process_and_convert(tmp_pa
     # each run's checkpoint holds a ZeRO checkpoint per TP rank; merged, it is the whole model
     import torch.distributed.checkpoint as dcp
 
-    from xlstm_train.parallel.deepspeed_engine import convert_deepspeed_checkpoint
+    from xlstm_train.train.checkpoint import convert_deepspeed_checkpoint
 
     for arch, _, _ in TP_CASES:
         assert len(list((tmp_path / arch / "step-0000003").glob("mp_rank_*_model_states.pt"))) == 2
@@ -254,8 +246,8 @@ def _deepspeed_train(root: str, run: str, overrides: tuple[str, ...]) -> None:
 def test_trainer_deepspeed_zero_1_2_match_fsdp_and_resume(tmp_path):
     import yaml
 
+    from xlstm_train.export.hf import export_hf
     from xlstm_train.models import build_model
-    from xlstm_train.parallel.deepspeed_engine import deepspeed_to_state_dict
     from xlstm_train.train import checkpoint as ckpt
     from xlstm_train.train.trainer import train
 
@@ -299,9 +291,19 @@ def test_trainer_deepspeed_zero_1_2_match_fsdp_and_resume(tmp_path):
         assert final.name == "step-0000004" and ckpt.is_deepspeed(final)
         assert ckpt.read_train_state(final)["progress"]["step"] == TRAIN_STEPS
         assert not list(run_dir.glob("*.tmp"))
-        state = deepspeed_to_state_dict(final)  # the TP shards merged
+        state = ckpt.deepspeed_to_state_dict(final)  # the TP shards merged
         expected_state = build_model(cfg.model).state_dict()
         assert {k: v.shape for k, v in state.items()} == {k: v.shape for k, v in expected_state.items()}
+        # export reads it as it reads ours: the run's config, and the merged weights into a fresh model
+        saved_cfg = ckpt.read_checkpoint_config(final)
+        assert saved_cfg.parallel.engine == "deepspeed" and saved_cfg.model == cfg.model
+        loaded = ckpt.load_model_state(final, saved_cfg.model)
+        assert loaded.keys() == state.keys() and all(torch.equal(loaded[k], state[k]) for k in state)
+        converted = ckpt.convert_deepspeed_checkpoint(final, tmp_path / f"converted-{run}")
+        assert ckpt.read_checkpoint_config(converted).model == cfg.model
+        assert all(torch.equal(t, state[k]) for k, t in ckpt.load_model_state(converted, cfg.model).items())
+    out = export_hf(ckpt.latest_checkpoint(tmp_path / "zero2-tp2"), tmp_path / "exported")
+    assert (out / "model.safetensors").is_file()
 
 
 

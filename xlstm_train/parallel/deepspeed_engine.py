@@ -15,12 +15,7 @@ JIT-built extension that a CPU-only machine (CI) cannot rely on.
 
 from __future__ import annotations
 
-import glob
-import os
-import re
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -167,12 +162,13 @@ def tensor_parallel_layout(model: nn.Module) -> dict[str, int | None]:
     for name, param in model.named_parameters():
         if hasattr(param, "tp_shard"):
             (placement,) = param.tp_shard.placements
-            layout[_checkpoint_name(name)] = placement.dim if isinstance(placement, Shard) else None
+            layout[checkpoint_key(name)] = placement.dim if isinstance(placement, Shard) else None
     return layout
 
 
-def _checkpoint_name(name: str) -> str:
-    """A parameter's name as in our checkpoints: without the activation-checkpointing wrapper's prefix."""
+def checkpoint_key(name: str) -> str:
+    """A parameter's name as in our checkpoints: without the activation-checkpointing wrapper's prefix
+    (DeepSpeed names the parameters of ``engine.module`` with it)."""
     return name.replace("_checkpoint_wrapped_module.", "")
 
 
@@ -246,92 +242,3 @@ def build_deepspeed_engine(model: nn.Module, optimizer_groups: list[dict], cfg: 
         dist_init_required=False,
     )
     return engine, optimizer
-
-
-# ------------------------------------------------------------------------------------------------
-# Checkpoints
-
-
-TP_LAYOUT_KEY = "tensor_parallel_layout"  # client state of a tp > 1 checkpoint: shard dim by name
-
-
-def save_deepspeed_checkpoint(engine, directory: str | Path, step: int, client_state: dict | None = None) -> None:
-    """DeepSpeed's own sharded checkpoint (``directory/step-N/`` + the ``latest`` tag file).
-
-    DeepSpeed writes the tag file last, so a killed save leaves ``latest`` on the previous good one.
-    With tp > 1 each TP rank writes its shards (``mp_rank_XX``) and the client state records how
-    they split each parameter, which ``deepspeed_to_state_dict`` needs to merge them.
-    """
-    client_state = dict(client_state or {})
-    layout = tensor_parallel_layout(engine.module)
-    if layout:
-        client_state[TP_LAYOUT_KEY] = layout
-    engine.save_checkpoint(str(directory), tag=f"step-{step:07d}", client_state=client_state)
-
-
-def load_deepspeed_checkpoint(engine, directory: str | Path) -> dict:
-    """Resume from the ``latest`` checkpoint in ``directory``; returns its client state."""
-    path, client_state = engine.load_checkpoint(str(directory))
-    if path is None:
-        raise FileNotFoundError(f"no DeepSpeed checkpoint (no 'latest' tag) in {directory}")
-    return client_state
-
-
-def deepspeed_to_state_dict(directory: str | Path, tag: str | None = None) -> dict[str, torch.Tensor]:
-    """The full fp32 model state dict of a DeepSpeed checkpoint of any ZeRO stage, on CPU.
-
-    A checkpoint of a tp > 1 run holds one ZeRO checkpoint per TP rank; each is consolidated over
-    its data-parallel ranks and the TP shards are concatenated along their shard dimension
-    (replicated parameters and buffers are taken from TP rank 0).
-    """
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    directory = Path(directory)
-    if tag is None:
-        if not (directory / "latest").is_file():
-            raise FileNotFoundError(f"{directory}: not a DeepSpeed checkpoint directory (no 'latest' tag file)")
-        tag = (directory / "latest").read_text().strip()
-    model_files = glob.glob(os.path.join(directory, tag, "*model_states.pt"))
-    if not model_files:
-        raise FileNotFoundError(f"{directory / tag}: no DeepSpeed model states in this tag")
-    tp_ranks = sorted({int(m) for f in model_files for m in re.findall(r"mp_rank_(\d+)_model_states", f)})
-    if len(tp_ranks) <= 1:
-        return _without_wrapper_prefix(get_fp32_state_dict_from_zero_checkpoint(str(directory), tag=tag))
-
-    first = min(glob.glob(os.path.join(directory, tag, "*mp_rank_00_model_states.pt")))
-    layout = torch.load(first, map_location="cpu", weights_only=False).get(TP_LAYOUT_KEY)
-    if layout is None:
-        raise ValueError(f"{directory / tag}: a checkpoint of {len(tp_ranks)} TP ranks without its '{TP_LAYOUT_KEY}'")
-    shards = []
-    for rank in tp_ranks:
-        # zero_to_fp32 consolidates all the files of a tag: show it those of one TP rank
-        with tempfile.TemporaryDirectory() as view:
-            os.mkdir(os.path.join(view, tag))
-            for f in glob.glob(os.path.join(directory, tag, f"*mp_rank_{rank:02d}_*")):
-                os.symlink(os.path.abspath(f), os.path.join(view, tag, os.path.basename(f)))
-            shards.append(_without_wrapper_prefix(get_fp32_state_dict_from_zero_checkpoint(view, tag=tag)))
-    return {
-        name: tensor if layout.get(name) is None else torch.cat([s[name] for s in shards], dim=layout[name])
-        for name, tensor in shards[0].items()
-    }
-
-
-def _without_wrapper_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {_checkpoint_name(name): tensor for name, tensor in state.items()}
-
-
-def convert_deepspeed_checkpoint(directory: str | Path, out_dir: str | Path, tag: str | None = None) -> Path:
-    """Write a DeepSpeed checkpoint's fp32 model in our format: a DCP directory ``{"model": ...}``.
-
-    It loads into a model of any parallel layout as the model part of our checkpoints does (for
-    evaluation, export or as initial weights). It holds the model only: DeepSpeed keeps optimizer
-    moments in its own flat partitions, so they are not converted, and there is no train state.
-    """
-    import torch.distributed.checkpoint as dcp
-
-    state = deepspeed_to_state_dict(directory, tag)
-    out_dir = Path(out_dir)
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    dcp.save({"model": state}, checkpoint_id=tmp, no_dist=True)
-    os.replace(tmp, out_dir)
-    return out_dir
