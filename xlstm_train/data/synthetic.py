@@ -17,7 +17,14 @@ length extrapolation) is the same at every evaluation.
 Options (``data.task_options``): ``min_len``/``max_len`` (question lengths, default 3/40),
 ``val_min_len``/``val_max_len``, ``modulus`` (5, modular arithmetic and solve equation),
 ``cycle_length`` (5), ``num_symbols`` (majority, majority count, bucket sort, missing duplicate: 5),
-MQAR: ``num_kv_pairs`` (8), ``num_queries`` (= num_kv_pairs), ``num_keys``/``num_values`` (64 each).
+MQAR: ``num_kv_pairs`` (8), ``num_queries`` (= num_kv_pairs), ``num_keys``/``num_values`` (64 each),
+``context_length`` (unset: the queries follow the pairs back to back; set: as in Zoology, the queries
+sit at random places of a sequence of that many tokens, the rest padding).
+
+The metric is accuracy on the answer positions only (``score_answers``), the prediction being the
+most likely of the task's possible answers (``Task.answer_choices``), as a classifier over the
+task's output symbols would give. The xLSTM paper reports the formal languages as *scaled accuracy*,
+``(accuracy - 1/C) / (1 - 1/C)`` for C possible answers: 0 is chance, 1 perfect (``scaled_accuracy``).
 """
 
 from __future__ import annotations
@@ -27,11 +34,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from xlstm_train.data import DataError
+from xlstm_train.data import IGNORE_INDEX, DataError
 
 PAD, SEP = 0, 1
 FIRST_SYMBOL = 2
-IGNORE_INDEX = -100
 TRAIN_SPLIT, VAL_SPLIT = 0, 1
 
 _COMMON_OPTIONS = {"min_len": 3, "max_len": 40, "val_min_len": None, "val_max_len": None}
@@ -42,6 +48,7 @@ class Sample:
     question: list[int]  # task-local symbol ids (0-based, before the shift by FIRST_SYMBOL)
     answer: list[int]  # task-local ids: symbols, or classes when the task has them
     answer_is_class: bool
+    query_slots: list[int] | None = None  # MQAR with a context_length: where each query sits
 
 
 class Task:
@@ -72,6 +79,12 @@ class Task:
 
     def vocab_size(self) -> int:
         return FIRST_SYMBOL + self.num_symbols + self.num_classes
+
+    def answer_choices(self) -> tuple[int, int]:
+        """(first token id, count) of the ids an answer token can take: the classes, or the symbols."""
+        if self.num_classes:
+            return FIRST_SYMBOL + self.num_symbols, self.num_classes
+        return FIRST_SYMBOL, self.num_symbols
 
     def longest(self) -> int:
         """The longest sequence (question + SEP + answer) any split can produce."""
@@ -311,12 +324,15 @@ class MissingDuplicate(Majority):
     def sequence_length(self, n):
         return 2 * max(1, n // 2) + 2
 
+    def answer_choices(self):
+        return FIRST_SYMBOL, self.options["num_symbols"]  # not the mask symbol
+
 
 class MultiQueryAssociativeRecall(Task):
     """Key-value pairs, then queries of keys each followed by its value; scored on every value."""
 
     name = "mqar"
-    defaults = {"num_kv_pairs": 8, "num_queries": None, "num_keys": 64, "num_values": 64}
+    defaults = {"num_kv_pairs": 8, "num_queries": None, "num_keys": 64, "num_values": 64, "context_length": None}
 
     def __init__(self, options):
         super().__init__(options)
@@ -325,12 +341,25 @@ class MultiQueryAssociativeRecall(Task):
         if o["num_kv_pairs"] > o["num_keys"]:
             raise DataError(f"data.task_options.num_kv_pairs = {o['num_kv_pairs']}: at most num_keys "
                             f"({o['num_keys']}) distinct keys exist")
+        if o["context_length"] is not None and self._query_slots() < self.num_queries:
+            raise DataError(f"data.task_options.context_length = {o['context_length']}: too short for "
+                            f"{o['num_kv_pairs']} key-value pairs and {self.num_queries} queries; "
+                            f"it needs at least {2 * o['num_kv_pairs'] + 1 + 2 * self.num_queries}")
 
     @property
     def num_symbols(self):
         return self.options["num_keys"] + self.options["num_values"]
 
+    def answer_choices(self):
+        return FIRST_SYMBOL + self.options["num_keys"], self.options["num_values"]
+
+    def _query_slots(self) -> int:
+        """Places for a (key, value) query after the pairs and the separator, within context_length."""
+        return (self.options["context_length"] - 2 * self.options["num_kv_pairs"] - 1) // 2
+
     def longest(self):
+        if self.options["context_length"] is not None:
+            return 2 * self.options["num_kv_pairs"] + 1 + 2 * self._query_slots()
         return 2 * self.options["num_kv_pairs"] + 1 + 2 * self.num_queries
 
     def sample(self, rng, n):
@@ -339,16 +368,65 @@ class MultiQueryAssociativeRecall(Task):
         values = o["num_keys"] + rng.integers(0, o["num_values"], o["num_kv_pairs"])
         context = np.stack([keys, values], axis=1).reshape(-1).tolist()
         asked = rng.integers(0, o["num_kv_pairs"], self.num_queries)
-        return Sample(context, [int(x) for q in asked for x in (keys[q], values[q])], False)
+        sample = Sample(context, [int(x) for q in asked for x in (keys[q], values[q])], False)
+        if o["context_length"] is not None:
+            sample.query_slots = sorted(rng.choice(self._query_slots(), self.num_queries, replace=False).tolist())
+        return sample
 
     def encode(self, sample):
         tokens, positions = super().encode(sample)
-        return tokens, positions[1::2]  # scored on the values; the query keys are given
+        if sample.query_slots is None:
+            return tokens, positions[1::2]  # scored on the values; the query keys are given
+        head = len(sample.question) + 1
+        spread = tokens[:head] + [PAD] * (2 * self._query_slots())
+        for n, slot in enumerate(sample.query_slots):
+            spread[head + 2 * slot : head + 2 * slot + 2] = tokens[head + 2 * n : head + 2 * n + 2]
+        return spread, [head + 2 * slot + 1 for slot in sample.query_slots]
 
 
 TASKS: dict[str, type[Task]] = {cls.name: cls for cls in (
     Parity, EvenPairs, CycleNavigation, ModularArithmetic, ModularArithmeticBrackets, Majority, MajorityCount,
     BucketSort, MissingDuplicate, SolveEquation, MultiQueryAssociativeRecall)}
+
+
+@dataclass
+class AnswerCounts:
+    """Correct answer tokens and wholly correct sequences, summed over batches."""
+
+    correct_tokens: int = 0
+    tokens: int = 0
+    correct_sequences: int = 0
+    sequences: int = 0
+
+    def __iadd__(self, other: AnswerCounts) -> AnswerCounts:
+        self.correct_tokens += other.correct_tokens
+        self.tokens += other.tokens
+        self.correct_sequences += other.correct_sequences
+        self.sequences += other.sequences
+        return self
+
+    def metrics(self, num_choices: int) -> dict:
+        accuracy = self.correct_tokens / max(self.tokens, 1)
+        return {"accuracy": accuracy, "scaled_accuracy": scaled_accuracy(accuracy, num_choices),
+                "sequence_accuracy": self.correct_sequences / max(self.sequences, 1), "answers": self.tokens}
+
+
+def score_answers(logits: torch.Tensor, labels: torch.Tensor, choices: tuple[int, int]) -> AnswerCounts:
+    """Accuracy counts at the answer positions (``labels != IGNORE_INDEX``) of ``logits`` ``(B, S, V)``;
+    the prediction is the most likely id among ``choices`` = (first id, count)."""
+    first, count = choices
+    scored = labels != IGNORE_INDEX
+    predicted = logits[..., first:first + count].argmax(dim=-1) + first
+    right = (predicted == labels) & scored
+    has_answer = scored.any(dim=1)
+    whole = (right | ~scored).all(dim=1) & has_answer
+    return AnswerCounts(int(right.sum()), int(scored.sum()), int(whole.sum()), int(has_answer.sum()))
+
+
+def scaled_accuracy(accuracy: float, num_choices: int) -> float:
+    """Accuracy rescaled so that chance (1 / num_choices) is 0 and perfect is 1."""
+    chance = 1.0 / num_choices
+    return (accuracy - chance) / (1.0 - chance) if num_choices > 1 else accuracy
 
 
 def make_task(data_cfg) -> Task:
