@@ -732,6 +732,13 @@ class _Config:
 class _ChunkSummary:
     """Gate sums per chunk (see ``_chunk_summary_kernel``), computed once per call."""
 
+    @classmethod
+    def saved(cls, log_w, origin_first, decay, has_reset) -> _ChunkSummary:
+        """The parts the backward reads, as the forward saved them."""
+        summary = cls.__new__(cls)
+        summary.log_w, summary.origin_first, summary.decay, summary.has_reset = log_w, origin_first, decay, has_reset
+        return summary
+
     def __init__(self, i, f, reset, cfg: _Config):
         BH = cfg.B * cfg.NH
         self.log_w = torch.empty(BH, cfg.S, device=i.device, dtype=torch.float32)
@@ -997,78 +1004,133 @@ def _input_gate_grads_kernel(
         tl.store(DI + rows, di.to(DI.dtype.element_ty), mask=valid)
 
 
-class _MLSTMChunkwise(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, i, f, c0, n0, m0, reset, input_gate, chunk_size, eps):
-        # outputs nobody differentiates (the final state, in training) get None rather than a
-        # materialised zero gradient: the backward then skips their terms
-        ctx.set_materialize_grads(False)
-        cfg = _Config(q, v, chunk_size, input_gate, eps)
-        h, summary, c_states, n_states, m_states, c_last, m_tokens, qn_tokens = _forward(
-            q, k, v, i, f, reset, c0, n0, m0, cfg
-        )
-        c_last = c_last.view(cfg.B, cfg.NH, cfg.DQK, cfg.DV)
-        n_last = n_states[:, -1].reshape(cfg.B, cfg.NH, cfg.DQK)
-        m_last = m_states[:, -1].reshape(cfg.B, cfg.NH, 1)
-        ctx.save_for_backward(
-            q, k, v, i, f, c0, n0, m0, reset, h, c_states, n_states, m_states, c_last, m_tokens, qn_tokens
-        )
-        ctx.summary = summary
-        ctx.cfg = cfg
-        return h, c_last, n_last, m_last
+# The kernels as torch.library custom ops, so that torch.compile keeps a block that calls them in one
+# graph: it sees each op through its fake (shapes only) and calls it as it is, never tracing into
+# our host code (grids and buffers sized on the host, launch settings in _Config) or handing the
+# Triton kernels to inductor (whose user-kernel path passes Python floats as fp64, which changes
+# the kernels' loop-carried types). The forward returns what the backward needs as extra outputs.
 
-    @staticmethod
-    def backward(ctx, dh, dc_last, dn_last, dm_last):
-        q, k, v, i, f, c0, n0, m0, reset, h, c_states, n_states, m_states, c_last, m_tokens, qn_tokens = ctx.saved_tensors
-        cfg: _Config = ctx.cfg
-        dev = q.device
-        dh = dh.contiguous() if dh is not None else torch.zeros_like(h)
-
-        den, delta, dqn = _normaliser_grads(dh, h, m_tokens, qn_tokens, cfg)
-        summary = ctx.summary
-        states = (c_states, n_states, m_states)
-        (dq, dk, dv, d_log_f, d_log_i), dc_first, dn_states = _launch_bwd_grads(
-            q, k, v, i, f, reset, dh, m_tokens, den, dqn, summary, states, dc_last, dn_last, cfg
-        )
-        dc0 = dc_first.view(cfg.B, cfg.NH, cfg.DQK, cfg.DV)
-        dn0 = dn_states[:, 0].view(cfg.B, cfg.NH, cfg.DQK)
-        # the final state (c, n) is stored relative to exp(m_last): its gradients reach m_last
-        grad_m_last = None
-        if cfg.is_exp and (dc_last is not None or dn_last is not None or dm_last is not None):
-            grad_m_last = torch.zeros(cfg.B, cfg.NH, device=dev, dtype=torch.float64)
-            if dc_last is not None:
-                grad_m_last -= (dc_last.double() * c_last.double()).sum((-1, -2))
-            if dn_last is not None:
-                grad_m_last -= (dn_last.double() * n_states[:, -1].view(cfg.B, cfg.NH, -1).double()).sum(-1)
-            if dm_last is not None:
-                grad_m_last += dm_last.reshape(cfg.B, cfg.NH).double()
-            grad_m_last = grad_m_last.float()
-        has_m0 = cfg.is_exp and m0 is not None
-        m0_flat = m0.reshape(-1).float().contiguous() if has_m0 else den  # not read without
-        dm0 = torch.empty(cfg.B * cfg.NH, device=dev, dtype=torch.float32) if has_m0 else None
-        di, df = torch.empty_like(i), torch.empty_like(f)
-        _input_gate_grads_kernel[(cfg.B * cfg.NH,)](
-            d_log_f, d_log_i, f, i, reset, m_tokens, m0_flat, delta, den,
-            grad_m_last if grad_m_last is not None else den, df, di, dm0 if has_m0 else den,
-            cfg.S, cfg.NH, cfg.eps,
-            IS_EXP=cfg.is_exp, HAS_M0=has_m0, HAS_GRAD_M_LAST=grad_m_last is not None,
-            **dict(cfg.input_gates, BLOCK=min(cfg.input_gates["BLOCK"], triton.next_power_of_2(cfg.S))),
-        )  # fmt: skip
-        if has_m0:
-            dm0 = dm0.double().view(cfg.B, cfg.NH)
-            if c0 is not None:  # c0, n0 are stored relative to exp(m0)
-                dm0 = dm0 + (dc0.double() * c0.double()).sum((-1, -2)) + (dn0.double() * n0.double()).sum(-1)
-            dm0 = dm0.reshape(cfg.B, cfg.NH, 1).to(m0.dtype)
-
-        dc0 = dc0.to(c0.dtype) if c0 is not None else None
-        dn0 = dn0.to(n0.dtype) if n0 is not None else None
-        return dq, dk, dv, di, df, dc0, dn0, dm0, None, None, None, None
+_FWD_OUTPUTS = tuple[(torch.Tensor,) * 13]
+_BWD_OUTPUTS = tuple[(torch.Tensor,) * 8]
 
 
-# torch.compile leaves this call out of its graphs (a graph break): our launches size grids and
-# buffers on the host and keep launch state on the autograd context, and inductor's handling of
-# user Triton kernels passes Python floats as fp64, which changes the kernels' loop-carried types.
-@torch.compiler.disable
+@torch.library.custom_op("xlstm_kernels::mlstm_chunkwise_fwd", mutates_args=())
+def _mlstm_fwd_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i: torch.Tensor, f: torch.Tensor,
+    c0: torch.Tensor | None, n0: torch.Tensor | None, m0: torch.Tensor | None, reset: torch.Tensor,
+    input_gate: str, chunk_size: int, eps: float,
+) -> _FWD_OUTPUTS:  # fmt: skip
+    """h, the final state (c, n, m) and, for the backward, the chunk states, the per-token
+    stabiliser and normaliser and the chunk summary."""
+    cfg = _Config(q, v, chunk_size, input_gate, eps)
+    h, summary, c_states, n_states, m_states, c_last, m_tokens, qn_tokens = _forward(q, k, v, i, f, reset, c0, n0, m0, cfg)
+    # an op's outputs may not alias each other: the final n and m are copied out of the state buffers
+    n_last = n_states[:, -1].reshape(cfg.B, cfg.NH, cfg.DQK).clone()
+    m_last = m_states[:, -1].reshape(cfg.B, cfg.NH, 1).clone()
+    return (
+        h, c_last.view(cfg.B, cfg.NH, cfg.DQK, cfg.DV), n_last, m_last, c_states, n_states, m_states,
+        m_tokens, qn_tokens, summary.log_w, summary.origin_first, summary.decay, summary.has_reset,
+    )  # fmt: skip
+
+
+@_mlstm_fwd_op.register_fake
+def _(q, k, v, i, f, c0, n0, m0, reset, input_gate, chunk_size, eps):
+    cfg = _Config(q, v, chunk_size, input_gate, eps)
+    B, NH, S, DQK, DV, NC = cfg.B, cfg.NH, cfg.S, cfg.DQK, cfg.DV, cfg.NC
+    f32, BH = torch.float32, B * NH
+    return (
+        q.new_empty(B, NH, S, DV),  # h
+        q.new_empty(B, NH, DQK, DV, dtype=f32), q.new_empty(B, NH, DQK, dtype=f32), q.new_empty(B, NH, 1, dtype=f32),
+        q.new_empty(BH, NC + 1, DQK, DV, dtype=cfg.state_dtype), q.new_empty(BH, NC + 1, DQK, dtype=f32),
+        q.new_empty(BH, NC + 1, dtype=f32),  # chunk states
+        q.new_empty(B, NH, S, dtype=f32), q.new_empty(B, NH, S, dtype=f32),  # m_tokens, qn_tokens
+        q.new_empty(BH, S, dtype=f32), q.new_empty(BH, S, dtype=f32),  # summary: log_w, origin_first
+        q.new_empty(BH, NC, dtype=f32), q.new_empty(BH, NC, dtype=torch.int32),  # decay, has_reset
+    )  # fmt: skip
+
+
+@torch.library.custom_op("xlstm_kernels::mlstm_chunkwise_bwd", mutates_args=())
+def _mlstm_bwd_op(
+    dh: torch.Tensor | None, dc_last: torch.Tensor | None, dn_last: torch.Tensor | None, dm_last: torch.Tensor | None,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i: torch.Tensor, f: torch.Tensor,
+    c0: torch.Tensor | None, n0: torch.Tensor | None, m0: torch.Tensor | None, reset: torch.Tensor,
+    h: torch.Tensor, c_last: torch.Tensor, c_states: torch.Tensor, n_states: torch.Tensor, m_states: torch.Tensor,
+    m_tokens: torch.Tensor, qn_tokens: torch.Tensor, log_w: torch.Tensor, origin_first: torch.Tensor,
+    decay: torch.Tensor, has_reset: torch.Tensor, input_gate: str, chunk_size: int, eps: float,
+) -> _BWD_OUTPUTS:  # fmt: skip
+    """Gradients of q, k, v, i, f and of c0, n0, m0 (empty tensors for those not given)."""
+    cfg = _Config(q, v, chunk_size, input_gate, eps)
+    dev = q.device
+    dh = dh.contiguous() if dh is not None else torch.zeros_like(h)
+
+    den, delta, dqn = _normaliser_grads(dh, h, m_tokens, qn_tokens, cfg)
+    summary = _ChunkSummary.saved(log_w, origin_first, decay, has_reset)
+    states = (c_states, n_states, m_states)
+    (dq, dk, dv, d_log_f, d_log_i), dc_first, dn_states = _launch_bwd_grads(
+        q, k, v, i, f, reset, dh, m_tokens, den, dqn, summary, states, dc_last, dn_last, cfg
+    )
+    dc0 = dc_first.view(cfg.B, cfg.NH, cfg.DQK, cfg.DV)
+    dn0 = dn_states[:, 0].reshape(cfg.B, cfg.NH, cfg.DQK)
+    # the final state (c, n) is stored relative to exp(m_last): its gradients reach m_last
+    grad_m_last = None
+    if cfg.is_exp and (dc_last is not None or dn_last is not None or dm_last is not None):
+        grad_m_last = torch.zeros(cfg.B, cfg.NH, device=dev, dtype=torch.float64)
+        if dc_last is not None:
+            grad_m_last -= (dc_last.double() * c_last.double()).sum((-1, -2))
+        if dn_last is not None:
+            grad_m_last -= (dn_last.double() * n_states[:, -1].view(cfg.B, cfg.NH, -1).double()).sum(-1)
+        if dm_last is not None:
+            grad_m_last += dm_last.reshape(cfg.B, cfg.NH).double()
+        grad_m_last = grad_m_last.float()
+    has_m0 = cfg.is_exp and m0 is not None
+    m0_flat = m0.reshape(-1).float().contiguous() if has_m0 else den  # not read without
+    dm0 = torch.empty(cfg.B * cfg.NH, device=dev, dtype=torch.float32) if has_m0 else None
+    di, df = torch.empty_like(i), torch.empty_like(f)
+    _input_gate_grads_kernel[(cfg.B * cfg.NH,)](
+        d_log_f, d_log_i, f, i, reset, m_tokens, m0_flat, delta, den,
+        grad_m_last if grad_m_last is not None else den, df, di, dm0 if has_m0 else den,
+        cfg.S, cfg.NH, cfg.eps,
+        IS_EXP=cfg.is_exp, HAS_M0=has_m0, HAS_GRAD_M_LAST=grad_m_last is not None,
+        **dict(cfg.input_gates, BLOCK=min(cfg.input_gates["BLOCK"], triton.next_power_of_2(cfg.S))),
+    )  # fmt: skip
+    if has_m0:
+        dm0 = dm0.double().view(cfg.B, cfg.NH)
+        if c0 is not None:  # c0, n0 are stored relative to exp(m0)
+            dm0 = dm0 + (dc0.double() * c0.double()).sum((-1, -2)) + (dn0.double() * n0.double()).sum(-1)
+        dm0 = dm0.reshape(cfg.B, cfg.NH, 1).to(m0.dtype)
+    dc0 = dc0.to(c0.dtype) if c0 is not None else q.new_empty(0)
+    dn0 = dn0.to(n0.dtype) if n0 is not None else q.new_empty(0)
+    return dq, dk, dv, di, df, dc0, dn0, dm0 if has_m0 else q.new_empty(0)
+
+
+@_mlstm_bwd_op.register_fake
+def _(dh, dc_last, dn_last, dm_last, q, k, v, i, f, c0, n0, m0, *saved_and_settings):
+    has_m0 = saved_and_settings[-3] == "exp" and m0 is not None
+    dc0, dn0, dm0 = (torch.empty_like(t) if t is not None else q.new_empty(0) for t in (c0, n0, m0 if has_m0 else None))
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(i), torch.empty_like(f), dc0, dn0, dm0
+
+
+def _mlstm_setup_context(ctx, inputs, output):
+    q, k, v, i, f, c0, n0, m0, reset, input_gate, chunk_size, eps = inputs
+    h, c_last, _n_last, _m_last, *saved = output
+    # outputs nobody differentiates (the final state, in training) get None rather than a
+    # materialised zero gradient: the backward then skips their terms
+    ctx.set_materialize_grads(False)
+    ctx.mark_non_differentiable(*saved)
+    ctx.save_for_backward(q, k, v, i, f, c0, n0, m0, reset, h, c_last, *saved)
+    ctx.settings = (input_gate, chunk_size, eps)
+    ctx.initial_given = (c0 is not None, n0 is not None, m0 is not None and input_gate == "exp")
+
+
+def _mlstm_backward(ctx, dh, dc_last, dn_last, dm_last, *_saved_grads):
+    dq, dk, dv, di, df, dc0, dn0, dm0 = _mlstm_bwd_op(dh, dc_last, dn_last, dm_last, *ctx.saved_tensors, *ctx.settings)
+    dc0, dn0, dm0 = (g if given else None for g, given in zip((dc0, dn0, dm0), ctx.initial_given))
+    return dq, dk, dv, di, df, dc0, dn0, dm0, None, None, None, None
+
+
+_mlstm_fwd_op.register_autograd(_mlstm_backward, setup_context=_mlstm_setup_context)
+
+
 def mlstm_chunkwise_triton(
     q, k, v, i, f, *, c0=None, n0=None, m0=None, input_gate="exp", chunk_size=None, doc_ids=None,
     return_state=False, eps=1e-6,
@@ -1088,7 +1150,7 @@ def mlstm_chunkwise_triton(
     q, k, v = (x.contiguous() for x in (q, k, v))
     k, v = k.to(q.dtype), v.to(q.dtype)
     i, f = i.contiguous(), f.contiguous()
-    h, c, n, m = _MLSTMChunkwise.apply(q, k, v, i, f, c0, n0, m0, reset, input_gate, chunk_size, eps)
+    h, c, n, m, *_saved = _mlstm_fwd_op(q, k, v, i, f, c0, n0, m0, reset, input_gate, chunk_size, eps)
     if not return_state:
         return h
     return h, (c, n, m if input_gate == "exp" else None)

@@ -553,45 +553,91 @@ def slstm_backward(raw, R, starts, states, dy, d_last, *, columns=None):
     return dx, d_first, db.sum(dim=0)
 
 
-class SLSTMTritonFunction(torch.autograd.Function):
-    """Autograd over the two kernels. Inputs must be contiguous; R in x_gates' dtype, b in fp32."""
+# The kernels as torch.library custom ops, for the same reason as the mLSTM's
+# (xlstm_kernels/mlstm/triton_chunkwise.py): a compiled block keeps them in its graph.
 
-    @staticmethod
-    def forward(ctx, x_gates, R, b, y0, c0, n0, m0, starts, columns, save):
-        # save: whether a backward can follow. The caller decides: inside forward grad mode is off,
-        # and needs_input_grad is set under torch.no_grad() as well.
-        y, raw, states = slstm_forward(x_gates, R, b, (y0, c0, n0, m0), starts, save_states=save, columns=columns)
-        ctx.columns = columns
-        if save:
-            ctx.save_for_backward(raw, R, starts, *states)
-        return y, *(s[:, -1] for s in states)
 
-    @staticmethod
-    def backward(ctx, dy, *d_final):
-        raw, R, starts, *states = ctx.saved_tensors
-        batch, _, num_heads, _, head_dim = raw.shape
-        zeros = torch.zeros((batch, num_heads, head_dim), dtype=torch.float32, device=raw.device)
-        d_last = torch.stack([zeros if g is None else g.float() for g in d_final])
-        dy = torch.zeros_like(raw[:, :, :, 0]) if dy is None else dy.contiguous()
-        dx, d_first, db = slstm_backward(raw, R, starts, states, dy, d_last, columns=ctx.columns)
-        dR = None
-        if ctx.needs_input_grad[1]:
-            # dR[h] = sum over (b, t) of y_{t-1}^T d raw_t, where y_{t-1} is zero at document starts.
-            # y is fp32: take it as hi + lo in x's dtype, as the kernels do.
-            y_prev = states[0][:, :-1]
-            if starts is not None:
-                y_prev = y_prev.masked_fill(starts.bool()[:, :, None, None], 0.0)
-            y_hi = y_prev.to(dx.dtype)
-            dR = torch.einsum("bshk,bshgj->hkgj", y_hi, dx)
-            if dx.dtype != torch.float32:
-                dR += torch.einsum("bshk,bshgj->hkgj", (y_prev - y_hi.float()).to(dx.dtype), dx)
-        return dx, dR, db, *d_first, None, None, None
+@torch.library.custom_op("xlstm_kernels::slstm_fwd", mutates_args=())
+def _slstm_fwd_op(
+    x_gates: torch.Tensor, R: torch.Tensor, b: torch.Tensor, y0: torch.Tensor, c0: torch.Tensor, n0: torch.Tensor,
+    m0: torch.Tensor, starts: torch.Tensor | None, columns: int | None, save: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+           torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """y, the final state (y, c, n, m) and, for the backward, the raw gates and the state buffers.
+
+    save: whether a backward can follow (the caller knows; inside the op grad mode is off). Without
+    it the raw gates are a placeholder and the buffers hold only the first and last states."""
+    y, raw, states = slstm_forward(x_gates, R, b, (y0, c0, n0, m0), starts, save_states=save, columns=columns)
+    # an op's outputs may not alias each other: the final states are copied out of the buffers
+    return y, *(s[:, -1].clone() for s in states), raw, *states
+
+
+@_slstm_fwd_op.register_fake
+def _(x_gates, R, b, y0, c0, n0, m0, starts, columns, save):
+    batch, seq_len, num_heads, _, head_dim = x_gates.shape
+    f32 = torch.float32
+    buffers = [x_gates.new_empty(batch, seq_len + 1 if save else 2, num_heads, head_dim, dtype=f32) for _ in range(4)]
+    finals = [x_gates.new_empty(batch, num_heads, head_dim, dtype=f32) for _ in range(4)]
+    raw = x_gates.new_empty(x_gates.shape if save else (1,), dtype=f32)
+    return x_gates.new_empty(batch, seq_len, num_heads, head_dim), *finals, raw, *buffers
+
+
+@torch.library.custom_op("xlstm_kernels::slstm_bwd", mutates_args=())
+def _slstm_bwd_op(
+    raw: torch.Tensor, R: torch.Tensor, starts: torch.Tensor | None, y_states: torch.Tensor, c_states: torch.Tensor,
+    n_states: torch.Tensor, m_states: torch.Tensor, dy: torch.Tensor, d_last: torch.Tensor, columns: int | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """(d x_gates in R's dtype, d state0 (4, B, NH, DH), db)."""
+    return slstm_backward(raw, R, starts, (y_states, c_states, n_states, m_states), dy, d_last, columns=columns)
+
+
+@_slstm_bwd_op.register_fake
+def _(raw, R, starts, y_states, c_states, n_states, m_states, dy, d_last, columns):
+    batch, _, num_heads, _, head_dim = raw.shape
+    return (
+        raw.new_empty(raw.shape, dtype=R.dtype),
+        raw.new_empty(4, batch, num_heads, head_dim),
+        raw.new_empty(num_heads, 4, head_dim),
+    )
+
+
+def _slstm_setup_context(ctx, inputs, output):
+    x_gates, R, b, y0, c0, n0, m0, starts, columns, save = inputs
+    raw, *states = output[5:]
+    ctx.mark_non_differentiable(raw, *states)
+    ctx.set_materialize_grads(False)
+    ctx.columns = columns
+    if save:
+        ctx.save_for_backward(raw, R, starts, *states)
+
+
+def _slstm_backward(ctx, dy, *d_outputs):
+    raw, R, starts, *states = ctx.saved_tensors
+    batch, _, num_heads, _, head_dim = raw.shape
+    zeros = torch.zeros((batch, num_heads, head_dim), dtype=torch.float32, device=raw.device)
+    d_last = torch.stack([zeros if g is None else g.float() for g in d_outputs[:4]])
+    dy = torch.zeros_like(raw[:, :, :, 0]) if dy is None else dy.contiguous()
+    dx, d_first, db = _slstm_bwd_op(raw, R, starts, *states, dy, d_last, ctx.columns)
+    dR = None
+    if ctx.needs_input_grad[1]:
+        # dR[h] = sum over (b, t) of y_{t-1}^T d raw_t, where y_{t-1} is zero at document starts.
+        # y is fp32: take it as hi + lo in x's dtype, as the kernels do.
+        y_prev = states[0][:, :-1]
+        if starts is not None:
+            y_prev = y_prev.masked_fill(starts.bool()[:, :, None, None], 0.0)
+        y_hi = y_prev.to(dx.dtype)
+        dR = torch.einsum("bshk,bshgj->hkgj", y_hi, dx)
+        if dx.dtype != torch.float32:
+            dR = dR + torch.einsum("bshk,bshgj->hkgj", (y_prev - y_hi.float()).to(dx.dtype), dx)
+    return dx, dR, db, *d_first.unbind(0), None, None, None
+
+
+_slstm_fwd_op.register_autograd(_slstm_backward, setup_context=_slstm_setup_context)
 
 
 TRITON_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
-@torch.compiler.disable  # a graph break under torch.compile, as for the mLSTM kernels
 def slstm_triton(x_gates, R, b, state0, starts, columns=None):
     """The fused kernels behind autograd. R is cast to x_gates' dtype (the matmul operands), b to fp32.
 
@@ -604,7 +650,7 @@ def slstm_triton(x_gates, R, b, state0, starts, columns=None):
     if starts is not None:
         starts = starts.to(torch.int8).contiguous()
     save = torch.is_grad_enabled() and any(t.requires_grad for t in (x_gates, R, b, *states))
-    y, *final = SLSTMTritonFunction.apply(
+    y, *final = _slstm_fwd_op(
         x_gates.contiguous(),
         R.to(x_gates.dtype).contiguous(),
         b.to(torch.float32).contiguous(),
@@ -612,5 +658,5 @@ def slstm_triton(x_gates, R, b, state0, starts, columns=None):
         starts,
         columns,
         save,
-    )
+    )[:5]
     return y, tuple(final)
