@@ -5,6 +5,11 @@ class DataError(ValueError):
     """Bad data or a bad data setting: the message names the file (and line) and what is wrong."""
 
 
+# The label of a position the loss skips (a token that starts a new document, a synthetic task's
+# non-answer tokens): PyTorch's default ``ignore_index`` for cross-entropy.
+IGNORE_INDEX = -100
+
+
 _LAZY = {"build_train_loader": "loader", "build_val_loader": "loader", "load_tokenizer": "tokenizer"}
 
 
@@ -17,4 +22,4 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'xlstm_train.data' has no attribute {name!r}")
 
 
-__all__ = ["DataError", "build_train_loader", "build_val_loader", "load_tokenizer"]
+__all__ = ["IGNORE_INDEX", "DataError", "build_train_loader", "build_val_loader", "load_tokenizer"]
