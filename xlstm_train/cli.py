@@ -4,6 +4,8 @@
     xlstm-train info [--recipe PATH] [--json] [key.sub=value ...]
     xlstm-train prepare-data ...
     xlstm-train export-hf CHECKPOINT OUT_DIR
+    xlstm-train eval CHECKPOINT [--data PATH ...] [--tasks NAME,...]
+    xlstm-train generate CHECKPOINT --prompt TEXT|--prompt-file FILE
 
 Bad input (an unknown key, a wrong type, a missing file, a tokenizer or sequence length the model
 cannot take, an occupied run directory) ends with one line ``error: ...`` on stderr and exit code 2,
@@ -80,6 +82,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from xlstm_train.data import prepare
+    from xlstm_train.eval import commands as eval_commands
     from xlstm_train.export import hf as export_hf
 
     parser = argparse.ArgumentParser(prog="xlstm-train", description="Train xLSTM language models.")
@@ -103,6 +106,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("export-hf", help="a checkpoint as a Hugging Face / official xlstm model directory")
     export_hf.add_arguments(p)
     p.set_defaults(func=export_hf.run)
+
+    p = commands.add_parser("eval", help="loss/perplexity/bits per byte, harness tasks, synthetic-task accuracy")
+    eval_commands.add_eval_arguments(p)
+    p.set_defaults(func=eval_commands.run_eval)
+
+    p = commands.add_parser("generate", help="sample text from a checkpoint (streamed, several prompts batched)")
+    eval_commands.add_generate_arguments(p)
+    p.set_defaults(func=eval_commands.run_generate)
     return parser
 
 

@@ -169,20 +169,24 @@ def check_task_names(task_manager, tasks: list[str]) -> None:
                               "(`lm_eval ls tasks` lists them; --tasks-path adds a folder of task YAMLs)")
 
 
-def run_harness_tasks(loaded: LoadedModel, tasks: list[str], *, include_path: str | Path | None = None,
-                      num_fewshot: int | None = None, limit: int | float | None = None, batch_size: int = 8,
-                      seed: int = 1234, include_defaults: bool = True) -> dict:
-    """Run harness tasks on ``loaded``; -> ``{task: {metric: value}}`` (stderr entries dropped).
-
-    ``include_path`` adds a folder of task YAMLs; ``include_defaults=False`` leaves out the harness's
-    own tasks, whose indexing takes seconds."""
-    from lm_eval import simple_evaluate
+def make_task_manager(include_path: str | Path | None = None, include_defaults: bool = True):
+    """The harness's task index, with a folder of extra task YAMLs; ``include_defaults=False`` leaves
+    out the harness's own tasks, whose indexing takes seconds."""
     from lm_eval.tasks import TaskManager
 
     if include_path is not None and not Path(include_path).is_dir():
         raise ConfigError(f"--tasks-path {include_path}: no such directory")
-    task_manager = TaskManager(include_path=None if include_path is None else str(include_path),
-                               include_defaults=include_defaults)
+    return TaskManager(include_path=None if include_path is None else str(include_path),
+                       include_defaults=include_defaults)
+
+
+def run_harness_tasks(loaded: LoadedModel, tasks: list[str], *, include_path: str | Path | None = None,
+                      task_manager=None, num_fewshot: int | None = None, limit: int | float | None = None,
+                      batch_size: int = 8, seed: int = 1234, include_defaults: bool = True) -> dict:
+    """Run harness tasks on ``loaded``; -> ``{task: {metric: value}}`` (stderr entries dropped)."""
+    from lm_eval import simple_evaluate
+
+    task_manager = task_manager or make_task_manager(include_path, include_defaults)
     check_task_names(task_manager, tasks)
     output = simple_evaluate(
         model=XLSTMTrainLM(loaded, batch_size=batch_size), tasks=tasks, task_manager=task_manager,
