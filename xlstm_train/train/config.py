@@ -8,6 +8,7 @@ from typing import Literal
 
 from xlstm_train.config import ConfigError, apply_override, from_dict, read_recipe
 from xlstm_train.data.config import DataConfig
+from xlstm_train.eval.config import EvalConfig
 from xlstm_train.models.llama import LlamaConfig
 from xlstm_train.models.xlstm_blocks import xLSTMBlocksConfig
 from xlstm_train.models.xlstm_large import xLSTMLargeConfig
@@ -107,6 +108,7 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)  # evaluations besides the validation loss
 
     @property
     def run_path(self) -> Path:
