@@ -16,7 +16,8 @@ from torch.distributed.checkpoint import FileSystemReader
 
 from xlstm_train.config import ConfigError
 from xlstm_train.data.tokenizer import open_tokenizer, train_byte_level_bpe
-from xlstm_train.export import hf
+from xlstm_train.archs.llama import llama_qk_to_rotate_half
+from xlstm_train.export import adapter, hf
 from xlstm_train.export.hf import export_hf
 from xlstm_train.train.checkpoint import load_model_state, read_checkpoint_config
 from xlstm_train.models import build_model
@@ -168,7 +169,7 @@ def test_llama_rope_permutation_matches_rotate_half():
     x = torch.randn(2, seq, dim, dtype=torch.float64)
     cos, sin = rope_tables(head_dim, seq, 10000.0)
     ours = apply_rope((x @ weight.T).view(2, seq, heads, head_dim), cos.double(), sin.double())
-    permuted = hf.llama_qk_to_rotate_half(weight, heads)
+    permuted = llama_qk_to_rotate_half(weight, heads)
     theirs_in = (x @ permuted.T).view(2, seq, heads, head_dim).transpose(1, 2)  # (B, H, S, D)
     cos_full, sin_full = torch.cat([cos, cos], -1).double()[None], torch.cat([sin, sin], -1).double()[None]
     theirs, _ = apply_rotary_pos_emb(theirs_in, theirs_in, cos_full, sin_full)
@@ -431,7 +432,7 @@ def test_a_failed_write_leaves_the_previous_export(checkpoints, tmp_path, monkey
     def disk_full(*args, **kwargs):
         raise OSError("No space left on device")
 
-    monkeypatch.setattr(hf, "_write_weights", disk_full)
+    monkeypatch.setattr(adapter, "write_safetensors", disk_full)
     with pytest.raises(OSError, match="No space left"):
         export_hf(checkpoint, out, overwrite=True, dtype="bfloat16")
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
@@ -440,3 +441,46 @@ def test_a_failed_write_leaves_the_previous_export(checkpoints, tmp_path, monkey
         export_hf(checkpoint, tmp_path / "fresh")
     assert not (tmp_path / "fresh").exists()
     assert_no_leftovers(tmp_path / "fresh")
+
+
+# ----------------------------------------------------------------------------------------------
+# A DeepSpeed run's checkpoint
+
+
+def _deepspeed_train(recipe: str, overrides: list[str]) -> None:
+    import deepspeed
+
+    # DeepSpeed JIT-compiles a shared-memory all-reduce for CPU inference at start-up; ZeRO does not
+    # use it (as in tests/parallel/test_deepspeed.py)
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    train(load_config(recipe, overrides))
+
+
+def test_deepspeed_checkpoint_with_tensor_parallelism_exports(tmp_path):
+    """``xlstm-train export-hf`` on the checkpoint of a DeepSpeed ZeRO-1 run with tp = 2 (its shards
+    merged through the checkpoint module) gives the model of the same run trained in one process."""
+    pytest.importorskip("deepspeed")
+    from transformers import AutoModelForCausalLM
+
+    from tests.parallel.harness import run_distributed
+    from xlstm_train.cli import main
+    from xlstm_train.train import checkpoint as ckpt
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({"name": "ds", **COMMON, **RUNS["xlstm_large"]}))
+    # an eps well above fp32 noise, so that summation-order noise in near-zero gradients is not
+    # turned into full Adam steps that would tell the two runs apart
+    common = ["optim.eps=1e-5"]
+    ds = ["parallel.engine=deepspeed", "parallel.zero_stage=1", "parallel.tp=2"]
+    run_distributed(_deepspeed_train, 2, str(recipe), [f"run_dir={tmp_path / 'ds'}", *common, *ds])
+    single = Path(train(load_config(recipe, [f"run_dir={tmp_path / 'single'}", *common]))["checkpoint"])
+    checkpoint = ckpt.latest_checkpoint(tmp_path / "ds")
+    assert ckpt.is_deepspeed(checkpoint) and len(list(checkpoint.rglob("mp_rank_*_model_states.pt"))) == 2
+
+    assert main(["export-hf", str(checkpoint), str(tmp_path / "hf")]) == 0
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    ours, cfg = our_model(single)
+    ids = torch.randint(0, cfg.model.vocab_size, (2, 40))
+    with torch.no_grad():
+        assert rel_error(model(ids, use_cache=False).logits, ours(ids)) <= 1e-4
+    assert "after 2 steps" in (tmp_path / "hf" / "README.md").read_text()

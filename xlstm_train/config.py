@@ -4,7 +4,9 @@ A recipe states only what differs from the defaults. Every key is checked agains
 it lands in: an unknown key, a value of the wrong type or a value outside a ``Literal`` ends in a
 ``ConfigError`` that names the key, the value and what is allowed.
 
-``model`` is a union of per-architecture dataclasses told apart by their ``arch`` field.
+``model`` is one of the registered architectures' dataclasses, told apart by their ``arch`` field
+(a ``OneOf`` field: the set of classes is asked for when a config is read, so an architecture
+registered at run time is a valid ``model.arch``).
 """
 
 from __future__ import annotations
@@ -13,9 +15,10 @@ import dataclasses
 import difflib
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import MISSING
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 import yaml
 
@@ -24,12 +27,29 @@ class ConfigError(ValueError):
     """A recipe or override that cannot be turned into a valid configuration."""
 
 
+@dataclasses.dataclass(frozen=True)
+class OneOf:
+    """Metadata of a field ``Annotated[T, OneOf(classes)]`` that holds one of the dataclasses
+    ``classes()`` returns, picked by the ``arch`` value of its mapping (each class types its
+    ``arch`` as a ``Literal``). The first class is the default when the mapping has no ``arch``."""
+
+    classes: Callable[[], list[type]]
+
+
 # ----------------------------------------------------------------------------------------------
 # Generic dict -> dataclass conversion with precise errors
 
 
+def _one_of(tp: Any) -> OneOf | None:
+    if typing.get_origin(tp) is Annotated:
+        return next((m for m in tp.__metadata__ if isinstance(m, OneOf)), None)
+    return None
+
+
 def _type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
+    if _one_of(tp) is not None:
+        return " | ".join(f"a mapping ({cls.__name__})" for cls in _one_of(tp).classes())
     if origin is Literal:
         return " | ".join(repr(a) for a in typing.get_args(tp))
     if origin in (Union, types.UnionType):
@@ -57,6 +77,11 @@ def _convert(value: Any, tp: Any, key: str, where: str | None) -> Any:
     origin = typing.get_origin(tp)
     if tp is Any:
         return value
+    one_of = _one_of(tp)
+    if one_of is not None:
+        if not isinstance(value, dict):
+            _fail(key, value, tp, where)
+        return _convert_tagged(value, one_of.classes(), key, where)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             _fail(key, value, tp, where)
@@ -137,7 +162,7 @@ def _convert_tagged(value: dict, classes: list[type], key: str, where: str | Non
 
 def from_dict(cls: type, data: dict, *, prefix: str = "", where: str | None = None) -> Any:
     """Build dataclass ``cls`` from a (possibly partial) mapping, checking every key."""
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls, include_extras=True)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     kwargs = {}
     for name, value in data.items():

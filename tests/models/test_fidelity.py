@@ -18,13 +18,12 @@ from xlstm import (  # noqa: E402
 )
 
 from tests.models.utils import perturb_
-from xlstm_train.export.convert import (
+from xlstm_train.archs.xlstm_blocks import from_official_blocks_state_dict, to_official_blocks_state_dict
+from xlstm_train.archs.xlstm_large import (
     from_hf_state_dict,
-    from_official_blocks_state_dict,
     hf_config,
     load_hf_checkpoint,
     to_hf_state_dict,
-    to_official_blocks_state_dict,
 )
 from xlstm_train.models import build_model, xLSTMBlocksConfig, xLSTMLargeConfig
 from xlstm_train.models.xlstm_blocks import xLSTMBlocksModel
@@ -132,7 +131,7 @@ def test_hub_config_with_official_field_names(tmp_path):
     its own hidden_size / num_hidden_layers defaults then); a smaller model must not read as 7B."""
     from transformers import xLSTMConfig
 
-    from xlstm_train.export.convert import large_config_from_hf
+    from xlstm_train.archs.xlstm_large import large_config_from_hf
 
     (tmp_path / "config.json").write_text(
         '{"model_type": "xlstm", "embedding_dim": 512, "num_blocks": 6, "num_heads": 4, "vocab_size": 1000,'

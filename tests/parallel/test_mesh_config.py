@@ -33,6 +33,13 @@ def test_tp_must_divide_every_split_head_count():
         check_tp_divides_heads(xLSTMBlocksConfig(num_blocks=2, slstm_at=[1], mlstm_num_heads=4, slstm_num_heads=2), 4)
     # an sLSTM head count does not matter when there is no sLSTM block
     check_tp_divides_heads(xLSTMBlocksConfig(num_blocks=2, mlstm_num_heads=4, slstm_num_heads=2), 4)
+    # the blocks of the mLSTM's block-diagonal q/k/v projections must not straddle two ranks either
+    blocks = xLSTMBlocksConfig(embedding_dim=32, num_blocks=1, mlstm_num_heads=4, qkv_proj_blocksize=32,
+                               mlstm_round_proj_up_to_multiple_of=16)  # fmt: skip
+    with pytest.raises(ConfigError, match=r"tp = 4 does not divide the q/k/v projection blocks \(mLSTM inner "
+                                          r"dimension 64 / model.qkv_proj_blocksize\) = 2.*one of \[1, 2\]"):
+        check_tp_divides_heads(blocks, 4)
+    check_tp_divides_heads(blocks, 2)
     # the check runs when the mesh is built, before any process group is touched
     with pytest.raises(ConfigError, match=r"parallel.tp = 2 does not divide model.num_heads = 3"):
         build_mesh(ParallelConfig(tp=2), 2, "cpu", LlamaConfig(embedding_dim=48, num_heads=3))

@@ -1,6 +1,7 @@
 """``xlstm-train export-hf CHECKPOINT OUT_DIR``: a training checkpoint as a directory others can load.
 
-What is written depends on the architecture:
+What is written is up to the export adapter of the checkpoint's architecture (``ArchSpec.export``,
+``xlstm_train.export.adapter``); for the built-in ones:
 
 * ``xlstm_large`` -> a transformers ``xLSTMForCausalLM`` directory and ``llama`` -> a transformers
   ``LlamaForCausalLM`` directory: ``config.json``, ``generation_config.json``, ``model.safetensors``
@@ -14,9 +15,9 @@ What is written depends on the architecture:
 Every directory also gets a ``README.md`` (how to load it and how to tokenize) and the run's
 resolved configuration as ``training_config.yaml``.
 
-Only the model weights are read from the checkpoint, into a single-process model built from the
-checkpoint's own ``config.yaml``; DCP reshards on load, so checkpoints of sharded (FSDP/TP) runs
-export the same way. Everything is written into ``OUT_DIR.tmp`` and renamed when complete: a failed
+Only the model weights are read from the checkpoint (``train.checkpoint.load_model_state``, which
+reads every checkpoint format), into a single-process model built from the checkpoint's own
+``config.yaml``; checkpoints of sharded (FSDP/TP) runs export the same way. Everything is written into ``OUT_DIR.tmp`` and renamed when complete: a failed
 export leaves no partial ``OUT_DIR``.
 
 Tokenizers are exported only when transformers reproduces the training tokenization: the written
@@ -43,20 +44,14 @@ import yaml
 from xlstm_train.config import ConfigError
 from xlstm_train.data import DataError
 from xlstm_train.data.tokenizer import HuggingFaceTokenizer, SentencePieceTokenizer, load_tokenizer, open_tokenizer
+from xlstm_train.export.adapter import SLSTM_BACKENDS, ExportOptions
 
 if TYPE_CHECKING:
-    import torch
-
-    from xlstm_train.models.llama import LlamaConfig
-    from xlstm_train.models.xlstm_blocks import xLSTMBlocksConfig
     from xlstm_train.train.config import Config
 
 # torch, the models and the checkpoint code are imported where they are used, so that building the
 # command line parser stays fast; hence also the names below rather than torch dtypes.
 DTYPES = ("float32", "bfloat16")
-SLSTM_BACKENDS = ("vanilla", "cuda")  # convert.SLSTM_BACKENDS
-# The official mLSTM backends divide by (normaliser + 1e-6), a constant rather than a setting.
-OFFICIAL_MLSTM_EPS = 1e-6
 TRAINING_CONFIG_FILE = "training_config.yaml"
 
 
@@ -262,169 +257,6 @@ def export_tokenizer(tokenizer, directory: Path) -> ExportedTokenizer:
 
 
 # ----------------------------------------------------------------------------------------------
-# Weights and configs per architecture
-
-
-def check_exportable(model_cfg, config_path: Path) -> None:
-    """Refuse settings the target implementation cannot represent, before any weights are read."""
-    if model_cfg.arch == "xlstm_large":
-        from xlstm_train.export.convert import hf_config
-
-        try:
-            hf_config(model_cfg)
-        except ValueError as e:
-            raise ConfigError(f"{config_path}: {e}") from None
-    elif model_cfg.arch == "xlstm_blocks":
-        if model_cfg.input_gate != "exp":
-            raise ConfigError(
-                f"{config_path}: model.input_gate = {model_cfg.input_gate!r}: the official xlstm package's "
-                "mLSTM has only the exponential input gate; allowed: 'exp'"
-            )
-        if model_cfg.cell_eps != OFFICIAL_MLSTM_EPS:
-            raise ConfigError(
-                f"{config_path}: model.cell_eps = {model_cfg.cell_eps!r}: the official xlstm package's mLSTM "
-                f"uses a fixed {OFFICIAL_MLSTM_EPS}; allowed: {OFFICIAL_MLSTM_EPS}"
-            )
-
-
-def llama_qk_to_rotate_half(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """Reorder the rows of a q/k projection from our RoPE layout to transformers'.
-
-    We rotate adjacent pairs ``(2j, 2j+1)`` of each head by frequency j; transformers' ``rotate_half``
-    pairs ``(j, j + D/2)``. Moving row 2j to j and row 2j+1 to j + D/2 in every head makes the two
-    the same rotation; q and k get the same permutation, so attention scores are unchanged."""
-    out_features, in_features = weight.shape
-    head_dim = out_features // num_heads
-    return weight.view(num_heads, head_dim // 2, 2, in_features).transpose(1, 2).reshape(out_features, in_features)
-
-
-def to_hf_llama_state_dict(state: dict[str, torch.Tensor], cfg: LlamaConfig) -> dict[str, torch.Tensor]:
-    """Our ``llama`` state dict (torchtitan names) -> transformers' ``LlamaForCausalLM``."""
-    out = {"model.embed_tokens.weight": state["tok_embeddings.weight"], "model.norm.weight": state["norm.weight"],
-           "lm_head.weight": state["output.weight"]}  # fmt: skip
-    for n in range(cfg.num_blocks):
-        ours, theirs = f"layers.{n}.", f"model.layers.{n}."
-        wq, wk = state[ours + "attention.wq.weight"], state[ours + "attention.wk.weight"]
-        out[theirs + "self_attn.q_proj.weight"] = llama_qk_to_rotate_half(wq, cfg.num_heads)
-        out[theirs + "self_attn.k_proj.weight"] = llama_qk_to_rotate_half(wk, cfg.kv_heads)
-        out[theirs + "self_attn.v_proj.weight"] = state[ours + "attention.wv.weight"]
-        out[theirs + "self_attn.o_proj.weight"] = state[ours + "attention.wo.weight"]
-        out[theirs + "mlp.gate_proj.weight"] = state[ours + "feed_forward.w1.weight"]
-        out[theirs + "mlp.up_proj.weight"] = state[ours + "feed_forward.w3.weight"]
-        out[theirs + "mlp.down_proj.weight"] = state[ours + "feed_forward.w2.weight"]
-        out[theirs + "input_layernorm.weight"] = state[ours + "attention_norm.weight"]
-        out[theirs + "post_attention_layernorm.weight"] = state[ours + "ffn_norm.weight"]
-    return out
-
-
-def hf_llama_config(cfg: LlamaConfig, **token_ids):
-    from transformers import LlamaConfig as HFLlamaConfig
-
-    return HFLlamaConfig(
-        vocab_size=cfg.vocab_size,
-        hidden_size=cfg.embedding_dim,
-        intermediate_size=cfg.ffn_dim,
-        num_hidden_layers=cfg.num_blocks,
-        num_attention_heads=cfg.num_heads,
-        num_key_value_heads=cfg.kv_heads,
-        head_dim=cfg.head_dim,
-        hidden_act="silu",
-        max_position_embeddings=cfg.max_seq_len,
-        rms_norm_eps=cfg.norm_eps,
-        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
-        attention_bias=False,
-        mlp_bias=False,
-        tie_word_embeddings=cfg.tie_embeddings,
-        architectures=["LlamaForCausalLM"],
-        **token_ids,
-    )
-
-
-def official_blocks_config(cfg: xLSTMBlocksConfig, context_length: int, slstm_backend: str) -> dict:
-    """The official ``xLSTMLMModelConfig`` for ``cfg`` as a plain mapping (its field names)."""
-    official = {
-        "vocab_size": cfg.vocab_size,
-        "context_length": context_length,
-        "num_blocks": cfg.num_blocks,
-        "embedding_dim": cfg.embedding_dim,
-        "slstm_at": list(cfg.slstm_at),
-        "tie_weights": cfg.tie_embeddings,
-        "dropout": cfg.dropout,
-        "bias": False,
-        "add_post_blocks_norm": True,
-        "mlstm_block": None,
-        "slstm_block": None,
-    }
-    if len(cfg.slstm_at) < cfg.num_blocks:
-        official["mlstm_block"] = {"mlstm": {
-            "num_heads": cfg.mlstm_num_heads,
-            "proj_factor": cfg.mlstm_proj_factor,
-            "round_proj_up_dim_up": True,
-            "round_proj_up_to_multiple_of": cfg.mlstm_round_proj_up_to_multiple_of,
-            "qkv_proj_blocksize": cfg.qkv_proj_blocksize,
-            "conv1d_kernel_size": cfg.mlstm_conv1d_kernel_size,
-        }}  # fmt: skip
-    if cfg.slstm_at:
-        official["slstm_block"] = {
-            "slstm": {
-                "backend": slstm_backend,
-                "num_heads": cfg.slstm_num_heads,
-                "conv1d_kernel_size": cfg.slstm_conv1d_kernel_size,
-                "bias_init": "powerlaw_blockdependent",
-                "recurrent_weight_init": "zeros",
-            },
-            "feedforward": {
-                "proj_factor": cfg.ffn_proj_factor,
-                "round_proj_up_dim_up": True,
-                "round_proj_up_to_multiple_of": cfg.ffn_round_up_to_multiple_of,
-                "act_fn": "gelu",
-            },
-        }
-    return official
-
-
-HF_LOAD_SNIPPET = """from transformers import AutoModelForCausalLM
-
-model = AutoModelForCausalLM.from_pretrained("{name}")
-"""
-HF_TOKENIZER_SNIPPET = """from transformers import AutoModelForCausalLM, AutoTokenizer
-
-model = AutoModelForCausalLM.from_pretrained("{name}")
-tokenizer = AutoTokenizer.from_pretrained("{name}")
-prompt = tokenizer({prompt}, return_tensors="pt", add_special_tokens=False).input_ids
-print(tokenizer.decode(model.generate(prompt, max_new_tokens=40, do_sample=True, top_k=50)[0]))
-"""
-
-BLOCKS_LOAD_SNIPPET = """import glob
-from pathlib import Path
-
-import yaml
-from dacite import Config, from_dict
-from safetensors.torch import load_file
-from xlstm import xLSTMLMModel, xLSTMLMModelConfig
-
-directory = Path("{name}")
-config = from_dict(xLSTMLMModelConfig, yaml.safe_load((directory / "config.yaml").read_text()),
-                   config=Config(strict=True))
-model = xLSTMLMModel(config)
-state_dict = {{}}
-for path in sorted(glob.glob(str(directory / "model*.safetensors"))):
-    state_dict.update(load_file(path))
-missing, unexpected = model.load_state_dict(state_dict, strict=False)
-assert not unexpected and set(missing) <= {{"lm_head.weight"}}  # a tied head is the embedding
-model.eval()
-"""
-
-
-def _write_weights(state: dict[str, torch.Tensor], directory: Path, dtype: str, max_shard_size) -> None:
-    import torch
-    from huggingface_hub import save_torch_state_dict
-
-    state = {k: v.to(getattr(torch, dtype)) if v.is_floating_point() else v for k, v in state.items()}
-    save_torch_state_dict(state, directory, max_shard_size=max_shard_size)
-
-
-# ----------------------------------------------------------------------------------------------
 # The export
 
 
@@ -464,7 +296,7 @@ def export_hf(
 
     cfg = read_checkpoint_config(checkpoint_dir)
     _check_out_dir(out_dir, checkpoint_dir, overwrite)
-    check_exportable(cfg.model, checkpoint_dir / "config.yaml")
+    adapter = exporter(cfg.model, checkpoint_dir / "config.yaml")
     run_tokenizer = find_tokenizer(cfg, checkpoint_dir, None if tokenizer is None else str(tokenizer))
     state = load_model_state(checkpoint_dir, cfg.model)
 
@@ -473,8 +305,8 @@ def export_hf(
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     try:
-        _write_export(tmp, cfg, state, checkpoint_dir, out_dir.name, run_tokenizer,
-                      dtype=dtype, slstm_backend=slstm_backend, max_shard_size=max_shard_size)  # fmt: skip
+        options = ExportOptions(dtype=dtype, max_shard_size=max_shard_size, slstm_backend=slstm_backend)
+        _write_export(tmp, cfg, state, checkpoint_dir, out_dir.name, run_tokenizer, adapter, options)
         _replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -499,69 +331,43 @@ def _replace_dir(new: Path, target: Path) -> None:
         os.replace(new, target)  # rename(2) replaces an empty directory
 
 
-def _write_export(directory: Path, cfg: Config, state: dict, checkpoint_dir: Path, name: str, tokenizer, *,
-                  dtype: str, slstm_backend: str, max_shard_size) -> None:  # fmt: skip
+def exporter(model_cfg, config_path: Path):
+    """The export adapter of the model's architecture, once it has accepted the model's settings
+    (checked before any weights are read)."""
+    from xlstm_train.archs import get_spec
+
+    adapter = get_spec(model_cfg.arch).export
+    if adapter is None:
+        raise ConfigError(f"{config_path}: model.arch = {model_cfg.arch!r} has no export adapter")
+    try:
+        adapter.check(model_cfg)
+    except ValueError as e:
+        raise ConfigError(f"{config_path}: {e}") from None
+    return adapter
+
+
+def _write_export(directory: Path, cfg: Config, state: dict, checkpoint_dir: Path, name: str, tokenizer,
+                  adapter, options: ExportOptions) -> None:  # fmt: skip
     import torch
 
     from xlstm_train.config import to_dict
-    from xlstm_train.export import convert
     from xlstm_train.models import build_model, count_params
     from xlstm_train.train import checkpoint as ckpt
 
-    model_cfg = cfg.model
-    arch = model_cfg.arch
     with torch.device("meta"):
-        num_params = count_params(build_model(model_cfg))
-    exported = export_tokenizer(tokenizer, directory)
-    # A tied head is stored once, under the embedding's name (what transformers and safetensors expect).
-    if arch == "xlstm_large":
-        weights = convert.to_hf_state_dict(state)
-        hf_cfg = convert.hf_config(model_cfg, **exported.token_ids)
-        target = "transformers `xLSTMForCausalLM`"
-    elif arch == "llama":
-        weights = to_hf_llama_state_dict(state, model_cfg)
-        hf_cfg = hf_llama_config(model_cfg, **exported.token_ids)
-        target = "transformers `LlamaForCausalLM`"
-    else:
-        weights = convert.to_official_blocks_state_dict(state, backend=slstm_backend)
-        hf_cfg = None
-        target = f"the official `xlstm` package's `xLSTMLMModel` (sLSTM backend `{slstm_backend}`)"
-    if model_cfg.tie_embeddings:
-        weights.pop("lm_head.weight")
-    _write_weights(weights, directory, dtype, max_shard_size)
-
-    if hf_cfg is not None:
-        from transformers import GenerationConfig
-
-        hf_cfg.dtype = dtype
-        hf_cfg.save_pretrained(directory)
-        GenerationConfig(**{k: v for k, v in exported.token_ids.items() if v is not None}).save_pretrained(directory)
-        snippet = HF_TOKENIZER_SNIPPET if exported.auto_tokenizer else HF_LOAD_SNIPPET
-        prompt = json.dumps((cfg.train.sample_prompts or ["The"])[0], ensure_ascii=False)  # a Python literal too
-        usage = f"```python\n{snippet.format(name=name, prompt=prompt)}```"
-    else:
-        official = official_blocks_config(model_cfg, cfg.data.seq_len, slstm_backend)
-        (directory / "config.yaml").write_text(yaml.safe_dump(official, sort_keys=False))
-        usage = (
-            "Load it with the `xlstm` package (it needs `dacite` and `pyyaml`); `context_length` is the "
-            f"training sequence length ({cfg.data.seq_len}): raise it in `config.yaml` to run longer "
-            f"sequences through the parallel mLSTM.\n\n```python\n{BLOCKS_LOAD_SNIPPET.format(name=name)}```"
-        )
-        if slstm_backend == "vanilla" and model_cfg.slstm_at:
-            usage += (
-                "\n\nThe sLSTM weights are in the layout of the `vanilla` (PyTorch) backend; the `cuda` backend "
-                "stores `_recurrent_kernel_` and `_bias_` differently (`xlstm-train export-hf --slstm-backend cuda`)."
-            )
+        num_params = count_params(build_model(cfg.model))
+    exported_tokenizer = export_tokenizer(tokenizer, directory)
+    exported = adapter.write(directory, cfg, state, exported_tokenizer, name, options)
     (directory / TRAINING_CONFIG_FILE).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     step = ckpt.read_train_state(checkpoint_dir)["progress"]["step"] if (
         checkpoint_dir / ckpt.TRAIN_STATE_FILE).is_file() else None  # fmt: skip
     trained = f" after {step} steps" if step is not None else ""
     (directory / "README.md").write_text(
         f"# {cfg.name}\n\n"
-        f"A language model of architecture `{arch}` with {num_params:,} parameters ({dtype}), trained with "
-        f"xlstm-train{trained} and exported from checkpoint `{checkpoint_dir}` for {target}. "
+        f"A language model of architecture `{cfg.model.arch}` with {num_params:,} parameters ({options.dtype}), "
+        f"trained with xlstm-train{trained} and exported from checkpoint `{checkpoint_dir}` for {exported.target}. "
         f"`{TRAINING_CONFIG_FILE}` is the training configuration.\n\n"
-        f"## Loading\n\n{usage}\n\n## Tokenizer\n\n{exported.readme}\n"
+        f"## Loading\n\n{exported.usage}\n\n## Tokenizer\n\n{exported_tokenizer.readme}\n"
     )
 
 

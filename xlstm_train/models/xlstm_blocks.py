@@ -4,7 +4,7 @@ An ``xLSTM[a:b]`` stack has sLSTM blocks at the indices ``slstm_at`` and mLSTM b
 Parameter names, shapes and parametrisations follow the official ``xlstm`` package's
 ``xLSTMLMModel`` with the CUDA sLSTM backend, so that its state dict is ours key for key (the
 vanilla backend stores the sLSTM recurrent kernel and bias in another layout; see
-``xlstm_train.export.convert``). Norm weights store gamma - 1, as there.
+``xlstm_train.archs.xlstm_blocks``). Norm weights store gamma - 1, as there.
 
 mLSTM block (pre up-projection)::
 

@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
+from xlstm_train.archs import get_spec
 from xlstm_train.config import ConfigError
 from xlstm_train.parallel.config import ParallelConfig
 
@@ -108,33 +109,16 @@ def resolve_dims(cfg: ParallelConfig, world_size: int) -> dict[str, int]:
     return {"dp_replicate": cfg.dp_replicate, "dp_shard": dp_shard, "tp": cfg.tp}
 
 
-def tp_head_counts(model_cfg: Any) -> dict[str, int]:
-    """Every head count that tensor parallelism splits, by config key (arch-specific)."""
-    arch = getattr(model_cfg, "arch", None)
-    if arch == "xlstm_large":
-        return {"model.num_heads": model_cfg.num_heads}
-    if arch == "llama":
-        kv = model_cfg.num_kv_heads or model_cfg.num_heads
-        return {"model.num_heads": model_cfg.num_heads, "model.num_kv_heads": kv}
-    if arch == "xlstm_blocks":
-        num_blocks = model_cfg.num_blocks
-        counts = {}
-        if len(model_cfg.slstm_at) < num_blocks:
-            counts["model.mlstm_num_heads"] = model_cfg.mlstm_num_heads
-        if model_cfg.slstm_at:
-            counts["model.slstm_num_heads"] = model_cfg.slstm_num_heads
-        return counts
-    raise ConfigError(f"model.arch = {arch!r}: no tensor-parallel plan for this architecture")
-
-
 def check_tp_divides_heads(model_cfg: Any, tp: int) -> None:
+    """Tensor parallelism gives each rank whole heads: tp must divide every count the
+    architecture's spec says it splits."""
     if tp == 1:
         return
-    for key, heads in tp_head_counts(model_cfg).items():
-        if heads % tp != 0:
-            divisors = [d for d in range(1, heads + 1) if heads % d == 0]
+    for key, count in get_spec(model_cfg.arch).tp_head_counts(model_cfg).items():
+        if count % tp != 0:
+            divisors = [d for d in range(1, count + 1) if count % d == 0]
             raise ConfigError(
-                f"parallel.tp = {tp} does not divide {key} = {heads}: tensor parallelism splits whole "
+                f"parallel.tp = {tp} does not divide {key} = {count}: tensor parallelism splits whole "
                 f"heads across ranks, so tp must be one of {divisors}"
             )
 
@@ -142,7 +126,10 @@ def check_tp_divides_heads(model_cfg: Any, tp: int) -> None:
 def build_mesh(
     cfg: ParallelConfig, world_size: int, device_type: str, model_cfg: Any = None
 ) -> DeviceMesh | None:
-    """The run's DeviceMesh ``(dp_replicate, dp_shard, tp)`` plus the flattened ``dp``; None for one process."""
+    """The run's DeviceMesh ``(dp_replicate, dp_shard, tp)`` plus the flattened ``dp``; None for one process.
+
+    With ``model_cfg``, tp is checked against the model's head counts first, before any process
+    group is touched: the one place that check runs."""
     dims = resolve_dims(cfg, world_size)
     if model_cfg is not None:
         check_tp_divides_heads(model_cfg, cfg.tp)

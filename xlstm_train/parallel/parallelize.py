@@ -31,20 +31,15 @@ from torch.utils.checkpoint import (
     create_selective_checkpoint_contexts,
 )
 
+from xlstm_train.archs import get_spec
 from xlstm_train.config import ConfigError
 from xlstm_train.parallel.config import ParallelConfig
 from xlstm_train.parallel.distributed import dp_mesh, fsdp_mesh
 from xlstm_train.parallel.tensor_parallel import apply_tensor_parallel
 
-BLOCK_LISTS = {"xlstm_large": "backbone.blocks", "xlstm_blocks": "xlstm_block_stack.blocks", "llama": "layers"}
-
-
 def block_list(model: nn.Module, model_cfg: Any) -> nn.ModuleList:
     """The model's residual blocks: the unit of checkpointing, compilation and FSDP sharding."""
-    arch = getattr(model_cfg, "arch", None)
-    if arch not in BLOCK_LISTS:
-        raise ConfigError(f"model.arch = {arch!r}: unknown architecture; known: {sorted(BLOCK_LISTS)}")
-    return model.get_submodule(BLOCK_LISTS[arch])
+    return model.get_submodule(get_spec(model_cfg.arch).block_list)
 
 
 # ------------------------------------------------------------------------------------------------

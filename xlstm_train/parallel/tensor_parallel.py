@@ -1,4 +1,4 @@
-"""Tensor-parallel plans: DTensor ``parallelize_module`` plans for every model, split by head.
+"""Tensor parallelism: the DTensor styles the architectures' plans are made of, and applying a plan.
 
 The recipe is Megatron's, written with PyTorch's DTensor styles so that it runs on gloo (CI) and
 nccl alike:
@@ -44,9 +44,9 @@ from torch.distributed.tensor.parallel import (
     parallelize_module,
 )
 
+from xlstm_train.archs import arch_names, get_spec
 from xlstm_train.config import ConfigError
 from xlstm_train.parallel.config import ParallelConfig
-from xlstm_train.parallel.distributed import check_tp_divides_heads
 
 # ------------------------------------------------------------------------------------------------
 # Styles beyond the stock column/row/sequence ones
@@ -323,157 +323,52 @@ class Compose(ParallelStyle):
 
 
 # ------------------------------------------------------------------------------------------------
-# Shared pieces of the plans
+# Pieces of every plan (the plans themselves are the architectures' specs: xlstm_train.archs)
 
 
-def _embedding_and_head(embedding: str, final_norm: str, head: str, sp: bool, loss_parallel: bool) -> dict:
-    residual = Shard(1) if sp else Replicate()
+def embedding_and_head_plan(
+    embedding: str, final_norm: str, head: str, sequence_parallel: bool, loss_parallel: bool
+) -> dict[str, ParallelStyle]:
+    """A vocabulary-parallel input embedding and a head column-parallel over the vocabulary (its
+    logits left sharded for ``loss_parallel``); with sequence parallelism the final norm is sharded."""
+    residual = Shard(1) if sequence_parallel else Replicate()
     plan = {
-        embedding: VocabParallelEmbedding(sequence_parallel=sp),
+        embedding: VocabParallelEmbedding(sequence_parallel=sequence_parallel),
         head: ColwiseParallel(
             input_layouts=residual,
             output_layouts=Shard(-1) if loss_parallel else Replicate(),
             use_local_output=not loss_parallel,
         ),
     }
-    if sp:
+    if sequence_parallel:
         plan[final_norm] = SequenceParallel()
     return plan
 
 
-def _region_input(sp: bool, autocast_input: bool = False) -> PrepareFirstInput:
-    return PrepareFirstInput(Shard(1) if sp else Replicate(), Replicate(), autocast_input)
+def region_input(sequence_parallel: bool, autocast_input: bool = False) -> PrepareFirstInput:
+    """On a TP region (a mixing layer, an FFN): make its input replicated once, on entry."""
+    return PrepareFirstInput(Shard(1) if sequence_parallel else Replicate(), Replicate(), autocast_input)
 
 
-def _row_output(sp: bool) -> RowwiseParallel:
-    return RowwiseParallel(output_layouts=Shard(1) if sp else Replicate())
-
-
-# ------------------------------------------------------------------------------------------------
-# Per-architecture plans
-
-
-def xlstm_large_plan(model: nn.Module, sp: bool, loss_parallel: bool) -> dict[str, ParallelStyle]:
-    plan = _embedding_and_head("embedding", "backbone.out_norm", "lm_head", sp, loss_parallel)
-    for n in range(len(model.backbone.blocks)):
-        p = f"backbone.blocks.{n}"
-        plan[f"{p}.mlstm_layer"] = _region_input(sp, autocast_input=True)
-        for name in ("q", "k", "v", "ogate_preact", "igate_preact", "fgate_preact"):
-            plan[f"{p}.mlstm_layer.{name}"] = ColwiseParallel()
-        plan[f"{p}.mlstm_layer.multihead_norm"] = HeadLocal({"weight": Shard(0), "bias": Shard(0)})
-        plan[f"{p}.mlstm_layer.out_proj"] = _row_output(sp)
-        plan[f"{p}.ffn"] = _region_input(sp, autocast_input=True)
-        plan[f"{p}.ffn.proj_up_gate"] = ColwiseParallel()
-        plan[f"{p}.ffn.proj_up"] = ColwiseParallel()
-        plan[f"{p}.ffn.proj_down"] = _row_output(sp)
-        if sp:
-            plan[f"{p}.norm_mlstm"] = SequenceParallel()
-            plan[f"{p}.norm_ffn"] = SequenceParallel()
-    return plan
-
-
-def llama_plan(model: nn.Module, sp: bool, loss_parallel: bool) -> dict[str, ParallelStyle]:
-    plan = _embedding_and_head("tok_embeddings", "norm", "output", sp, loss_parallel)
-    for n in range(len(model.layers)):
-        p = f"layers.{n}"
-        plan[f"{p}.attention"] = _region_input(sp, autocast_input=True)
-        for name in ("wq", "wk", "wv"):
-            plan[f"{p}.attention.{name}"] = ColwiseParallel()
-        plan[f"{p}.attention.wo"] = _row_output(sp)
-        plan[f"{p}.feed_forward"] = _region_input(sp, autocast_input=True)
-        plan[f"{p}.feed_forward.w1"] = ColwiseParallel()
-        plan[f"{p}.feed_forward.w3"] = ColwiseParallel()
-        plan[f"{p}.feed_forward.w2"] = _row_output(sp)
-        if sp:
-            plan[f"{p}.attention_norm"] = SequenceParallel()
-            plan[f"{p}.ffn_norm"] = SequenceParallel()
-    return plan
-
-
-def xlstm_blocks_plan(model: nn.Module, sp: bool, loss_parallel: bool) -> dict[str, ParallelStyle]:
-    """The paper blocks.
-
-    mLSTM (pre up-projection): ``proj_up`` packs ``[x_m; z]`` (``Packed(2)``: each rank computes
-    its heads' rows of both); the causal conv, the block-diagonal q/k/v projections, the output
-    norm and the learnable skip are per channel, hence per head, and run locally; the gates read
-    ``cat(q, k, v)`` of all heads (``GateFromAllHeads``: partial sums and one all-reduce of NH
-    numbers per token); ``proj_down`` is row-parallel.
-
-    sLSTM (post up-projection): conv, gate projections (block-diagonal per head), the recurrent
-    cell and its per-head norm run on the rank's heads; the layer's output is all-gathered into
-    the residual stream (there is no projection after the cell to make row-parallel). The gated
-    FFN's ``proj_up`` packs ``[gate; up]`` (``Packed(2)``), ``proj_down`` is row-parallel.
-    """
-    from xlstm_train.models.xlstm_blocks import mLSTMBlock
-
-    plan = _embedding_and_head("token_embedding", "xlstm_block_stack.post_blocks_norm", "lm_head", sp, loss_parallel)
-    residual = Shard(1) if sp else Replicate()
-    for n, block in enumerate(model.xlstm_block_stack.blocks):
-        p = f"xlstm_block_stack.blocks.{n}"
-        if sp:
-            plan[f"{p}.xlstm_norm"] = SequenceParallel()
-        if isinstance(block, mLSTMBlock):
-            plan[f"{p}.xlstm"] = Compose(_region_input(sp), HeadLocal({"learnable_skip": Shard(0)}))
-            plan[f"{p}.xlstm.proj_up"] = HeadLocal({"weight": Packed(2)}, input="partial")
-            plan[f"{p}.xlstm.conv1d"] = HeadLocal({"conv.weight": Shard(0), "conv.bias": Shard(0)})
-            for proj in ("q_proj", "k_proj", "v_proj"):
-                plan[f"{p}.xlstm.{proj}"] = HeadLocal({"weight": Shard(0), "bias": Shard(0)})
-            plan[f"{p}.xlstm.mlstm_cell.igate"] = GateFromAllHeads()
-            plan[f"{p}.xlstm.mlstm_cell.fgate"] = GateFromAllHeads()
-            plan[f"{p}.xlstm.mlstm_cell.outnorm"] = HeadLocal({"weight": Shard(0), "bias": Shard(0)})
-            plan[f"{p}.xlstm.proj_down"] = _row_output(sp)
-        else:
-            cell = {"slstm_cell._recurrent_kernel_": Shard(0), "slstm_cell._bias_": Shard(0)}
-            plan[f"{p}.xlstm"] = Compose(
-                _region_input(sp), HeadLocal(cell), GatherOutput(dim=-1, output_layout=residual)
-            )
-            plan[f"{p}.xlstm.conv1d"] = HeadLocal({"conv.weight": Shard(0), "conv.bias": Shard(0)}, input="slice")
-            for gate in ("fgate", "igate"):  # they read the (already local) convolved input
-                plan[f"{p}.xlstm.{gate}"] = HeadLocal({"weight": Shard(0), "bias": Shard(0)}, input="local")
-            for gate in ("zgate", "ogate"):  # they read the layer's replicated input
-                plan[f"{p}.xlstm.{gate}"] = HeadLocal({"weight": Shard(0), "bias": Shard(0)}, input="slice")
-            plan[f"{p}.xlstm.group_norm"] = HeadLocal({"weight": Shard(0), "bias": Shard(0)})
-            if sp:
-                plan[f"{p}.ffn_norm"] = SequenceParallel()
-            plan[f"{p}.ffn"] = _region_input(sp)
-            plan[f"{p}.ffn.proj_up"] = HeadLocal({"weight": Packed(2)}, input="partial")
-            plan[f"{p}.ffn.proj_down"] = _row_output(sp)
-    return plan
-
-
-def check_blocks_divisible(model: nn.Module, tp: int) -> None:
-    """The paper mLSTM's block-diagonal q/k/v projections must not straddle two ranks."""
-    from xlstm_train.models.xlstm_blocks import mLSTMBlock
-
-    for block in model.xlstm_block_stack.blocks:
-        if isinstance(block, mLSTMBlock):
-            inner = block.xlstm.learnable_skip.shape[0]
-            blocksize = block.xlstm.q_proj.weight.shape[-1]
-            if (inner // tp) % blocksize:
-                raise ConfigError(
-                    f"parallel.tp = {tp}: the mLSTM inner dimension {inner} / tp is not a multiple of "
-                    f"model.qkv_proj_blocksize = {blocksize}"
-                )
-            return
-
-
-PLANS = {"xlstm_large": xlstm_large_plan, "llama": llama_plan, "xlstm_blocks": xlstm_blocks_plan}
+def row_output(sequence_parallel: bool) -> RowwiseParallel:
+    """A projection out of heads: partial sums all-reduced, or reduce-scattered over the sequence."""
+    return RowwiseParallel(output_layouts=Shard(1) if sequence_parallel else Replicate())
 
 
 def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, cfg: ParallelConfig, model_cfg: Any) -> nn.Module:
-    """Shard ``model`` over ``tp_mesh`` in place by its architecture's plan."""
-    arch = getattr(model_cfg, "arch", None)
-    if arch not in PLANS:
-        raise ConfigError(f"model.arch = {arch!r}: tensor parallelism is available for {sorted(PLANS)}")
-    check_tp_divides_heads(model_cfg, tp_mesh.size())
+    """Shard ``model`` over ``tp_mesh`` in place by its architecture's plan.
+
+    That tp divides the head counts is checked where the mesh is built (``build_mesh``)."""
+    spec = get_spec(model_cfg.arch)
+    if spec.tp_plan is None:
+        with_plan = [name for name in arch_names() if get_spec(name).tp_plan is not None]
+        raise ConfigError(f"model.arch = {spec.name!r}: tensor parallelism is available for {with_plan}")
     if getattr(model_cfg, "tie_embeddings", False):
         raise ConfigError(
             "model.tie_embeddings = true with parallel.tp > 1: the vocabulary-parallel embedding and the "
             "column-parallel head shard the shared matrix differently; untie them for tensor parallelism"
         )
-    if arch == "xlstm_blocks":
-        check_blocks_divisible(model, tp_mesh.size())
-    plan = PLANS[arch](model, cfg.sequence_parallel, cfg.loss_parallel)
+    plan = spec.tp_plan(model, cfg.sequence_parallel, cfg.loss_parallel)
     parallelize_module(model, tp_mesh, plan)
     replicate_remaining_params(model, tp_mesh)
     return model

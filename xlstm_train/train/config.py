@@ -4,17 +4,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from xlstm_train.config import ConfigError, apply_override, from_dict, read_recipe
+from xlstm_train.archs import model_config_classes
+from xlstm_train.config import ConfigError, OneOf, apply_override, from_dict, read_recipe
 from xlstm_train.data.config import DataConfig
 from xlstm_train.eval.config import EvalConfig
-from xlstm_train.models.llama import LlamaConfig
 from xlstm_train.models.xlstm_blocks import xLSTMBlocksConfig
-from xlstm_train.models.xlstm_large import xLSTMLargeConfig
 from xlstm_train.parallel.config import ParallelConfig
 
-ModelConfig = xLSTMBlocksConfig | xLSTMLargeConfig | LlamaConfig
+# The config class of the registered architecture that `model.arch` names (xlstm_train.archs).
+ModelConfig = Annotated[Any, OneOf(model_config_classes)]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_RECIPE = REPO_ROOT / "recipes" / "tiny.yaml"

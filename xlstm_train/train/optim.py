@@ -7,6 +7,7 @@ import math
 import torch
 from torch import nn
 
+from xlstm_train.archs import spec_of
 from xlstm_train.train.config import OptimConfig
 
 
@@ -16,20 +17,22 @@ def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
     Matrices and higher-rank kernels (linear weights, convolutions) are decayed. Vectors (norm
     weights, biases, gate biases, learnable skips) and embedding tables are not, unless
     ``decay_norms_and_biases`` / ``decay_embeddings`` ask for it. A weight tied between the embedding
-    and the head is one parameter and counts as an embedding. The sLSTM recurrent kernel is never
-    decayed, as in the official xLSTM training code: it is the cell's memory mixing, which decay
-    would pull towards the zeros it is initialised at.
+    and the head is one parameter and counts as an embedding. The model's architecture spec may
+    name matrices that are never decayed (``ArchSpec.no_weight_decay``, e.g. the sLSTM recurrent
+    kernel).
     """
+    spec = spec_of(model)
+    never_decayed = {id(p) for p in spec.no_weight_decay(model)} if spec is not None else set()
     embedding_params = {
         id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters(recurse=False)
     }
     decay, no_decay = [], []
     seen = set()
-    for name, p in model.named_parameters():  # named_parameters already skips tied duplicates
+    for p in model.parameters():  # parameters() already skips tied duplicates
         if not p.requires_grad or id(p) in seen:
             continue
         seen.add(id(p))
-        if name.endswith("_recurrent_kernel_"):
+        if id(p) in never_decayed:
             wants_decay = False
         elif id(p) in embedding_params:
             wants_decay = cfg.decay_embeddings

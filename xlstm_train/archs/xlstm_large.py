@@ -1,14 +1,7 @@
-"""Weight conversion between our models and the official implementations.
+"""``xlstm_large``: the xLSTM-7B architecture (``xlstm_train.models.xlstm_large``).
 
-* Paper blocks (``xlstm_blocks``) <-> the official ``xlstm.xLSTMLMModel``. Our names, shapes and
-  parametrisations (norm weights stored as gamma - 1) are the official ones with the CUDA sLSTM
-  backend, so for ``backend="cuda"`` the state dict maps as is. The ``vanilla`` backend stores the
-  sLSTM recurrent kernel as ``(NH, 4*DH, DH)`` [head, gate*out, in] and the bias gate-major
-  ``(4, NH, DH)``; those two tensors are permuted.
-* xLSTM Large (``xlstm_large``) <-> Hugging Face transformers' ``xLSTMForCausalLM``: identical
-  names except ``embedding.weight`` <-> ``backbone.embeddings.weight``; all norms store gamma.
-  ``hf_config`` writes a config that transformers loads without the ``xlstm`` package (native
-  kernel names) and ``load_hf_checkpoint`` imports a Hub-format directory.
+Exported as, and imported from, transformers' ``xLSTMForCausalLM``: the names are the official
+ones except ``embedding.weight`` <-> ``backbone.embeddings.weight``, and all norms store gamma.
 """
 
 from __future__ import annotations
@@ -17,62 +10,54 @@ import json
 from pathlib import Path
 
 import torch
+from torch.distributed.tensor import Shard
+from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, SequenceParallel
 
-from xlstm_train.models.xlstm_large import xLSTMLargeConfig
-
-SLSTM_BACKENDS = ("vanilla", "cuda")
-_RECURRENT = "slstm_cell._recurrent_kernel_"
-_BIAS = "slstm_cell._bias_"
-
-
-def _check_backend(backend: str) -> None:
-    if backend not in SLSTM_BACKENDS:
-        raise ValueError(f"sLSTM backend must be one of {SLSTM_BACKENDS}, got {backend!r}")
+from xlstm_train.archs import ArchSpec, register_spec
+from xlstm_train.export.adapter import TransformersExport
+from xlstm_train.models.xlstm_large import xLSTMLarge, xLSTMLargeConfig
+from xlstm_train.parallel.tensor_parallel import HeadLocal, embedding_and_head_plan, region_input, row_output
 
 
-def to_official_blocks_state_dict(state_dict: dict, backend: str = "vanilla") -> dict:
-    """Our ``xlstm_blocks`` state dict -> ``xlstm.xLSTMLMModel`` with the given sLSTM backend."""
-    _check_backend(backend)
-    out = dict(state_dict)
-    if backend == "cuda":
-        return out
-    for key, recurrent in state_dict.items():
-        if not key.endswith(_RECURRENT):
-            continue
-        prefix = key[: -len(_RECURRENT)]
-        num_heads, head_dim = recurrent.shape[0], recurrent.shape[1]
-        R = recurrent.view(num_heads, head_dim, 4, head_dim)  # [head, in, gate, out]
-        out[key] = R.permute(0, 2, 3, 1).reshape(num_heads, 4 * head_dim, head_dim).contiguous()
-        bias = state_dict[prefix + _BIAS].view(num_heads, 4, head_dim)
-        out[prefix + _BIAS] = bias.transpose(0, 1).reshape(-1).contiguous()
-    return out
+def tp_plan(model: xLSTMLarge, sequence_parallel: bool, loss_parallel: bool) -> dict[str, ParallelStyle]:
+    """Every projection into heads (q, k, v, the three gates, FFN up) column-parallel, the output
+    and FFN down projections row-parallel, the per-head output norm local to the rank's heads."""
+    sp = sequence_parallel
+    plan = embedding_and_head_plan("embedding", "backbone.out_norm", "lm_head", sp, loss_parallel)
+    for n in range(len(model.backbone.blocks)):
+        p = f"backbone.blocks.{n}"
+        plan[f"{p}.mlstm_layer"] = region_input(sp, autocast_input=True)
+        for name in ("q", "k", "v", "ogate_preact", "igate_preact", "fgate_preact"):
+            plan[f"{p}.mlstm_layer.{name}"] = ColwiseParallel()
+        plan[f"{p}.mlstm_layer.multihead_norm"] = HeadLocal({"weight": Shard(0), "bias": Shard(0)})
+        plan[f"{p}.mlstm_layer.out_proj"] = row_output(sp)
+        plan[f"{p}.ffn"] = region_input(sp, autocast_input=True)
+        plan[f"{p}.ffn.proj_up_gate"] = ColwiseParallel()
+        plan[f"{p}.ffn.proj_up"] = ColwiseParallel()
+        plan[f"{p}.ffn.proj_down"] = row_output(sp)
+        if sp:
+            plan[f"{p}.norm_mlstm"] = SequenceParallel()
+            plan[f"{p}.norm_ffn"] = SequenceParallel()
+    return plan
 
 
-def from_official_blocks_state_dict(state_dict: dict, backend: str = "vanilla") -> dict:
-    """An ``xlstm.xLSTMLMModel`` state dict (sLSTM backend ``backend``) -> our ``xlstm_blocks``."""
-    _check_backend(backend)
-    out = dict(state_dict)
-    if backend == "cuda":
-        return out
-    for key, recurrent in state_dict.items():
-        if not key.endswith(_RECURRENT):
-            continue
-        prefix = key[: -len(_RECURRENT)]
-        num_heads, head_dim = recurrent.shape[0], recurrent.shape[2]
-        R = recurrent.view(num_heads, 4, head_dim, head_dim)  # [head, gate, out, in]
-        out[key] = R.permute(0, 3, 1, 2).reshape(num_heads, head_dim, 4 * head_dim).contiguous()
-        bias = state_dict[prefix + _BIAS].view(4, num_heads, head_dim)
-        out[prefix + _BIAS] = bias.transpose(0, 1).reshape(-1).contiguous()
-    return out
+def sequence_mixing_flops(cfg: xLSTMLargeConfig, seq_len: int) -> float:
+    """The mLSTM cell per head in the chunkwise form with chunk size ``L = min(chunk_size, seq_len)``,
+    after ``NX-AI/xlstm_scaling_laws``: ``4 * dqk * dv`` (state update ``k v^T`` and read-out
+    ``q^T C``) ``+ 2 * L * (dqk + dv)`` (intra-chunk ``q k^T`` and its product with V). Gate and
+    normaliser arithmetic, O(dqk), is left out."""
+    L = min(cfg.chunk_size, seq_len)
+    dqk, dv = cfg.qk_dim // cfg.num_heads, cfg.v_dim // cfg.num_heads
+    return float(cfg.num_blocks * cfg.num_heads * (4 * dqk * dv + 2 * L * (dqk + dv)))
 
 
-# --------------------------------------------------------------------------------------------------
-# xLSTM Large <-> Hugging Face transformers
+# ------------------------------------------------------------------------------------------------
+# transformers' xLSTMForCausalLM
 
 _OUR_EMBEDDING, _HF_EMBEDDING = "embedding.weight", "backbone.embeddings.weight"
 
 
-def to_hf_state_dict(state_dict: dict) -> dict:
+def to_hf_state_dict(state_dict: dict, cfg: xLSTMLargeConfig | None = None) -> dict:
     """Our ``xlstm_large`` state dict -> ``xLSTMForCausalLM`` (weight_mode "single")."""
     return {(_HF_EMBEDDING if k == _OUR_EMBEDDING else k): v for k, v in state_dict.items()}
 
@@ -190,3 +175,17 @@ def load_hf_checkpoint(path: str | Path) -> tuple[xLSTMLargeConfig, dict[str, to
     if cfg.tie_embeddings:  # transformers saves a tied head once, under the embedding's name
         state_dict.setdefault("lm_head.weight", state_dict[_OUR_EMBEDDING])
     return cfg, state_dict
+
+
+SPEC = register_spec(ArchSpec(
+    name="xlstm_large",
+    config_class=xLSTMLargeConfig,
+    model_class=xLSTMLarge,
+    block_list="backbone.blocks",
+    embedding_param=_OUR_EMBEDDING,
+    sequence_mixing_flops=sequence_mixing_flops,
+    tp_plan=tp_plan,
+    tp_head_counts=lambda cfg: {"model.num_heads": cfg.num_heads},
+    resumable_model_keys=frozenset({"kernel", "chunk_size"}),
+    export=TransformersExport("xLSTMForCausalLM", to_hf_state_dict, hf_config),
+))  # fmt: skip
