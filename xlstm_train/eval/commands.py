@@ -236,6 +236,7 @@ def run_generate(args: argparse.Namespace) -> int:
             if len(prompt_ids) > loaded.max_len:
                 raise ConfigError(f"prompt {n + 1} has {len(prompt_ids)} tokens, more than the model's context "
                                   f"(model.max_seq_len = {loaded.max_len})")
+        for n, prompt_ids in enumerate(ids):
             if len(prompt_ids) + args.max_new_tokens > loaded.max_len:
                 raise ConfigError(f"--max-new-tokens {args.max_new_tokens}: prompt {n + 1} ({len(prompt_ids)} tokens) "
                                   f"plus the new tokens exceed the model's context (model.max_seq_len = "
