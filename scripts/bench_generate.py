@@ -168,7 +168,7 @@ def main(argv=None) -> int:
                 continue
             peak = f"{row['peak_gib']:.2f}" if row["peak_gib"] is not None else "-"
             print(f"{name:<18} {context:>8} {row['ms_per_token']:>9.2f} {row['tokens_per_s']:>9.1f} "
-                  f"{row['prefill_s']:>9.2f} {row["state_mib"]:>10.2f} {peak:>9}", flush=True)
+                  f"{row['prefill_s']:>9.2f} {row['state_mib']:>10.2f} {peak:>9}", flush=True)
         del model
         if device.type == "cuda":
             torch.cuda.empty_cache()
