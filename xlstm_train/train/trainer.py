@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import yaml
 
+from xlstm_train.archs import get_spec
 from xlstm_train.config import ConfigError, to_dict
 from xlstm_train.data import (
     DataError,
@@ -165,19 +166,17 @@ def find_resume_checkpoint(cfg: Config) -> Path | None:
     return latest
 
 
-# Model settings that change how the computation runs but not the parameters: free to change on resume.
-RESUMABLE_MODEL_KEYS = {"kernel", "chunk_size", "dropout"}
-
-
 def check_checkpoint_matches(path: Path, cfg: Config) -> None:
     """A checkpoint only fits the model it was made with (and the sequence length its data position
-    counts in): refuse any other by name."""
+    counts in): refuse any other by name. Model keys that change how the computation runs but not
+    the parameters (``ArchSpec.resumable_model_keys``) are free to change."""
     saved = ckpt.read_config(path)
     now = to_dict(cfg)
+    resumable = get_spec(cfg.model.arch).resumable_model_keys
     differing = [
         f"model.{k} = {v!r} (checkpoint: {saved['model'].get(k)!r})"
         for k, v in now["model"].items()
-        if k not in RESUMABLE_MODEL_KEYS and saved["model"].get(k) != v
+        if k not in resumable and saved["model"].get(k) != v
     ]
     if saved["data"]["seq_len"] != cfg.data.seq_len:
         differing.append(f"data.seq_len = {cfg.data.seq_len} (checkpoint: {saved['data']['seq_len']})")
