@@ -26,9 +26,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from xlstm_train.data import DataError
+from xlstm_train.data import IGNORE_INDEX, DataError
 
-IGNORE_INDEX = -100
 
 
 @dataclass

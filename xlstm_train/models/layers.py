@@ -17,6 +17,8 @@ from xlstm_kernels.cross_entropy import linear_cross_entropy
 from xlstm_kernels.mlstm import mlstm, mlstm_step
 from xlstm_kernels.slstm import slstm, slstm_step
 
+from xlstm_train.data import IGNORE_INDEX  # the label format's one definition (torch-free)
+
 # --------------------------------------------------------------------------------------------------
 # Initialisers (from gpt-neox, as used by the official xLSTM code)
 
@@ -47,9 +49,6 @@ def round_up(x: float, multiple: int) -> int:
 
 # --------------------------------------------------------------------------------------------------
 # The language-model loss
-
-IGNORE_INDEX = -100  # labels with this value (padding, document edges) are not predicted
-
 
 def head_loss_sum(
     x: torch.Tensor, head: nn.Linear, labels: torch.Tensor, logit_soft_cap: float | None = None

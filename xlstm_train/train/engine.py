@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from xlstm_train.data.loader import IGNORE_INDEX
+from xlstm_train.data import IGNORE_INDEX
 from xlstm_train.parallel import clip_grad_norm_, dp_mean, loss_context, parallelize_model, to_full
 from xlstm_train.train.optim import build_optimizer, param_groups
 
