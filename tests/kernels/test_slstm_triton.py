@@ -8,7 +8,7 @@ sequences.
 import pytest
 import torch
 from xlstm_kernels import slstm
-from xlstm_kernels.slstm import document_starts
+from xlstm_kernels.documents import document_resets
 from xlstm_kernels.slstm.triton_kernel import slstm_triton
 
 from tests.kernels.test_slstm_reference import random_cell, random_state
@@ -56,7 +56,7 @@ def compare_with_reference(
                 state = tuple(s.detach().double().requires_grad_() for s in state)
         docs = None if doc_ids is None else doc_ids.to(device)
         if columns is not None and impl == "triton":
-            starts = None if docs is None else document_starts(docs, batch, seq_len, inputs[0].device)
+            starts = None if docs is None else document_resets(docs, batch, seq_len, inputs[0].device)
             zeros = torch.zeros(batch, num_heads, head_dim, device=device)
             y, final = slstm_triton(*inputs, state or (zeros,) * 4, starts, columns=columns)
         else:

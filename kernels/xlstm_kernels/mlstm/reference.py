@@ -23,6 +23,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from xlstm_kernels.documents import document_resets
+
 INPUT_GATES = ("exp", "sigmoid")
 DEFAULT_CHUNK_SIZE = 64
 
@@ -86,14 +88,6 @@ def check_step_inputs(q, k, v, i, f, c, n, m, input_gate: str) -> None:
     _expect_shape("m", m, (B, NH, 1))
     if input_gate == "sigmoid" and m is not None:
         raise ValueError("mlstm_step: m must be None with input_gate='sigmoid'")
-
-
-def document_resets(doc_ids: torch.Tensor | None, B: int, S: int, device) -> torch.Tensor:
-    """(B, S) bool: True where the state is reset before the token (the doc id differs from t-1)."""
-    reset = torch.zeros(B, S, dtype=torch.bool, device=device)
-    if doc_ids is not None and S > 1:
-        reset[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
-    return reset
 
 
 def _initial_state(B, NH, DQK, DV, c0, n0, m0, input_gate, dtype, device) -> State:

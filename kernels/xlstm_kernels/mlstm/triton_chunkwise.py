@@ -43,7 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
-from xlstm_kernels.mlstm.reference import document_resets
+from xlstm_kernels.documents import document_resets
 
 DEFAULT_CHUNK_SIZE = 128
 DEFAULT_TILE_SIZE = 64

@@ -8,6 +8,7 @@ Layouts (those of the official CUDA backend, see the xLSTM reference §2.2):
 """
 
 import torch
+from xlstm_kernels.documents import document_resets
 from xlstm_kernels.slstm.reference import slstm_reference, slstm_step_reference, state_dtype
 
 try:
@@ -59,17 +60,13 @@ def _zero_state(x_gates: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return (zeros, zeros, zeros, zeros)
 
 
-def document_starts(doc_ids: torch.Tensor, batch: int, seq_len: int, device: torch.device) -> torch.Tensor:
-    """(B, S) bool: True where the document id changes between t-1 and t (never at t = 0)."""
+def _check_doc_ids(doc_ids: torch.Tensor, batch: int, seq_len: int, device: torch.device) -> None:
     if tuple(doc_ids.shape) != (batch, seq_len):
         raise ValueError(f"slstm: doc_ids must be (B, S) = {(batch, seq_len)}; got {tuple(doc_ids.shape)}")
     if doc_ids.is_floating_point() or doc_ids.is_complex() or doc_ids.dtype == torch.bool:
         raise ValueError(f"slstm: doc_ids must be an integer tensor, got {doc_ids.dtype}")
     if doc_ids.device != device:
         raise ValueError(f"slstm: doc_ids is on {doc_ids.device} but x_gates on {device}")
-    starts = torch.zeros((batch, seq_len), dtype=torch.bool, device=device)
-    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
-    return starts
 
 
 def slstm(
@@ -103,7 +100,10 @@ def slstm(
         state0 = _zero_state(x_gates)
     else:
         _check_state(state0, batch, num_heads, head_dim, x_gates.device, "state0")
-    starts = None if doc_ids is None else document_starts(doc_ids, batch, seq_len, x_gates.device)
+    starts = None
+    if doc_ids is not None:
+        _check_doc_ids(doc_ids, batch, seq_len, x_gates.device)
+        starts = document_resets(doc_ids, batch, seq_len, x_gates.device)
     if impl == "auto":
         use_triton = slstm_triton is not None and x_gates.is_cuda and x_gates.dtype in TRITON_DTYPES
         impl = "triton" if use_triton else "reference"
