@@ -234,13 +234,3 @@ def apply_override(data: dict, override: str) -> None:
             raise ConfigError(f"override '{override}': '{part}' is a value, not a section")
         node = child
     node[leaf] = value
-
-
-def merge(base: dict, update: dict) -> dict:
-    out = dict(base)
-    for k, v in update.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = merge(out[k], v)
-        else:
-            out[k] = v
-    return out

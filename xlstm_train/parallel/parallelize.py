@@ -69,12 +69,7 @@ def apply_activation_checkpointing(blocks: nn.ModuleList, mode: str, reentrant: 
         return
     if mode not in ("full", "selective"):
         raise ConfigError(f"parallel.activation_checkpointing = {mode!r}: expected none | full | selective")
-    if reentrant:
-        if mode != "full":
-            raise ConfigError(
-                f"parallel.activation_checkpointing = {mode!r} with parallel.engine = 'deepspeed': "
-                "expected none | full (selective checkpointing is an fsdp-engine option)"
-            )
+    if reentrant:  # full only: ParallelConfig.validate refuses selective under DeepSpeed
         for n, block in enumerate(blocks):
             blocks[n] = checkpoint_wrapper(block, checkpoint_impl=CheckpointImpl.REENTRANT, preserve_rng_state=True)
         return
