@@ -376,7 +376,7 @@ def _write_export(directory: Path, cfg: Config, state: dict, checkpoint_dir: Pat
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("checkpoint", metavar="CHECKPOINT", help="a checkpoint directory, e.g. runs/tiny/step-0000350")
+    parser.add_argument("checkpoint", metavar="CHECKPOINT", help="a checkpoint directory of either engine (FSDP or DeepSpeed), e.g. runs/tiny/step-0000350")
     parser.add_argument("out_dir", metavar="OUT_DIR", help="the directory to write (must be absent or empty)")
     parser.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype of the written weights")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
