@@ -1,4 +1,5 @@
 import itertools
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -7,7 +8,7 @@ import torch
 from tests.data.conftest import SAMPLE_TOKENIZER, random_documents, run_prepare, write_jsonl
 from xlstm_train.data import DataError, build_train_loader, build_val_loader, load_tokenizer
 from xlstm_train.data.config import DataConfig, DatasetSpec
-from xlstm_train.data.loader import IGNORE_INDEX, FeistelPermutation, blend_table
+from xlstm_train.data.loader import IGNORE_INDEX, FeistelPermutation, blend_table, validation_size
 from xlstm_train.data.tokenizer import open_tokenizer
 
 VOCAB = 4096
@@ -163,8 +164,58 @@ def test_validation_is_fixed_held_out_and_rank_split(corpus):
            for r in range(2)]
     assert torch.equal(_global_rows([list(v) for v in two], 2), _global_rows([first], 1))
 
-    with pytest.raises(DataError, match="validation needs .* windows .* raise data.validation_fraction"):
-        build_val_loader(cfg, micro_batch_size=64, vocab_size=VOCAB, num_batches=10)
+
+
+def test_small_validation_set_is_sized_to_what_is_held_out(corpus, capsys):
+    root, _ = corpus
+    cfg = config(root, seq_len=8, validation_fraction=0.2)
+    held_out = build_val_loader(cfg, micro_batch_size=1, vocab_size=VOCAB, num_batches=10_000)
+    windows = [tuple(b["input_ids"][0].tolist()) for b in held_out]
+    assert "instead of the 10000 of 1 x 1 asked for" in capsys.readouterr().out
+    # held-out windows only, none twice, and all of the stream that runs out first
+    held_out_by_stream = []
+    for stream in build_train_loader(cfg, micro_batch_size=1, vocab_size=VOCAB).streams:
+        n = int(np.ceil(stream.num_windows * 0.2))
+        contents = []
+        for w in range(stream.num_windows - n, stream.num_windows):
+            tokens, starts = np.empty(9, np.int64), np.empty(9, np.int32)
+            stream.window(w, tokens, starts)
+            contents.append(tuple(tokens[:-1].tolist()))
+        held_out_by_stream.append(Counter(contents))
+    assert not Counter(windows) - sum(held_out_by_stream, Counter())
+    assert any(not part - Counter(windows) for part in held_out_by_stream) and len(windows) > 8
+
+    # too few windows for one full batch: one batch of fewer rows, the same windows
+    one = build_val_loader(cfg, micro_batch_size=64, vocab_size=VOCAB, num_batches=10)
+    assert len(one) == 1
+    rows = [tuple(r) for r in next(iter(one))["input_ids"].tolist()]
+    assert rows == windows
+    # enough for some full batches: fewer batches of full size
+    some = list(build_val_loader(cfg, micro_batch_size=4, vocab_size=VOCAB, num_batches=100))
+    assert len(some) == len(windows) // 4 and all(b["input_ids"].shape[0] == 4 for b in some)
+    # two ranks: each gets half the rows of the same windows, in the usual rank split
+    two = [list(build_val_loader(cfg, micro_batch_size=64, vocab_size=VOCAB, num_batches=10, dp_rank=r, dp_size=2))
+           for r in range(2)]
+    assert [len(v) for v in two] == [1, 1] and two[0][0]["input_ids"].shape[0] == len(windows) // 2
+    assert [tuple(r) for r in _global_rows(two, 2)[:, :8].tolist()] == windows[:2 * (len(windows) // 2)]
+    capsys.readouterr()
+    # asking for no more than there is prints nothing; no batches at all reads no data
+    build_val_loader(cfg, micro_batch_size=2, vocab_size=VOCAB, num_batches=2)
+    assert capsys.readouterr().out == ""
+    assert len(build_val_loader(config(root / "absent"), micro_batch_size=2, vocab_size=VOCAB, num_batches=0)) == 0
+
+    with pytest.raises(DataError, match="validation_fraction = 0 and no data.validation: nothing is held out"):
+        build_val_loader(config(root, validation_fraction=0.0), micro_batch_size=2, vocab_size=VOCAB, num_batches=1)
+
+
+@pytest.mark.parametrize("available, asked, want", [
+    (100, (3, 8, 2), (3, 8)),  # enough
+    (40, (3, 8, 2), (2, 8)),  # two full batches of 8 x 2
+    (15, (3, 8, 2), (1, 7)),  # one batch, 7 rows on each of the two ranks
+    (1, (3, 8, 2), (0, 0)),  # fewer windows than ranks
+])
+def test_validation_size(available, asked, want):
+    assert validation_size(available, *asked) == want
 
 
 def test_explicit_validation_dataset(corpus):
@@ -200,7 +251,8 @@ def test_token_ids_beyond_the_vocabulary_are_refused(corpus, tmp_path):
     with pytest.raises(DataError, match=r"/A/00000\.bin: holds token id \d+ >= vocab_size 100"):
         build_train_loader(config(root), micro_batch_size=2, vocab_size=100)
 
-    # bytes changed behind the manifest's back: the batch itself is checked
+    # bytes changed behind the manifest's back: the full hash refuses the shard at once, and with
+    # data.verify: size the batch itself is checked
     import shutil
 
     copy = tmp_path / "copy"
@@ -209,8 +261,11 @@ def test_token_ids_beyond_the_vocabulary_are_refused(corpus, tmp_path):
     data = np.fromfile(shard, dtype=np.uint16)
     data[:] = 4500
     data.tofile(shard)
-    loader = build_train_loader(config(copy, validation_fraction=0.0, datasets=[DatasetSpec(str(copy), subset="A")]),
-                                micro_batch_size=4, vocab_size=VOCAB)
+    with pytest.raises(DataError, match=r"copy/A/00000\.bin: its SHA-256 is .* but .* records"):
+        build_train_loader(config(copy, datasets=[DatasetSpec(str(copy), subset="A")]), micro_batch_size=4,
+                           vocab_size=VOCAB)
+    loader = build_train_loader(config(copy, validation_fraction=0.0, datasets=[DatasetSpec(str(copy), subset="A")],
+                                       verify="size"), micro_batch_size=4, vocab_size=VOCAB)
     with pytest.raises(DataError, match=r"copy/A/0000\d\.bin: window \d+ of .* holds token id 4500 >= vocab_size"):
         take(loader, 50)
 

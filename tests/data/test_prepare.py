@@ -220,6 +220,29 @@ def test_settings_change_is_refused(tmp_path):
         run_prepare("--input", path, "--output", tmp_path / "other", "--tokenizer", SAMPLE_TOKENIZER)
 
 
+def test_the_advice_to_skip_bad_records_works_as_given(tmp_path):
+    """An error's advice (--on-bad-record skip) is taken by the same command, before or after units finished."""
+    docs = [{"text": d} for d in random_documents(12, seed=3)]
+    inputs = tmp_path / "in"
+    write_jsonl(inputs / "a.jsonl", docs[:6])
+    (inputs / "b.jsonl").write_text("")  # an empty file, after a's six records
+    write_jsonl(inputs / "c.jsonl", docs[6:])
+    common = ("--input", inputs, "--tokenizer", SAMPLE_TOKENIZER, "--workers", 1)
+    for docs_per_unit, finished_before_error in ((100, 0), (3, 2)):
+        out = tmp_path / f"out-{docs_per_unit}"
+        with pytest.raises(DataError, match=r"b.jsonl: empty file \(use --on-bad-record skip"):
+            run_prepare(*common, "--output", out, "--docs-per-unit", docs_per_unit)
+        assert len(list((out / "progress").glob("unit_*.json"))) == finished_before_error
+        manifest = run_prepare(*common, "--output", out, "--docs-per-unit", docs_per_unit, "--on-bad-record", "skip")
+        assert manifest["skipped"] == {"empty_file": 1} and manifest["documents"] == 12
+        fresh = tmp_path / f"fresh-{docs_per_unit}"
+        run_prepare(*common, "--output", fresh, "--docs-per-unit", docs_per_unit, "--on-bad-record", "skip")
+        assert tree_bytes(out) == tree_bytes(fresh)
+    # the other way round could keep units that skipped records under "error": refused
+    with pytest.raises(DataError, match=r"other settings \(on_bad_record differ\)"):
+        run_prepare(*common, "--output", tmp_path / "out-3", "--docs-per-unit", 3)
+
+
 def test_hugging_face_tokenizer_and_datasets_sources(tmp_path):
     docs = random_documents(30, seed=5)
     rows = [{"content": d, "meta": {"source": "s" + str(i % 2)}} for i, d in enumerate(docs)]

@@ -5,6 +5,15 @@ class DataError(ValueError):
     """Bad data or a bad data setting: the message names the file (and line) and what is wrong."""
 
 
+def relative_path_note(path) -> str:
+    """For a message about a missing path: where a relative path was looked for."""
+    import os
+
+    if os.path.isabs(path):
+        return ""
+    return f" (relative paths are read from the working directory, here {os.getcwd()})"
+
+
 # The label of a position the loss skips (a token that starts a new document, a synthetic task's
 # non-answer tokens): PyTorch's default ``ignore_index`` for cross-entropy.
 IGNORE_INDEX = -100

@@ -25,6 +25,10 @@ class DataConfig:
     # with no `validation`: the last this fraction of every dataset's windows is held out for evaluation
     validation_fraction: float = 0.05
     tokenizer: str | None = None  # must match the tokenizer the shards were made with
+    # checks of the shard files against their manifest before training: "full" hashes every file
+    # (SHA-256, on the first process of each node); "size" only compares sizes (for corpora too
+    # large to read at every start)
+    verify: Literal["full", "size"] = "full"
     # source: synthetic -- one of the xLSTM paper's synthetic tasks, generated on the fly
     task: str | None = None
     task_options: dict[str, Any] = field(default_factory=dict)

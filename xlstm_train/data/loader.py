@@ -21,19 +21,23 @@ samples.
 
 from __future__ import annotations
 
+import atexit
+import os
 import queue
 import threading
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from xlstm_train.data import DataError
-from xlstm_train.data.shards import TokenShard, read_manifest, token_dtype
+from xlstm_train.data import IGNORE_INDEX, DataError, relative_path_note
+from xlstm_train.data.shards import (
+    MANIFEST, TokenShard, check_manifest_consistency, read_manifest, verify_shard_files,
+)
 from xlstm_train.data.tokenizer import open_tokenizer
 
-IGNORE_INDEX = -100
 BLEND_PERIOD = 1 << 16  # the blend table repeats every this many samples
 _MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 
@@ -121,29 +125,82 @@ class TokenStream:
         doc_starts_out[0] = 0
 
 
-def _resolve_streams(specs, seq_len: int, vocab_size: int, tokenizer_sha256: str | None,
-                     what: str) -> tuple[list[TokenStream], np.ndarray]:
-    """Open every (dataset, subset) stream named by ``specs``; weights split by token share within a spec."""
+def check_dataset_paths(data_cfg) -> None:
+    """Every dataset directory named by the recipe exists; a missing one is named with its key, and a
+    relative one with the working directory it was looked for in."""
+    if data_cfg.source != "shards":
+        return
+    for section in ("datasets", "validation"):
+        for n, spec in enumerate(getattr(data_cfg, section)):
+            if not Path(spec.path).is_dir():
+                raise DataError(f"data.{section}[{n}].path = '{spec.path}': no such directory"
+                                f"{relative_path_note(spec.path)}; expected a directory written by "
+                                "`xlstm-train prepare-data` (holding manifest.json)")
+
+
+def _hashes_shards_here() -> bool:
+    """Whether this process hashes shard files under ``data.verify: full``.
+
+    The first process of each node does (LOCAL_RANK 0, or a process outside any launcher). That
+    covers a corpus on a shared file system and node-local copies alike, and a refusal appears on the
+    console, which shows local rank 0. The node's other processes check sizes only; when the first
+    one refuses the data, the launcher stops them.
+    """
+    return int(os.environ.get("LOCAL_RANK", "0")) == 0
+
+
+def _reference_tokenizer(data_cfg, tokenizer=None) -> tuple[dict, str]:
+    """The tokenizer identity every dataset must have been made with, and what it is (for messages):
+    ``data.tokenizer`` (``tokenizer``: that one already opened) when set, else the tokenizer recorded
+    by the first training dataset."""
+    if data_cfg.tokenizer:
+        identity = (tokenizer or open_tokenizer(data_cfg.tokenizer)).identity
+        return identity, f"data.tokenizer '{data_cfg.tokenizer}'"
+    first = Path(data_cfg.datasets[0].path)
+    return read_manifest(first)["tokenizer"], f"the tokenizer of data.datasets[0] ({first})"
+
+
+def _check_tokenizer(root: Path, manifest: dict, reference: dict, described: str) -> None:
+    recorded = manifest["tokenizer"]
+    if recorded["sha256"] != reference["sha256"]:
+        raise DataError(f"{root}: made with tokenizer '{recorded['name']}' (sha256 {recorded['sha256'][:12]}...) "
+                        f"but {described} has sha256 {reference['sha256'][:12]}...; re-run prepare-data with "
+                        "the recipe's tokenizer")
+    differing = [f"{key} {recorded.get(key)!r} where the tokenizer has {reference[key]!r}"
+                 for key in ("vocab_size", "eos_id") if recorded.get(key) != reference[key]]
+    if differing:
+        raise DataError(f"{root / MANIFEST}: records {', '.join(differing)} for the same tokenizer file "
+                        f"(sha256 {reference['sha256'][:12]}...); the manifest was edited or belongs to other "
+                        "shards; re-run prepare-data")
+
+
+def _resolve_streams(specs, data_cfg, vocab_size: int, what: str, tokenizer=None
+                     ) -> tuple[list[TokenStream], np.ndarray]:
+    """Open every (dataset, subset) stream named by ``specs``; weights split by token share within a spec.
+
+    Each dataset's manifest is checked against the recipe (tokenizer, vocabulary) and against itself,
+    and its shard files against the manifest (``data.verify``), before any window is read.
+    """
+    check_dataset_paths(data_cfg)
+    reference, described = _reference_tokenizer(data_cfg, tokenizer)
+    hashes = data_cfg.verify == "full" and _hashes_shards_here()
     streams, weights = [], []
     for n, spec in enumerate(specs):
         root = Path(spec.path)
         manifest = read_manifest(root)
         key = f"data.{what}[{n}]"
-        if tokenizer_sha256 is not None and manifest["tokenizer"]["sha256"] != tokenizer_sha256:
-            raise DataError(f"{root}: made with tokenizer '{manifest['tokenizer']['name']}' "
-                            f"(sha256 {manifest['tokenizer']['sha256'][:12]}...) but data.tokenizer has sha256 "
-                            f"{tokenizer_sha256[:12]}...; re-run prepare-data with the recipe's tokenizer")
-        if np.dtype(manifest["dtype"]) != token_dtype(manifest["tokenizer"]["vocab_size"]):
-            raise DataError(f"{root}: dtype {manifest['dtype']} does not fit its tokenizer's vocabulary")
+        _check_tokenizer(root, manifest, reference, described)
         if spec.subset is not None and spec.subset not in manifest["subsets"]:
             raise DataError(f"{key}.subset = {spec.subset!r}: {root} has subsets {sorted(manifest['subsets'])}")
         subsets = [spec.subset] if spec.subset is not None else sorted(manifest["subsets"])
-        for subset in subsets:
-            for shard in manifest["subsets"][subset]["shards"]:
-                if shard["max_token_id"] >= vocab_size:
-                    raise DataError(f"{root / shard['name']}.bin: holds token id {shard['max_token_id']} "
-                                    f">= vocab_size {vocab_size}")
-        opened = [TokenStream(root, subset, manifest, seq_len) for subset in subsets]
+        check_manifest_consistency(root, manifest, subsets)
+        shards = [shard for subset in subsets for shard in manifest["subsets"][subset]["shards"]]
+        for shard in shards:
+            if shard["max_token_id"] >= vocab_size:
+                raise DataError(f"{root / shard['name']}.bin: holds token id {shard['max_token_id']} "
+                                f">= vocab_size {vocab_size}")
+        verify_shard_files(root, shards, hashes=hashes)
+        opened = [TokenStream(root, subset, manifest, data_cfg.seq_len) for subset in subsets]
         total = sum(s.tokens for s in opened)
         if total == 0:
             raise DataError(f"{key}: {root} holds no tokens" + (f" in subset {spec.subset}" if spec.subset else ""))
@@ -152,14 +209,6 @@ def _resolve_streams(specs, seq_len: int, vocab_size: int, tokenizer_sha256: str
                 streams.append(stream)
                 weights.append(spec.weight * stream.tokens / total)
     return streams, np.asarray(weights, dtype=np.float64)
-
-
-def _tokenizer_sha256(data_cfg, tokenizer=None) -> str | None:
-    """The hash of ``data.tokenizer`` that the shards must have been made with; ``tokenizer``: that
-    tokenizer already opened (hashing a large tokenizer file once per run is enough)."""
-    if not data_cfg.tokenizer:
-        return None
-    return (tokenizer or open_tokenizer(data_cfg.tokenizer)).identity["sha256"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -253,13 +302,18 @@ def _to_device(batch: dict, device: torch.device) -> dict:
 
 
 class ShardLoader:
-    """Infinite iterator of this rank's micro-batches, from global sample ``consumed_samples`` on."""
+    """Infinite iterator of this rank's micro-batches, from global sample ``consumed_samples`` on.
+
+    With ``prefetch`` > 0 a background thread assembles the next batches. ``close()`` (or leaving a
+    ``with`` block) stops and joins it; loaders still open at interpreter exit are closed then.
+    """
 
     def __init__(self, streams, order: SampleOrder, *, seq_len: int, vocab_size: int, micro_batch_size: int,
                  dp_rank: int, dp_size: int, consumed_samples: int, device, prefetch: int):
         self.streams, self.order, self.seq_len, self.vocab_size = streams, order, seq_len, vocab_size
         self.micro_batch_size, self.dp_rank, self.dp_size = micro_batch_size, dp_rank, dp_size
         self.consumed_samples, self.device, self.prefetch = consumed_samples, torch.device(device), prefetch
+        self._producers: list[tuple[threading.Thread, threading.Event]] = []
 
     def batch_at(self, step: int) -> dict:
         """The ``step``-th micro-batch of this rank after ``consumed_samples`` (CPU tensors)."""
@@ -272,49 +326,95 @@ class ShardLoader:
         return batch
 
     def __iter__(self):
-        if self.prefetch <= 0:
-            step = 0
-            while True:
-                yield _to_device(self.batch_at(step), self.device)
-                step += 1
-        yield from self._prefetched()
+        return self._prefetched() if self.prefetch > 0 else self._direct()
+
+    def _direct(self):
+        step = 0
+        while True:
+            yield _to_device(self.batch_at(step), self.device)
+            step += 1
 
     def _prefetched(self):
         ready: queue.Queue = queue.Queue(maxsize=self.prefetch)
         stop = threading.Event()
-
-        def produce():
-            step = 0
-            try:
-                while not stop.is_set():
-                    item = self.batch_at(step)
-                    step += 1
-                    while not stop.is_set():
-                        try:
-                            ready.put(item, timeout=0.1)
-                            break
-                        except queue.Full:
-                            continue
-            except BaseException as e:  # handed to the consumer, which raises it
-                ready.put(e)
-
-        worker = threading.Thread(target=produce, name="xlstm-train-data", daemon=True)
+        worker = threading.Thread(target=_produce, args=(self.batch_at, ready, stop), name="xlstm-train-data",
+                                  daemon=True)
+        self._producers.append((worker, stop))
+        _open_loaders.add(self)
         worker.start()
         try:
             while True:
-                item = ready.get()
+                try:
+                    item = ready.get(timeout=_POLL_S)
+                except queue.Empty:
+                    if stop.is_set():  # closed
+                        return
+                    continue
                 if isinstance(item, BaseException):
                     raise item
                 yield _to_device(item, self.device)
         finally:
             stop.set()
 
+    def close(self, timeout_s: float = 60.0) -> None:
+        """Stop the prefetch threads and wait for them (each finishes the batch it is assembling).
+
+        Idempotent. An iterator of a closed loader ends. A training process must call this before it
+        exits: a daemon thread still running native code while the interpreter shuts down can abort
+        the process (``terminate called without an active exception``).
+        """
+        producers, self._producers = self._producers, []
+        for _, stop in producers:
+            stop.set()
+        for worker, _ in producers:
+            worker.join(timeout_s)
+        _open_loaders.discard(self)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+_POLL_S = 0.1  # how often a blocked prefetch thread or consumer looks whether the loader was closed
+# Loaders that may have a prefetch thread running; closed at interpreter exit, before daemon threads
+# are frozen (atexit handlers run while every thread is still alive).
+_open_loaders: weakref.WeakSet[ShardLoader] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_loaders() -> None:
+    for loader in list(_open_loaders):
+        loader.close()
+
+
+def _put_unless_stopped(ready: queue.Queue, item, stop: threading.Event) -> None:
+    while not stop.is_set():
+        try:
+            ready.put(item, timeout=_POLL_S)
+            return
+        except queue.Full:
+            continue
+
+
+def _produce(make_batch, ready: queue.Queue, stop: threading.Event) -> None:
+    """The prefetch thread: batches 0, 1, ... into ``ready`` until ``stop``; an error is passed on
+    to the consumer, which raises it."""
+    step = 0
+    try:
+        while not stop.is_set():
+            _put_unless_stopped(ready, make_batch(step), stop)
+            step += 1
+    except BaseException as e:
+        _put_unless_stopped(ready, e, stop)
+
 
 class ValidationLoader:
-    """The same ``num_batches`` micro-batches of held-out windows at every iteration."""
+    """The same micro-batches of held-out windows at every iteration (none: evaluation is off)."""
 
-    def __init__(self, make_batch, num_batches: int, device):
-        self._batches = [make_batch(b) for b in range(num_batches)]
+    def __init__(self, batches: list[dict], device):
+        self._batches = batches
         self.device = torch.device(device)
 
     def __len__(self) -> int:
@@ -351,8 +451,7 @@ def build_train_loader(data_cfg, *, micro_batch_size: int, vocab_size: int, dp_r
                                       device=device)
     if not data_cfg.datasets:
         raise DataError("data.datasets is empty: name at least one directory written by prepare-data")
-    streams, weights = _resolve_streams(data_cfg.datasets, data_cfg.seq_len, vocab_size,
-                                        _tokenizer_sha256(data_cfg, tokenizer), "datasets")
+    streams, weights = _resolve_streams(data_cfg.datasets, data_cfg, vocab_size, "datasets", tokenizer)
     held_out = 0.0 if data_cfg.validation else data_cfg.validation_fraction
     ranges = []
     for stream in streams:
@@ -369,9 +468,26 @@ def build_train_loader(data_cfg, *, micro_batch_size: int, vocab_size: int, dp_r
                        consumed_samples=consumed_samples, device=device, prefetch=data_cfg.prefetch)
 
 
+def validation_size(available: int, num_batches: int, micro_batch_size: int, dp_size: int) -> tuple[int, int]:
+    """(batches, rows per rank) of a validation set that asks for ``num_batches`` micro-batches but
+    has only ``available`` windows: fewer batches first, then fewer rows in one batch. Every rank
+    gets the same number of batches and rows, as the model's collectives need."""
+    per_batch = micro_batch_size * dp_size
+    if available >= num_batches * per_batch:
+        return num_batches, micro_batch_size
+    if available >= per_batch:
+        return available // per_batch, micro_batch_size
+    return (1, available // dp_size) if available >= dp_size else (0, 0)
+
+
 def build_val_loader(data_cfg, *, micro_batch_size: int, vocab_size: int, num_batches: int, dp_rank: int = 0,
                      dp_size: int = 1, device="cpu", tokenizer=None):
+    """The validation set: ``num_batches`` micro-batches per rank, or as many as the held-out windows
+    (or ``data.validation``) hold, with a note on the console when that is fewer. ``num_batches`` 0
+    gives an empty loader (no evaluation) without reading any data."""
     _check_rank(dp_rank, dp_size, micro_batch_size)
+    if num_batches == 0:
+        return ValidationLoader([], device)
     if data_cfg.source == "synthetic":
         from xlstm_train.data.synthetic import build_synthetic_val_loader
 
@@ -381,9 +497,11 @@ def build_val_loader(data_cfg, *, micro_batch_size: int, vocab_size: int, num_ba
     specs = data_cfg.validation or data_cfg.datasets
     if not specs:
         raise DataError("data.datasets is empty: name at least one directory written by prepare-data")
-    streams, weights = _resolve_streams(specs, data_cfg.seq_len, vocab_size, _tokenizer_sha256(data_cfg, tokenizer),
-                                        "validation" if data_cfg.validation else "datasets")
-    needed = num_batches * micro_batch_size * dp_size
+    if not data_cfg.validation and data_cfg.validation_fraction == 0:
+        raise DataError("data.validation_fraction = 0 and no data.validation: nothing is held out to evaluate "
+                        "on; set data.validation_fraction > 0 or name a validation dataset in data.validation")
+    streams, weights = _resolve_streams(specs, data_cfg, vocab_size,
+                                        "validation" if data_cfg.validation else "datasets", tokenizer)
     ranges = []
     for stream in streams:
         if data_cfg.validation:
@@ -392,17 +510,33 @@ def build_val_loader(data_cfg, *, micro_batch_size: int, vocab_size: int, num_ba
             n = _heldout_windows(stream, data_cfg.validation_fraction)
             first = stream.num_windows - n
         ranges.append((first, n))
+    # streams too short for one window take no part (only possible in an explicit validation set)
+    keep = [s for s, (_, n) in enumerate(ranges) if n > 0]
+    streams, ranges, weights = [streams[s] for s in keep], [ranges[s] for s in keep], weights[keep]
+    where = ("data.validation" if data_cfg.validation
+             else f"the held-out {data_cfg.validation_fraction:g} of data.datasets")
+    if not streams:
+        raise DataError(f"{where} holds no window of seq_len {data_cfg.seq_len}")
     order = SampleOrder(ranges, weights, data_cfg.seed)
-    stream_ids, _ = order(np.arange(needed, dtype=np.int64))
-    for s, stream in enumerate(streams):  # each evaluation sees every window at most once
-        used = int((stream_ids == s).sum())
-        if used > ranges[s][1]:
-            where = ("data.validation" if data_cfg.validation
-                     else f"the held-out {data_cfg.validation_fraction:g} of data.datasets")
-            raise DataError(f"{stream.name}: validation needs {used} windows of seq_len {data_cfg.seq_len} "
-                            f"but {where} holds {ranges[s][1]}; lower the evaluation batches or raise "
-                            "data.validation_fraction")
+
+    # Each evaluation sees every window at most once: the validation set is the longest prefix of the
+    # order in which no stream is asked for more windows than it holds.
+    wanted = num_batches * micro_batch_size * dp_size
+    stream_ids, _ = order(np.arange(wanted, dtype=np.int64))
+    available = wanted
+    for s, (_, n) in enumerate(ranges):
+        used_at = np.flatnonzero(stream_ids == s)
+        if len(used_at) > n:
+            available = min(available, int(used_at[n]))
+    batches, rows = validation_size(available, num_batches, micro_batch_size, dp_size)
+    if batches == 0:
+        raise DataError(f"{where} holds {available} windows of seq_len {data_cfg.seq_len}, fewer than the "
+                        f"{dp_size} data-parallel ranks; raise data.validation_fraction or lower data.seq_len")
+    if (batches, rows) != (num_batches, micro_batch_size) and dp_rank == 0:
+        print(f"validation: {where} holds {available} windows of seq_len {data_cfg.seq_len} in the blend, so "
+              f"each evaluation uses {batches} batch(es) of {rows} x {dp_size} rows instead of the "
+              f"{num_batches} of {micro_batch_size} x {dp_size} asked for", flush=True)
     loader = ShardLoader(streams, order, seq_len=data_cfg.seq_len, vocab_size=vocab_size,
-                         micro_batch_size=micro_batch_size, dp_rank=dp_rank, dp_size=dp_size,
+                         micro_batch_size=rows, dp_rank=dp_rank, dp_size=dp_size,
                          consumed_samples=0, device="cpu", prefetch=0)
-    return ValidationLoader(loader.batch_at, num_batches, device)
+    return ValidationLoader([loader.batch_at(b) for b in range(batches)], device)

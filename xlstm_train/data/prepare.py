@@ -311,6 +311,22 @@ def _train_tokenizer(args, source) -> None:
     print(f"trained a {args.train_tokenizer} tokenizer ({args.vocab_size} tokens) on {len(texts)} documents: {path}")
 
 
+def _check_settings_unchanged(root: Path, previous: dict, settings: dict) -> None:
+    """A re-run continues an interrupted one only with settings that give the same bytes.
+
+    Two changes are always safe: any change before the first unit finished (nothing is kept), and
+    ``--on-bad-record`` from error to skip (units finished under "error" met no bad record, so they
+    are what "skip" writes too). The latter is the advice an error gives, so it must work as given.
+    """
+    changed = sorted(k for k in settings if previous.get(k) != settings.get(k))
+    if not changed or not _finished_units(root):
+        return
+    if changed == ["on_bad_record"] and (previous["on_bad_record"], settings["on_bad_record"]) == ("error", "skip"):
+        return
+    raise DataError(f"{root}: was prepared with other settings ({', '.join(changed)} differ); "
+                    "use another --output or pass --overwrite")
+
+
 def prepare(args) -> dict:
     """Run prepare-data; returns the manifest."""
     if args.workers < 1 or args.docs_per_unit < 1 or args.batch_docs < 1:
@@ -343,11 +359,7 @@ def prepare(args) -> dict:
         raise DataError(f"{root}: not empty and not a prepare-data output; use another --output or --overwrite")
     settings = json.loads(json.dumps(settings))  # as it reads back from disk (tuples become lists)
     if settings_path.is_file():
-        previous = json.loads(settings_path.read_text())
-        if previous != settings:
-            changed = sorted(k for k in settings if previous.get(k) != settings.get(k))
-            raise DataError(f"{root}: was prepared with other settings ({', '.join(changed)} differ); "
-                            "use another --output or pass --overwrite")
+        _check_settings_unchanged(root, json.loads(settings_path.read_text()), settings)
     (root / PROGRESS_DIR).mkdir(parents=True, exist_ok=True)
     write_json_atomic(settings_path, settings)
 
