@@ -84,3 +84,10 @@ def test_apply_override_refuses_to_descend_into_a_value():
     assert data == {"train": {"steps": 5}}
     with pytest.raises(ConfigError, match="'steps' is a value"):
         apply_override(data, "train.steps.x=1")
+
+
+def test_skipping_nonfinite_steps_under_deepspeed_is_refused_when_read(tmp_path):
+    recipe = write(tmp_path, "name: r\nparallel:\n  engine: deepspeed\n  zero_stage: 2\n")
+    assert load_config(recipe).train.on_nonfinite == "stop"
+    with pytest.raises(ConfigError, match=r"train.on_nonfinite = 'skip' with parallel.engine = 'deepspeed'.*allowed: stop"):
+        load_config(recipe, ["train.on_nonfinite=skip"])

@@ -245,3 +245,74 @@ def test_finished_run_resumes_without_training(tmp_path, capsys):
     assert summary["step"] == 2
     assert "run is complete at step 2" in capsys.readouterr().out
     assert (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[: len(lines)] == lines
+
+
+def _engine_and_batches(seed: int, num_steps: int = 1):
+    """A single-process FSDPEngine on an fp64 model with clipping that acts, an independent copy of
+    the model, and per step a batch with uneven numbers of ignored labels over the rows and the same
+    batch as two micro-batches."""
+    import copy
+
+    from xlstm_train.train.config import Config
+
+    torch.manual_seed(seed)
+    cfg = Config()
+    cfg.model = xLSTMBlocksConfig(vocab_size=17, embedding_dim=16, num_blocks=2, slstm_at=[1], mlstm_num_heads=2,
+                                  slstm_num_heads=2, chunk_size=8, kernel="reference")  # fmt: skip
+    cfg.optim.clip_grad_norm, cfg.optim.lr = 0.05, 1e-2
+    model = build_model(cfg.model).double()
+    reference = copy.deepcopy(model)
+    step_engine = engine.build_engine(model, cfg, None, torch.device("cpu"))
+    steps = []
+    for _ in range(num_steps):
+        labels = torch.randint(0, 17, (4, 12))
+        labels[0, :9] = -100
+        doc_ids = torch.zeros(4, 12, dtype=torch.int32)
+        doc_ids[1, 7:] = 1
+        batch = {"input_ids": torch.randint(0, 17, (4, 12)), "labels": labels, "doc_ids": doc_ids}
+        steps.append((batch, [{k: v[i:j] for k, v in batch.items()} for i, j in ((0, 1), (1, 4))]))
+    return cfg, step_engine, reference, steps
+
+
+def test_engine_step_matches_a_plain_pytorch_step_fp64():
+    """``FSDPEngine.step`` = mean token loss over the whole batch, clip, AdamW with the decay groups
+    (two steps: AdamW's first update does not depend on the gradient's scale, its second does)."""
+    from xlstm_train.train.optim import param_groups
+
+    cfg, step_engine, reference, steps = _engine_and_batches(seed=1, num_steps=2)
+    ref_opt = torch.optim.AdamW(param_groups(reference, cfg.optim), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
+                                eps=cfg.optim.eps)  # fmt: skip
+    for batch, micro_batches in steps:
+        logits = reference(batch["input_ids"], doc_ids=batch["doc_ids"])
+        labels = batch["labels"].flatten()
+        ref_loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels, ignore_index=-100)
+        ref_loss.backward()
+        ref_norm = torch.nn.utils.clip_grad_norm_(reference.parameters(), cfg.optim.clip_grad_norm)
+        ref_opt.step()
+        ref_opt.zero_grad()
+
+        result = step_engine.step(micro_batches)
+        assert result.applied and result.finite
+        assert result.loss == pytest.approx(ref_loss.item(), rel=1e-12)
+        # the norm is reduced in fp32 (parallel.grad_norm), whatever the gradients' dtype
+        assert result.grad_norm == pytest.approx(ref_norm.item(), rel=1e-6) and result.grad_norm > cfg.optim.clip_grad_norm
+        for (name, p), ref in zip(step_engine.model.named_parameters(), reference.parameters()):
+            # (a clip scale from the fp32 norm moves elements with tiny gradients in the ninth digit)
+            torch.testing.assert_close(p, ref, rtol=1e-7, atol=1e-9, msg=lambda m, name=name: f"{name}: {m}")
+        assert all(p.grad is None for p in step_engine.model.parameters())
+
+
+def test_engine_step_with_a_nonfinite_loss_leaves_the_weights():
+    _, step_engine, _, [(_, micro_batches)] = _engine_and_batches(seed=2)
+    before = [p.detach().clone() for p in step_engine.model.parameters()]
+    calls = []
+
+    def nan_on_second_call(module, args, output):  # the second micro-batch's logits
+        calls.append(1)
+        return output * float("nan") if len(calls) == 2 else output
+
+    step_engine.model.register_forward_hook(nan_on_second_call)
+    result = step_engine.step(micro_batches)
+    assert len(calls) == 2 and not result.finite and not result.applied
+    assert all(torch.equal(p, b) for p, b in zip(step_engine.model.parameters(), before))
+    assert all(p.grad is None for p in step_engine.model.parameters())
