@@ -80,6 +80,7 @@ class LoggingConfig:
     wandb: Literal["disabled", "offline", "online"] = "offline"
     wandb_project: str = "xlstm-train"
     wandb_entity: str | None = None
+    wandb_group: str | None = None  # groups runs in the wandb UI (e.g. the points of one sweep)
 
     def validate(self, prefix: str) -> None:
         _check(prefix, "interval", self.interval, self.interval >= 1, "an integer >= 1")

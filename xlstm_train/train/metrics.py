@@ -2,14 +2,26 @@
 
 MFU = flops_per_token * tokens/s / peak, with the dense bf16 peak of the GPU (no sparsity). On CPU,
 or on a GPU whose peak is not known, no MFU is reported.
+
+The console line carries the instantaneous tokens/s of the last logging interval and, beside it, the
+rate over the last ``SMOOTHING_INTERVALS`` intervals (``tokens_per_s_avg``), which a busy machine
+does not swing; the elapsed wall time of this process and an ETA from the recent wall time per step
+(evaluations and checkpoints included).
+
+wandb starts on the first metrics record, not before: a rerun of a finished run, which trains
+nothing, leaves no new wandb run behind. Its id is fixed up front (``wandb_id``), so a checkpoint
+written before that first record still resumes the same wandb run.
 """
 
 from __future__ import annotations
 
+import collections
 import json
 import math
 import os
 import resource
+import secrets
+import string
 import time
 from pathlib import Path
 
@@ -63,6 +75,21 @@ def _si(x: float) -> str:
     return f"{x:.0f}"
 
 
+def format_duration(seconds: float) -> str:
+    """``42s``, ``7m05s``, ``3h07m``, ``2d04h``: two units at most, for a console line."""
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    minutes, seconds = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes}m{seconds:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    if hours < 24:
+        return f"{hours}h{minutes:02d}m"
+    days, hours = divmod(hours, 24)
+    return f"{days}d{hours:02d}h"
+
+
 def format_train_line(m: dict, total_steps: int) -> str:
     width = len(str(total_steps))
     parts = [
@@ -71,14 +98,55 @@ def format_train_line(m: dict, total_steps: int) -> str:
         f"ppl {m['ppl']:.1f}",
         f"lr {m['lr']:.2e}",
         f"gnorm {m['grad_norm']:.3f}",
-        f"{_si(m['tokens_per_s'])} tok/s",
     ]
+    if m.get("tokens_per_s_avg") is not None:
+        parts.append(f"{_si(m['tokens_per_s_avg'])} tok/s (now {_si(m['tokens_per_s'])})")
+    else:
+        parts.append(f"{_si(m['tokens_per_s'])} tok/s")
     if m.get("mfu") is not None:
         parts.append(f"mfu {100 * m['mfu']:.1f}%")
     parts.append(f"mem {m['memory_gib']:.2f}GiB")
     if m.get("skipped_steps"):
         parts.append(f"skipped {m['skipped_steps']}")
+    if m.get("elapsed_s") is not None:
+        eta = f" eta {format_duration(m['eta_s'])}" if m.get("eta_s") is not None else ""
+        parts.append(f"{format_duration(m['elapsed_s'])}{eta}")
     return " | ".join(parts)
+
+
+SMOOTHING_INTERVALS = 10  # logging intervals behind tokens_per_s_avg and the ETA
+
+
+class Throughput:
+    """Smoothed tokens/s and ETA from the records of consecutive logging intervals."""
+
+    def __init__(self, total_steps: int, start_step: int = 0):
+        self.total_steps = total_steps
+        self.started = self._last_time = time.perf_counter()
+        self._last_step, self._last_tokens = start_step, None
+        # per interval: (tokens, step time, steps, wall time)
+        self._intervals: collections.deque = collections.deque(maxlen=SMOOTHING_INTERVALS)
+
+    def update(self, m: dict) -> dict:
+        """Fields to add to train record ``m`` (which holds step, tokens_seen and tokens_per_s)."""
+        now = time.perf_counter()
+        steps, wall = m["step"] - self._last_step, now - self._last_time
+        if self._last_tokens is not None and steps > 0 and m.get("tokens_per_s"):
+            tokens = m["tokens_seen"] - self._last_tokens
+            self._intervals.append((tokens, tokens / m["tokens_per_s"], steps, wall))
+        elif steps > 0:  # the first interval of this process: no token count before it, only its wall time
+            self._intervals.append((0, 0.0, steps, wall))
+        self._last_step, self._last_time, self._last_tokens = m["step"], now, m["tokens_seen"]
+        tokens = sum(i[0] for i in self._intervals)
+        step_time = sum(i[1] for i in self._intervals)
+        steps_done = sum(i[2] for i in self._intervals)
+        wall_time = sum(i[3] for i in self._intervals)
+        remaining = max(self.total_steps - m["step"], 0)
+        return {
+            "tokens_per_s_avg": tokens / step_time if step_time > 0 else None,
+            "elapsed_s": now - self.started,
+            "eta_s": remaining * wall_time / steps_done if steps_done else None,
+        }
 
 
 def format_val_line(m: dict, total_steps: int) -> str:
@@ -86,28 +154,51 @@ def format_val_line(m: dict, total_steps: int) -> str:
     return f"step {m['step']:>{width}}/{total_steps} | val loss {m['val_loss']:.4f} | val ppl {m['val_ppl']:.2f}"
 
 
+def new_wandb_id() -> str:
+    """A run id in wandb's own form (8 lowercase letters and digits)."""
+    alphabet = string.ascii_lowercase + string.digits
+    return "".join(secrets.choice(alphabet) for _ in range(8))
+
+
 class MetricsLogger:
-    """Writes every record to the console, ``metrics.jsonl`` and (unless disabled) wandb."""
+    """Writes every record to the console, ``metrics.jsonl`` and (unless disabled) wandb.
+
+    The trainer calls ``close()`` at the end of the run, also when it fails.
+    """
 
     def __init__(self, run_dir: Path, *, total_steps: int, wandb_mode: str, wandb_project: str,
-                 wandb_entity: str | None, run_name: str, config: dict, wandb_id: str | None = None):
+                 wandb_entity: str | None, run_name: str, config: dict, wandb_id: str | None = None,
+                 wandb_group: str | None = None, start_step: int = 0):
         self.total_steps = total_steps
+        self.run_dir = run_dir
         self.jsonl_path = run_dir / "metrics.jsonl"
         self._jsonl = open(self.jsonl_path, "a", buffering=1)  # appended across resumes
+        self._throughput = Throughput(total_steps, start_step)
         self._wandb_run = None
+        self._wandb_init = None
+        self._wandb_id = None
         if wandb_mode != "disabled":
-            import wandb  # imported here: slow to import, and most tests do not need it
-
-            self._wandb_run = wandb.init(
-                project=wandb_project, entity=wandb_entity, name=run_name, dir=str(run_dir),
-                mode=wandb_mode, config=config, id=wandb_id, resume="allow",
+            self._wandb_id = wandb_id or new_wandb_id()
+            self._wandb_init = dict(
+                project=wandb_project, entity=wandb_entity, group=wandb_group, name=run_name, dir=str(run_dir),
+                mode=wandb_mode, config=config, id=self._wandb_id, resume="allow",
             )
 
     @property
     def wandb_id(self) -> str | None:
-        return self._wandb_run.id if self._wandb_run is not None else None
+        """The wandb run this run logs to (None without wandb), known before wandb starts."""
+        return self._wandb_id
+
+    def _wandb(self):
+        if self._wandb_init is not None and self._wandb_run is None:
+            import wandb  # imported here: slow to import, and most tests do not need it
+
+            # quiet: no summary of every metric at the end of each run
+            self._wandb_run = wandb.init(**self._wandb_init, settings=wandb.Settings(quiet=True))
+        return self._wandb_run
 
     def log_train(self, metrics: dict) -> None:
+        metrics = {**metrics, **self._throughput.update(metrics)}
         print(format_train_line(metrics, self.total_steps), flush=True)
         self._write("train", metrics)
 
@@ -122,15 +213,17 @@ class MetricsLogger:
         # strict JSON has no NaN/Infinity: a non-finite value (a skipped step's loss) is written as null
         record = {"kind": kind, "time": time.time(), **{k: _finite_or_none(v) for k, v in metrics.items()}}
         self._jsonl.write(json.dumps(record, allow_nan=False) + "\n")
-        if self._wandb_run is not None:
+        run = self._wandb()
+        if run is not None:
             prefix = "train" if kind == "train" else "val"
-            self._wandb_run.log(
-                {f"{prefix}/{k}": v for k, v in metrics.items() if k != "step" and v is not None},
-                step=metrics["step"],
-            )
+            run.log({f"{prefix}/{k}": v for k, v in metrics.items() if k != "step" and v is not None},
+                    step=metrics["step"])
 
     def close(self) -> None:
-        self._jsonl.close()
+        """Idempotent."""
+        if not self._jsonl.closed:
+            self._jsonl.close()
         if self._wandb_run is not None:
             self._wandb_run.finish()
             self._wandb_run = None
+        self._wandb_init = None
