@@ -324,3 +324,53 @@ def test_batches_arrive_on_the_gpu_unchanged(corpus):
     val = build_val_loader(config(root, seq_len=8), micro_batch_size=2, vocab_size=VOCAB, num_batches=2,
                            device="cuda")
     assert all(batch["input_ids"].is_cuda for batch in val)
+
+
+def _data_threads():
+    import threading
+
+    return [t for t in threading.enumerate() if t.name == "xlstm-train-data" and t.is_alive()]
+
+
+def test_close_stops_and_joins_the_prefetch_thread(corpus):
+    root, _ = corpus
+    before = len(_data_threads())
+    loader = build_train_loader(config(root, prefetch=2), micro_batch_size=2, vocab_size=VOCAB)
+    batches = iter(loader)
+    take(batches, 3)
+    assert len(_data_threads()) == before + 1
+    loader.close()
+    assert len(_data_threads()) == before
+    assert list(batches) == []  # an iterator of a closed loader ends
+    loader.close()  # idempotent
+    with build_train_loader(config(root, prefetch=2), micro_batch_size=2, vocab_size=VOCAB) as loader:
+        first, second = iter(loader), iter(loader)  # two iterations: two threads
+        take(first, 2)
+        take(second, 2)
+        assert len(_data_threads()) == before + 2
+    assert len(_data_threads()) == before
+
+
+def test_a_loader_left_open_is_closed_at_interpreter_exit(corpus):
+    import subprocess
+    import sys
+    import textwrap
+
+    root, _ = corpus
+    script = textwrap.dedent(f"""
+        import atexit, threading
+
+        def check():  # registered first, so it runs after the loader module's own exit handler
+            alive = [t for t in threading.enumerate() if t.name == "xlstm-train-data" and t.is_alive()]
+            print("data threads alive at exit:", len(alive), flush=True)
+
+        atexit.register(check)
+        from xlstm_train.data import build_train_loader
+        from xlstm_train.data.config import DataConfig, DatasetSpec
+        cfg = DataConfig(datasets=[DatasetSpec({str(root)!r})], seq_len=16, prefetch=2)
+        batches = iter(build_train_loader(cfg, micro_batch_size=64, vocab_size={VOCAB}))
+        next(batches)
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "data threads alive at exit: 0" in result.stdout

@@ -343,12 +343,10 @@ class ShardLoader:
         _open_loaders.add(self)
         worker.start()
         try:
-            while True:
+            while not stop.is_set():  # set by close()
                 try:
                     item = ready.get(timeout=_POLL_S)
                 except queue.Empty:
-                    if stop.is_set():  # closed
-                        return
                     continue
                 if isinstance(item, BaseException):
                     raise item
