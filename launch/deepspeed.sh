@@ -13,6 +13,10 @@
 # The launcher starts one process per GPU with RANK/LOCAL_RANK/WORLD_SIZE set; the trainer reads
 # them (no --local_rank argument is passed). engine=deepspeed is forced here so the recipe need not
 # say it.
+#
+# Preemption (docs/operations.md): the DeepSpeed launcher kills its workers outright on SIGTERM, so
+# this script passes SIGTERM and SIGUSR1 to this node's workers itself (as SIGTERM); each finishes
+# its step, writes a checkpoint and exits. With a HOSTFILE, signal the script on every node.
 set -euo pipefail
 
 args=(--master_port "${MASTER_PORT:-29500}" --no_python --no_local_rank)
@@ -25,4 +29,32 @@ fi
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-3}
 
-exec deepspeed "${args[@]}" xlstm-train train "$@" parallel.engine=deepspeed
+deepspeed "${args[@]}" xlstm-train train "$@" parallel.engine=deepspeed &
+launcher_pid=$!
+
+descendants() {  # every process below $1
+  local child
+  for child in $(pgrep -P "$1" || true); do
+    echo "$child"
+    descendants "$child"
+  done
+}
+
+stop_workers() {
+  # the workers are the processes running the xlstm-train script itself (the launchers only name it)
+  local pid
+  for pid in $(descendants "$launcher_pid"); do
+    if tr '\0' ' ' < "/proc/$pid/cmdline" 2>/dev/null | grep -q '/xlstm-train train'; then
+      kill -TERM "$pid" 2>/dev/null || true
+    fi
+  done
+}
+
+trap stop_workers TERM USR1
+trap ':' INT  # Ctrl-C reaches the launcher itself (same process group), which kills the workers at once
+while true; do
+  status=0
+  wait "$launcher_pid" || status=$?
+  kill -0 "$launcher_pid" 2>/dev/null || break  # wait returns early when a trapped signal arrives
+done
+exit "$status"

@@ -15,6 +15,11 @@
 # The console shows local rank 0 only (and the trainer logs from global rank 0 only); all ranks'
 # output is in LOG_DIR. If any rank fails, torchrun stops all workers on every node and prints the
 # failing rank; collectives time out after parallel.timeout_s instead of hanging.
+#
+# Preemption (docs/operations.md): SIGTERM or SIGUSR1 sent to this script reach every worker as
+# SIGTERM through torchrun; each finishes its step, writes a checkpoint and exits. torchrun kills
+# workers still running SHUTDOWN_TIMEOUT seconds (default 600) later. Ctrl-C reaches torchrun
+# directly, which passes it on once; a second Ctrl-C stops the workers at once.
 set -euo pipefail
 
 if [[ -z "${NPROC_PER_NODE:-}" ]]; then
@@ -28,8 +33,10 @@ LOG_DIR=${LOG_DIR:-runs/launch-logs}
 
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-3}
+# how long torchrun waits for workers to checkpoint after passing on a stop signal (torch >= 2.9 reads it)
+export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${SHUTDOWN_TIMEOUT:-600}
 
-exec torchrun \
+torchrun \
   --nnodes "$NNODES" \
   --node-rank "$NODE_RANK" \
   --nproc-per-node "$NPROC_PER_NODE" \
@@ -39,4 +46,16 @@ exec torchrun \
   --log-dir "$LOG_DIR" --tee 3 \
   --local-ranks-filter 0 \
   --no-python \
-  xlstm-train train "$@"
+  xlstm-train train "$@" &
+torchrun_pid=$!
+
+# torchrun passes SIGTERM on to its workers, but SIGUSR1 would end torchrun itself: both become SIGTERM.
+trap 'kill -TERM "$torchrun_pid" 2>/dev/null || true' TERM USR1
+trap ':' INT  # the terminal's Ctrl-C reaches torchrun itself (same process group)
+while true; do
+  status=0
+  wait "$torchrun_pid" || status=$?
+  # wait returns early (status > 128) when a trapped signal arrives; go on waiting while torchrun runs
+  kill -0 "$torchrun_pid" 2>/dev/null || break
+done
+exit "$status"
