@@ -145,3 +145,13 @@ def test_missing_dataset_names_the_working_directory(tmp_path, monkeypatch):
     with pytest.raises(DataError, match=rf"data.datasets\[0\].path = 'data/sample': no such directory \(relative "
                                         rf"paths are read from the working directory, here {tmp_path}\)"):
         build_train_loader(DataConfig(datasets=[DatasetSpec("data/sample")]), micro_batch_size=1, vocab_size=VOCAB)
+
+
+def test_own_data_by_a_list_override(prepared):
+    from xlstm_train.train.config import load_config
+
+    cfg = load_config(None, [f"data.datasets=[{{path: {prepared}}}]", "data.verify=size"])
+    assert [(d.path, d.weight, d.subset) for d in cfg.data.datasets] == [(str(prepared), 1.0, None)]
+    assert cfg.data.verify == "size"
+    with build_train_loader(cfg.data, micro_batch_size=2, vocab_size=VOCAB) as loader:
+        assert next(iter(loader))["input_ids"].shape == (2, cfg.data.seq_len)
