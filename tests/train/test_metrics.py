@@ -19,7 +19,7 @@ def test_format_duration(seconds, text):
 def test_smoothed_rate_and_eta_follow_the_recent_intervals(monkeypatch):
     clock = [100.0]
     monkeypatch.setattr(metrics.time, "perf_counter", lambda: clock[0])
-    throughput = Throughput(total_steps=1000, start_step=200)  # resumed at step 200
+    throughput = Throughput(total_steps=1000)  # resumed at step 200: the first record sets the baselines
     tokens_per_step, step, tokens_seen = 512, 200, 200 * 512
     intervals = []  # (tokens/s of the interval, wall seconds per step)
     for n in range(25):
@@ -31,12 +31,12 @@ def test_smoothed_rate_and_eta_follow_the_recent_intervals(monkeypatch):
         fields = throughput.update({"step": step, "tokens_seen": tokens_seen, "tokens_per_s": rate})
         intervals.append((rate, wall_per_step))
         assert fields["elapsed_s"] == pytest.approx(clock[0] - 100.0)
-        recent = intervals[-SMOOTHING_INTERVALS:]
-        assert fields["eta_s"] == pytest.approx((1000 - step) * sum(w for _, w in recent) / len(recent))
         if n == 0:
-            assert fields["tokens_per_s_avg"] is None  # no token count before this process's first interval
+            assert fields["tokens_per_s_avg"] is None and fields["eta_s"] is None
             continue
-        measured = [r for r, _ in intervals[1:]][-SMOOTHING_INTERVALS:]
+        recent = intervals[1:][-SMOOTHING_INTERVALS:]
+        assert fields["eta_s"] == pytest.approx((1000 - step) * sum(w for _, w in recent) / len(recent))
+        measured = [r for r, _ in recent]
         want = len(measured) * 10 * tokens_per_step / sum(10 * tokens_per_step / r for r in measured)
         assert fields["tokens_per_s_avg"] == pytest.approx(want)
     assert 50.0 < fields["tokens_per_s_avg"] < 1000.0

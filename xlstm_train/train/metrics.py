@@ -120,10 +120,10 @@ SMOOTHING_INTERVALS = 10  # logging intervals behind tokens_per_s_avg and the ET
 class Throughput:
     """Smoothed tokens/s and ETA from the records of consecutive logging intervals."""
 
-    def __init__(self, total_steps: int, start_step: int = 0):
+    def __init__(self, total_steps: int):
         self.total_steps = total_steps
         self.started = self._last_time = time.perf_counter()
-        self._last_step, self._last_tokens = start_step, None
+        self._last_step, self._last_tokens = 0, None
         # per interval: (tokens, step time, steps, wall time)
         self._intervals: collections.deque = collections.deque(maxlen=SMOOTHING_INTERVALS)
 
@@ -131,11 +131,11 @@ class Throughput:
         """Fields to add to train record ``m`` (which holds step, tokens_seen and tokens_per_s)."""
         now = time.perf_counter()
         steps, wall = m["step"] - self._last_step, now - self._last_time
+        # The first record of this process only sets the baselines: its interval holds the start-up
+        # (model build, first evaluation, compilation) and, after a resume, an unknown number of steps.
         if self._last_tokens is not None and steps > 0 and m.get("tokens_per_s"):
             tokens = m["tokens_seen"] - self._last_tokens
             self._intervals.append((tokens, tokens / m["tokens_per_s"], steps, wall))
-        elif steps > 0:  # the first interval of this process: no token count before it, only its wall time
-            self._intervals.append((0, 0.0, steps, wall))
         self._last_step, self._last_time, self._last_tokens = m["step"], now, m["tokens_seen"]
         tokens = sum(i[0] for i in self._intervals)
         step_time = sum(i[1] for i in self._intervals)
@@ -168,12 +168,12 @@ class MetricsLogger:
 
     def __init__(self, run_dir: Path, *, total_steps: int, wandb_mode: str, wandb_project: str,
                  wandb_entity: str | None, run_name: str, config: dict, wandb_id: str | None = None,
-                 wandb_group: str | None = None, start_step: int = 0):
+                 wandb_group: str | None = None):
         self.total_steps = total_steps
         self.run_dir = run_dir
         self.jsonl_path = run_dir / "metrics.jsonl"
         self._jsonl = open(self.jsonl_path, "a", buffering=1)  # appended across resumes
-        self._throughput = Throughput(total_steps, start_step)
+        self._throughput = Throughput(total_steps)
         self._wandb_run = None
         self._wandb_init = None
         self._wandb_id = None
