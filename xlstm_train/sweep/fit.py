@@ -331,3 +331,52 @@ def fit_isoflop(points: Points, *, bootstrap: int = 1000, level: float = 0.95, s
         d_samples.append(d_s)
     return IsoFlopFit(points.arch, budgets, n_law, d_law, np.array(n_samples).reshape(-1, 2),
                       np.array(d_samples).reshape(-1, 2), level)
+
+
+# ----------------------------------------------------------------------------------------------
+# The `fit` command's outputs
+
+
+def run_fit(results: str | Path, out_dir: str | Path, *, bootstrap: int = 1000, delta: float = HUBER_DELTA,
+            params_column: str = "params", predict_flops: list[float] = (), plots: bool = True) -> dict:
+    """Fit every architecture in ``results``; write ``fit.json`` (Approach 3), ``isoflop.json``
+    (Approach 2, where the data allow), predictions and plots into ``out_dir``."""
+    import json
+
+    if bootstrap < 0:
+        raise ConfigError(f"--bootstrap {bootstrap}: expected an integer >= 0")
+    data = read_results(results, params_column)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    parametric, isoflop = {}, {}
+    for arch, points in sorted(data.items()):
+        if len(points.L) < 5:
+            print(f"{arch}: {len(points.L)} points; Approach 3 needs at least 5 (five parameters), skipped")
+            continue
+        parametric[arch] = fit_parametric(points, bootstrap=bootstrap, delta=delta)
+        iso = fit_isoflop(points, bootstrap=bootstrap)
+        if iso is not None:
+            isoflop[arch] = iso
+        f = parametric[arch]
+        print(f"{arch}: L = {f.params[0]:.4g} + {f.params[1]:.4g}/N^{f.params[2]:.4g} + "
+              f"{f.params[3]:.4g}/D^{f.params[4]:.4g}  ({f.num_points} points, rms log residual "
+              f"{f.residual_error:.3g}, {bootstrap} bootstrap resamples)")
+    (out / "fit.json").write_text(json.dumps({a: f.as_json() for a, f in parametric.items()}, indent=2))
+    if isoflop:
+        (out / "isoflop.json").write_text(json.dumps({a: f.as_json() for a, f in isoflop.items()}, indent=2))
+    predictions = {}
+    for C in predict_flops:
+        if not C > 0:
+            raise ConfigError(f"--predict-flops {C}: expected a positive number of FLOPs")
+        for arch, f in parametric.items():
+            N, D, loss = f.optimum(C)
+            predictions.setdefault(arch, []).append(
+                {"flops": C, "N": N, "D": D, "loss": loss, "ci": f.optimum_interval(C)})
+            print(f"{arch} at C = {C:.3g}: N = {N:.4g}, D = {D:.4g}, predicted loss {loss:.4f}")
+    if predictions:
+        (out / "predictions.json").write_text(json.dumps(predictions, indent=2))
+    if plots and parametric:
+        from xlstm_train.sweep.plots import plot_all
+
+        plot_all(data, parametric, isoflop, out)
+    return {"parametric": parametric, "isoflop": isoflop, "predictions": predictions}
