@@ -6,6 +6,7 @@ import json
 import os
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 import pytest
@@ -484,3 +485,148 @@ def test_deepspeed_checkpoint_with_tensor_parallelism_exports(tmp_path):
     with torch.no_grad():
         assert rel_error(model(ids, use_cache=False).logits, ours(ids)) <= 1e-4
     assert "after 2 steps" in (tmp_path / "hf" / "README.md").read_text()
+
+
+# ----------------------------------------------------------------------------------------------
+# Tied and untied heads: every export computes our logits, and imports are the model they describe
+
+TINY_MODELS = {
+    "xlstm_large": {"arch": "xlstm_large", "vocab_size": 96, "embedding_dim": 128, "num_blocks": 1, "num_heads": 2,
+                    "chunk_size": 8, "kernel": "reference"},
+    "llama": {"arch": "llama", "vocab_size": 96, "embedding_dim": 32, "num_blocks": 1, "num_heads": 2,
+              "max_seq_len": 32},
+    "xlstm_blocks": {"arch": "xlstm_blocks", "vocab_size": 96, "embedding_dim": 32, "num_blocks": 2, "slstm_at": [1],
+                     "mlstm_num_heads": 2, "slstm_num_heads": 2, "chunk_size": 8, "kernel": "reference"},
+}  # fmt: skip
+
+
+def _saved_checkpoint(tmp_path: Path, model: dict):
+    """A single-process checkpoint (weights and config.yaml) of a randomly perturbed model -> (dir, model)."""
+    import torch.distributed.checkpoint as dcp
+
+    from xlstm_train.archs import get_spec
+
+    recipe = {"name": "tiny", "model": model, "data": {"source": "synthetic", "task": "parity", "seq_len": 16}}
+    checkpoint = tmp_path / "run" / "step-0000001"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "config.yaml").write_text(yaml.safe_dump(recipe))
+    torch.manual_seed(0)
+    ours = build_model(get_spec(model["arch"]).config_class(**model))
+    ours.init_weights()
+    with torch.no_grad():
+        for p in ours.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    with warnings.catch_warnings():  # "assuming the intent is to save in a single process": it is
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.save({"model": ours.state_dict()}, checkpoint_id=checkpoint, no_dist=True)
+    return checkpoint, ours.eval()
+
+
+def _load_export(out: Path):
+    """The exported model as its target library loads it -> (model, its head, its embedding)."""
+    if (out / "config.json").is_file():
+        from transformers import AutoModelForCausalLM
+
+        model, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+        assert not info["missing_keys"] and not info["unexpected_keys"], info
+        return model.eval(), model.get_output_embeddings().weight, model.get_input_embeddings().weight
+    snippet = (out / "README.md").read_text().split("```python\n")[1].split("```")[0]
+    namespace = {}
+    exec(snippet.replace(f'Path("{out.name}")', f"Path({str(out)!r})"), namespace)
+    model = namespace["model"]
+    return model, model.lm_head.weight, model.token_embedding.weight
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+@pytest.mark.parametrize("arch", sorted(TINY_MODELS))
+def test_every_export_loads_with_our_logits(arch, tied, tmp_path):
+    checkpoint, ours = _saved_checkpoint(tmp_path, {**TINY_MODELS[arch], "tie_embeddings": tied})
+    out = export_hf(checkpoint, tmp_path / "out")
+    model, head, embedding = _load_export(out)
+    assert torch.equal(head, embedding) == tied
+    ids = torch.randint(0, 96, (2, 16))
+    with torch.no_grad():
+        theirs = model(ids, use_cache=False).logits if (out / "config.json").is_file() else model(ids)
+        assert rel_error(theirs, ours(ids)) <= 1e-4
+
+
+def test_tied_xlstm_large_export_writes_the_head_and_imports_tied(tmp_path):
+    """transformers' xLSTM does not tie: the head is written in full, and our import ties it again."""
+    from xlstm_train.archs.xlstm_large import load_hf_checkpoint
+
+    checkpoint, ours = _saved_checkpoint(tmp_path, {**TINY_MODELS["xlstm_large"], "tie_embeddings": True})
+    out = export_hf(checkpoint, tmp_path / "out")
+    with safe_open(out / "model.safetensors", "pt") as f:
+        assert torch.equal(f.get_tensor("lm_head.weight"), f.get_tensor("backbone.embeddings.weight"))
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is True
+    cfg, state = load_hf_checkpoint(out)
+    again = build_model(cfg).eval()
+    again.load_state_dict(state, strict=True)
+    assert cfg.tie_embeddings and again.lm_head.weight is again.embedding.weight
+    ids = torch.randint(0, 96, (1, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids), ours(ids), rtol=0, atol=0)
+
+
+def test_import_of_a_transformers_xlstm_said_tied_but_with_its_own_head(tmp_path):
+    """A transformers xLSTM built with tie_word_embeddings=True has two different matrices: the
+    import keeps both (untied) and computes transformers' logits."""
+    from transformers import xLSTMForCausalLM
+
+    from xlstm_train.archs.xlstm_large import hf_config, load_hf_checkpoint
+    from xlstm_train.models.xlstm_large import xLSTMLargeConfig
+
+    torch.manual_seed(0)
+    hf_model = xLSTMForCausalLM(hf_config(xLSTMLargeConfig(**TINY_MODELS["xlstm_large"], tie_embeddings=True)))
+    hf_model.eval().save_pretrained(tmp_path / "hf")
+    assert not torch.equal(hf_model.lm_head.weight, hf_model.backbone.embeddings.weight)
+    cfg, state = load_hf_checkpoint(tmp_path / "hf")
+    assert not cfg.tie_embeddings
+    ours = build_model(cfg).eval()
+    ours.load_state_dict(state, strict=True)
+    ids = torch.randint(0, 96, (2, 20))
+    with torch.no_grad():
+        assert rel_error(ours(ids), hf_model(ids, use_cache=False).logits) <= 1e-5
+
+    # an untied config whose weights have no head is refused rather than given a random one
+    (tmp_path / "headless").mkdir()
+    hf_model.config.tie_word_embeddings = False
+    hf_model.config.save_pretrained(tmp_path / "headless")
+    weights = {k: v for k, v in hf_model.state_dict().items() if k != "lm_head.weight"}
+    adapter.write_safetensors(weights, tmp_path / "headless", "float32", "5GB")
+    with pytest.raises(ValueError, match="no lm_head.weight .* tie_word_embeddings is false"):
+        load_hf_checkpoint(tmp_path / "headless")
+
+
+def test_official_xlstm_blocks_tied_import(tmp_path):
+    """The official package ties its head: a tied export (head left out) and a tied official state
+    dict both import into our tied model exactly; a head that differs is refused."""
+    from safetensors.torch import load_file
+
+    from xlstm_train.archs.xlstm_blocks import from_official_blocks_state_dict
+
+    checkpoint, ours = _saved_checkpoint(tmp_path, {**TINY_MODELS["xlstm_blocks"], "tie_embeddings": True})
+    out = export_hf(checkpoint, tmp_path / "out")
+    official, _, _ = _load_export(out)
+    ids = torch.randint(0, 96, (2, 16))
+    for saved in (load_file(out / "model.safetensors"), official.state_dict()):
+        again = build_model(read_checkpoint_config(checkpoint).model).eval()
+        again.load_state_dict(from_official_blocks_state_dict(saved, "vanilla", tie_embeddings=True), strict=True)
+        with torch.no_grad():
+            torch.testing.assert_close(again(ids), ours(ids), rtol=0, atol=0)
+    saved = dict(official.state_dict())
+    saved["lm_head.weight"] = saved["lm_head.weight"] + 1
+    with pytest.raises(ValueError, match="lm_head.weight differs from token_embedding.weight"):
+        from_official_blocks_state_dict(saved, "vanilla", tie_embeddings=True)
+    with pytest.raises(ValueError, match="no lm_head.weight"):
+        from_official_blocks_state_dict(load_file(out / "model.safetensors"), "vanilla", tie_embeddings=False)
+
+
+def test_settings_the_target_cannot_hold_exit_2_by_name(tmp_path, capsys):
+    from xlstm_train.cli import main
+
+    checkpoint, _ = _saved_checkpoint(tmp_path, {**TINY_MODELS["xlstm_large"], "tie_embeddings": True,
+                                                 "input_gate": "sigmoid"})  # fmt: skip
+    assert main(["export-hf", str(checkpoint), str(tmp_path / "out")]) == 2
+    assert "model.input_gate = 'sigmoid'" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

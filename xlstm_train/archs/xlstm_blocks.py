@@ -9,6 +9,7 @@ and the bias gate-major ``(4, NH, DH)``; those two tensors are permuted.
 
 from __future__ import annotations
 
+import torch
 import yaml
 from torch.distributed.tensor import Replicate, Shard
 from torch.distributed.tensor.parallel import ParallelStyle, SequenceParallel
@@ -116,6 +117,7 @@ def no_weight_decay(model: xLSTMBlocksModel):
 # The official xlstm package's xLSTMLMModel
 
 _RECURRENT = "slstm_cell._recurrent_kernel_"
+_EMBEDDING = "token_embedding.weight"
 _BIAS = "slstm_cell._bias_"
 # The official mLSTM backends divide by (normaliser + 1e-6), a constant rather than a setting.
 OFFICIAL_MLSTM_EPS = 1e-6
@@ -144,10 +146,24 @@ def to_official_blocks_state_dict(state_dict: dict, backend: str = "vanilla") ->
     return out
 
 
-def from_official_blocks_state_dict(state_dict: dict, backend: str = "vanilla") -> dict:
-    """An ``xlstm.xLSTMLMModel`` state dict (sLSTM backend ``backend``) -> our ``xlstm_blocks``."""
+def from_official_blocks_state_dict(state_dict: dict, backend: str = "vanilla", tie_embeddings: bool | None = None
+                                    ) -> dict:  # fmt: skip
+    """An ``xlstm.xLSTMLMModel`` state dict (sLSTM backend ``backend``) -> our ``xlstm_blocks``.
+
+    ``tie_embeddings`` (the official ``tie_weights``) checks the head: a tied model's head may be
+    left out (as ``export-hf`` writes it) or stored equal to the embedding; an untied one needs its
+    own. ``None`` leaves the head as it is."""
     _check_backend(backend)
     out = dict(state_dict)
+    head, embedding = out.get("lm_head.weight"), out.get(_EMBEDDING)
+    if tie_embeddings and embedding is not None:
+        if head is None:
+            out["lm_head.weight"] = embedding
+        elif not torch.equal(head, embedding):
+            raise ValueError("tie_weights is true but lm_head.weight differs from token_embedding.weight: the "
+                             "official model would load one matrix over the other; import it with tie_weights false")
+    elif tie_embeddings is False and head is None:
+        raise ValueError("tie_weights is false but the weights have no lm_head.weight: the output head is missing")
     if backend == "cuda":
         return out
     for key, recurrent in state_dict.items():
@@ -268,7 +284,7 @@ SPEC = register_spec(ArchSpec(
     config_class=xLSTMBlocksConfig,
     model_class=xLSTMBlocksModel,
     block_list="xlstm_block_stack.blocks",
-    embedding_param="token_embedding.weight",
+    embedding_param=_EMBEDDING,
     sequence_mixing_flops=sequence_mixing_flops,
     tp_plan=tp_plan,
     tp_head_counts=tp_head_counts,

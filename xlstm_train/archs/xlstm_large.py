@@ -2,10 +2,14 @@
 
 Exported as, and imported from, transformers' ``xLSTMForCausalLM``: the names are the official
 ones except ``embedding.weight`` <-> ``backbone.embeddings.weight``, and all norms store gamma.
+transformers' class never ties its head to the embedding, whatever ``tie_word_embeddings`` says: a
+tied model is exported with ``lm_head.weight`` written out, and a checkpoint is imported as the
+model transformers runs (``resolve_tied_head``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -172,8 +176,27 @@ def load_hf_checkpoint(path: str | Path) -> tuple[xLSTMLargeConfig, dict[str, to
     for name in files:
         state_dict.update(load_file(path / name))
     state_dict = from_hf_state_dict(state_dict)
-    if cfg.tie_embeddings:  # transformers saves a tied head once, under the embedding's name
-        state_dict.setdefault("lm_head.weight", state_dict[_OUR_EMBEDDING])
+    return resolve_tied_head(cfg, state_dict, path)
+
+
+def resolve_tied_head(cfg: xLSTMLargeConfig, state_dict: dict, source) -> tuple[xLSTMLargeConfig, dict]:
+    """The config and weights of the model transformers actually runs for a checkpoint.
+
+    transformers' xLSTM keeps ``lm_head`` a parameter of its own even with ``tie_word_embeddings``:
+    a head stored in the checkpoint is loaded as it is. So a tied config whose stored head differs
+    from the embedding is imported untied, with both matrices (tying would overwrite one with the
+    other). A tied config without a stored head (a writer that saved the shared matrix once) is
+    imported tied, the head being the embedding as the config says."""
+    head, embedding = state_dict.get("lm_head.weight"), state_dict.get(_OUR_EMBEDDING)
+    if embedding is None:
+        raise ValueError(f"{source}: no {_HF_EMBEDDING} in the checkpoint's weights")
+    if head is None:
+        if not cfg.tie_embeddings:
+            raise ValueError(f"{source}: no lm_head.weight in the checkpoint's weights and tie_word_embeddings "
+                             "is false: the output head is missing")
+        return cfg, {**state_dict, "lm_head.weight": embedding}
+    if cfg.tie_embeddings and not torch.equal(head, embedding):
+        cfg = dataclasses.replace(cfg, tie_embeddings=False)
     return cfg, state_dict
 
 

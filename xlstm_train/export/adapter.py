@@ -76,10 +76,15 @@ class TransformersExport(ExportAdapter):
     """A transformers causal-LM directory: ``config.json``, ``generation_config.json`` and the
     weights, which ``AutoModelForCausalLM.from_pretrained`` loads with the stock library.
 
-    ``state_dict(state, model_cfg)`` renames (and reorders) our weights into the class's; a tied
-    head may stay under ``lm_head.weight``, it is written once, under the embedding's name.
-    ``config(model_cfg, **token_ids)`` is the transformers config; it raises ValueError for settings
-    the class cannot represent, which is also the adapter's ``check``."""
+    ``state_dict(state, model_cfg)`` renames (and reorders) our weights into the class's, the head
+    under ``lm_head.weight`` also when it is tied. ``config(model_cfg, **token_ids)`` is the
+    transformers config; it raises ValueError for settings the class cannot represent, which is
+    also the adapter's ``check``.
+
+    A tied head is written once, under the embedding's name, only when the class ties it on loading
+    (it lists ``lm_head.weight`` in ``_tied_weights_keys``). A class that keeps its head a separate
+    parameter whatever the config says (transformers' xLSTM) would load it as missing, i.e. random:
+    for those the head is written out in full, a copy of the embedding."""
 
     class_name: str
     state_dict: Callable[[dict, Any], dict]
@@ -88,12 +93,24 @@ class TransformersExport(ExportAdapter):
     def check(self, model_cfg: Any) -> None:
         self.config(model_cfg)
 
+    def ties_head(self) -> bool:
+        """Whether the transformers class shares ``lm_head.weight`` with the embedding on loading
+        when its config says ``tie_word_embeddings``."""
+        import transformers
+
+        tied = getattr(getattr(transformers, self.class_name), "_tied_weights_keys", None) or ()
+        return "lm_head.weight" in tied  # a dict (target -> source) or, in older releases, a list
+
     def write(self, directory, cfg, state, tokenizer, name, options) -> ExportedModel:
         from transformers import GenerationConfig
 
         weights = self.state_dict(state, cfg.model)
         if cfg.model.tie_embeddings:
-            weights.pop("lm_head.weight", None)
+            if self.ties_head():
+                weights.pop("lm_head.weight", None)
+            else:
+                # a copy: safetensors writers keep one of several names that share storage
+                weights["lm_head.weight"] = weights["lm_head.weight"].clone()
         write_safetensors(weights, directory, options.dtype, options.max_shard_size)
         hf_cfg = self.config(cfg.model, **tokenizer.token_ids)
         hf_cfg.dtype = options.dtype
