@@ -3,17 +3,21 @@
 Both load the checkpoint with ``load_for_inference`` (any architecture, any parallel layout, the
 run's own tokenizer). Bad input -- a missing or foreign checkpoint, an unknown task, a tokenizer that
 cannot be found, a prompt longer than a Llama's context -- is a ConfigError/DataError: one line on
-stderr and exit code 2, before any model work.
+stderr and exit code 2, before any model work. Weights whose logits are NaN or infinite (a diverged
+run) stop ``generate`` with one message and exit 2; ``eval`` reports the scores they give (nan or
+inf) with a warning.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from xlstm_train.config import ConfigError
@@ -83,7 +87,32 @@ def _parse_lengths(text: str | None) -> tuple[int | None, int | None]:
     return low, high
 
 
+@contextlib.contextmanager
+def _score_warnings_as_lines():
+    """Warnings about non-finite scores as one ``warning: ...`` line each on stderr (other warnings
+    as Python shows them)."""
+    from xlstm_train.eval.perplexity import NonFiniteScoreWarning
+
+    with warnings.catch_warnings():  # restores the filters and showwarning afterwards
+        python_show = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None):
+            if issubclass(category, NonFiniteScoreWarning):
+                print(f"warning: {message}", file=sys.stderr, flush=True)
+            else:
+                python_show(message, category, filename, lineno, file, line)
+
+        warnings.simplefilter("default", NonFiniteScoreWarning)
+        warnings.showwarning = show
+        yield
+
+
 def run_eval(args: argparse.Namespace) -> int:
+    with _score_warnings_as_lines():
+        return _run_eval(args)
+
+
+def _run_eval(args: argparse.Namespace) -> int:
     from xlstm_train.eval.loading import load_for_inference
     from xlstm_train.train.checkpoint import read_checkpoint_config
 
@@ -268,10 +297,11 @@ def run_generate(args: argparse.Namespace) -> int:
                     shown = text
                 else:
                     print(f"\rgenerating: {step + 1}/{args.max_new_tokens} steps", end="", file=sys.stderr, flush=True)
-    except NonFiniteLogitsError as e:
-        print(file=sys.stderr)
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    except NonFiniteLogitsError as e:  # broken weights are bad input too: one message, exit 2
+        if stream:
+            print(flush=True)  # end the streamed prompt's line
+        print(f"\nerror: checkpoint '{args.checkpoint}': {e}", file=sys.stderr)
+        return 2
     elapsed = time.perf_counter() - start
     if stream:
         print()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import warnings
 from collections import defaultdict
 from pathlib import Path
 
@@ -28,8 +29,8 @@ from lm_eval.api.registry import register_model
 
 from xlstm_train.config import ConfigError
 from xlstm_train.eval.loading import LoadedModel, load_for_inference
-from xlstm_train.eval.perplexity import score_token_sequences
-from xlstm_train.models.generate import generate_stream
+from xlstm_train.eval.perplexity import NonFiniteScoreWarning, score_token_sequences, warn_if_not_finite
+from xlstm_train.models.generate import NonFiniteLogitsError, generate_stream
 
 DEFAULT_MAX_GEN_TOKENS = 256
 
@@ -102,6 +103,7 @@ class XLSTMTrainLM(LM):
                 score = logprobs.gather(-1, target[:, None]).sum()
                 greedy = bool((logprobs.argmax(dim=-1) == target).all())
                 results[index] = (float(score), greedy)
+        warn_if_not_finite("harness loglikelihood", [score for score, _ in results], "requests")
         return results
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
@@ -110,6 +112,7 @@ class XLSTMTrainLM(LM):
             self.model, sequences, context_token=self.eot_token_id, max_len=self.loaded.max_len,
             window=self.window, batch_tokens=self.batch_size * self.window, autocast=self.loaded.autocast,
         )
+        warn_if_not_finite("harness loglikelihood_rolling", nll, "texts")
         return [-value for value in nll]
 
     # -- generation -----------------------------------------------------------------------------
@@ -144,9 +147,15 @@ class XLSTMTrainLM(LM):
                 ids = ids[-max(max_len - max_new_tokens, 1):]
                 max_new_tokens = min(max_new_tokens, max_len - len(ids))
             prompts.append(torch.tensor(ids, device=self._device))
-        with self.loaded.autocast():
-            steps = list(generate_stream(self.model, prompts, max_new_tokens, temperature=temperature,
-                                         stop_ids=[self.eot_token_id]))
+        try:
+            with self.loaded.autocast():
+                steps = list(generate_stream(self.model, prompts, max_new_tokens, temperature=temperature,
+                                             stop_ids=[self.eot_token_id]))
+        except NonFiniteLogitsError as e:
+            # scored as the empty answer (wrong), like every other answer such weights give
+            warnings.warn(f"harness generate_until: {e}; answering with empty text", NonFiniteScoreWarning,
+                          stacklevel=2)
+            return ["" for _ in contexts]
         if not steps:
             return ["" for _ in contexts]
         generated = torch.stack(steps, dim=1).tolist()

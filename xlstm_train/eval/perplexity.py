@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import sys
 import time
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,10 @@ import torch.nn.functional as F
 
 from xlstm_train.data import IGNORE_INDEX, DataError
 
+
+
+class NonFiniteScoreWarning(RuntimeWarning):
+    """An evaluation scored NaN or infinite log-likelihoods; the results report them as they are."""
 
 
 @dataclass
@@ -50,10 +55,11 @@ class TextScores:
         self.documents += 1
 
     def metrics(self) -> dict:
+        """Non-finite losses (NaN or inf logits) stay what they are: nan or inf in every metric."""
         loss = self.nll / max(self.tokens, 1)
         return {
             "loss": loss,
-            "perplexity": math.exp(loss) if loss < 700 else math.inf,
+            "perplexity": math.nan if math.isnan(loss) else math.exp(loss) if loss < 700 else math.inf,
             "bits_per_byte": self.nll / (math.log(2) * self.bytes) if self.bytes else None,
             "tokens": self.tokens,
             "bytes": self.bytes,
@@ -237,4 +243,17 @@ def evaluate_documents(loaded, documents: list[Document], *, window: int | None 
     scores = TextScores()
     for value, doc in zip(nll, documents):
         scores.add(value, doc)
+    warn_if_not_finite(label, nll)
     return scores.metrics()
+
+
+def warn_if_not_finite(label: str, scores: list[float], unit: str = "documents") -> None:
+    """A warning, not an error, when some of ``scores`` (log-likelihoods) are NaN or infinite: the
+    results then say nan or inf, and the warning says why."""
+    bad = sum(not math.isfinite(value) for value in scores)
+    if bad:
+        warnings.warn(
+            f"{label}: {bad} of {len(scores)} {unit} scored a NaN or infinite log-likelihood (reported as it is): "
+            "the model's logits are not finite; its weights have diverged or were damaged",
+            NonFiniteScoreWarning, stacklevel=3,
+        )

@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
+import warnings
 
 import numpy as np
 import torch
 
 from xlstm_train.config import ConfigError
+from xlstm_train.data import IGNORE_INDEX
 from xlstm_train.data.synthetic import VAL_SPLIT, AnswerCounts, SyntheticBatches, make_task, score_answers
+from xlstm_train.eval.perplexity import NonFiniteScoreWarning
 
 
 def with_task_options(data_cfg, **options):
@@ -37,16 +41,27 @@ def task_accuracy(model, data_cfg, *, num_samples: int = 1024, batch_size: int =
     was_training = model.training
     model.eval()
     counts = AnswerCounts()
+    non_finite = 0  # answer positions whose logits hold NaN or an infinity
+    first_id, num_choices = task.answer_choices()
     try:
         for first in range(0, num_samples, batch_size):
             batch = batches.batch(np.arange(first, min(first + batch_size, num_samples)))
             with autocast():
                 logits = model(batch["input_ids"].to(device))
-            counts += score_answers(logits, batch["labels"].to(device), task.answer_choices())
+            labels = batch["labels"].to(device)
+            counts += score_answers(logits, labels, task.answer_choices())
+            answer_logits = logits[..., first_id:first_id + num_choices]
+            non_finite += int((~torch.isfinite(answer_logits).all(dim=-1) & (labels != IGNORE_INDEX)).sum())
     finally:
         model.train(was_training)
-    return {"task": task.name, "min_len": task.val_min_len, "max_len": task.val_max_len,
-            **counts.metrics(task.answer_choices()[1])}
+    metrics = counts.metrics(num_choices)
+    if non_finite:
+        # an argmax over NaN is no prediction: the accuracies are reported as nan, not as a count
+        warnings.warn(f"task '{task.name}': {non_finite} of {counts.tokens} answer positions have NaN or infinite "
+                      "logits (reported as nan accuracy): the model's weights have diverged or were damaged",
+                      NonFiniteScoreWarning, stacklevel=2)
+        metrics.update(accuracy=math.nan, scaled_accuracy=math.nan, sequence_accuracy=math.nan)
+    return {"task": task.name, "min_len": task.val_min_len, "max_len": task.val_max_len, **metrics}
 
 
 def evaluate_synthetic(model, data_cfg, *, num_samples: int = 1024, batch_size: int = 64, max_len: int | None = None,

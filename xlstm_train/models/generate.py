@@ -19,7 +19,11 @@ from xlstm_train.models.llama import KVCache
 
 
 class NonFiniteLogitsError(ValueError):
-    """The model produced NaN or infinite logits: its weights (or the inputs) are broken."""
+    """The model produced NaN or infinite logits: its weights (or the inputs) are broken.
+
+    Raised by every sampling function here before a token is drawn from such logits, so callers
+    (``xlstm-train generate``, the samples at the end of a run, the harness) catch one type and
+    print one message instead of failing inside ``torch.multinomial``."""
 
 
 def sample_next(
@@ -33,10 +37,21 @@ def sample_next(
 
     ``top_k`` keeps the k most likely tokens, ``top_p`` the smallest set of most likely tokens whose
     probabilities add up to at least p (nucleus sampling); both apply after the temperature.
+    Raises ``NonFiniteLogitsError`` when a row of ``logits`` holds NaN or an infinity.
     """
+    _check_options(temperature, top_k, top_p)
+    _check_finite(logits)
+    return _sample(logits, temperature, top_k, generator, top_p)
+
+
+def _sample(logits, temperature, top_k, generator, top_p) -> torch.Tensor:
+    """``sample_next`` on logits already checked to be finite."""
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
-    logits = logits.float() / temperature
+    # Shifting each row to a maximum of 0 leaves the distribution as it is and keeps a small
+    # temperature from dividing large logits into infinities (and the softmax into NaN).
+    logits = logits.float()
+    logits = (logits - logits.max(dim=-1, keepdim=True).values) / temperature
     if top_k is not None:
         kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -59,14 +74,21 @@ def _check_options(temperature: float, top_k: int | None, top_p: float | None) -
         raise ValueError(f"generate: top_p must be in (0, 1] or None, got {top_p}")
 
 
-def _check_finite(logits: torch.Tensor, step: int) -> None:
+def _check_finite(logits: torch.Tensor, step: int | None = None) -> None:
+    """``NonFiniteLogitsError`` naming the rows (prompts) whose logits hold NaN or an infinity, and
+    after which token of the generation (``step``) when known."""
     finite = torch.isfinite(logits).all(dim=-1)
     if not bool(finite.all()):
         rows = [int(r) for r in (~finite).nonzero().flatten()]
-        where = "the prompt" if step == 0 else f"generated token {step}"
+        if step is None:
+            where = f"in row(s) {rows}"
+        else:
+            after = "the prompt" if step == 0 else f"generated token {step}"
+            where = f"after {after} of prompt(s) {[r + 1 for r in rows]}"  # numbered from 1, as the CLI does
         raise NonFiniteLogitsError(
-            f"the model's logits are not finite (NaN or inf) after {where} of prompt(s) {rows}: "
-            "the checkpoint's weights have diverged or were damaged"
+            f"the model's logits are not finite (NaN or inf) {where}: the checkpoint's weights have "
+            "diverged or were damaged (a run that skipped non-finite steps, or a corrupted file), so "
+            "no text can be sampled from it"
         )
 
 
@@ -126,7 +148,7 @@ def generate_stream(
         held = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
         for step in range(max_new_tokens):
             _check_finite(logits, step)
-            token = sample_next(logits, temperature, top_k, generator, top_p)[:, 0]
+            token = _sample(logits, temperature, top_k, generator, top_p)[:, 0]
             token = torch.where(done, held, token)
             yield token
             if len(stop):
