@@ -122,3 +122,52 @@ def test_eval_section_is_validated():
         EvalConfig(data=["missing.jsonl"]).validate("eval")
     with pytest.raises(ConfigError, match="eval.interval = -1"):
         EvalConfig(interval=-1).validate("eval")
+
+
+def test_sampling_flags_change_what_is_drawn(checkpoints, capsys):
+    """--top-k 1 and a tiny --top-p leave only the most likely token (greedy); --seed repeats a draw."""
+    argv = ["generate", str(checkpoints["xlstm_large"]), "--prompt", "Elizabeth", "--max-new-tokens", "8"]
+    outputs = {}
+    for name, flags in {"greedy": ["--temperature", "0"], "top_k_1": ["--temperature", "1.5", "--top-k", "1"],
+                        "top_p_tiny": ["--temperature", "1.5", "--top-p", "1e-6"],
+                        "seed_1": ["--temperature", "1.5", "--seed", "1"],
+                        "seed_1_again": ["--temperature", "1.5", "--seed", "1"],
+                        "seed_2": ["--temperature", "1.5", "--seed", "2"]}.items():  # fmt: skip
+        code, out, _ = _run(argv + flags, capsys)
+        assert code == 0, name
+        outputs[name] = out
+    assert outputs["top_k_1"] == outputs["greedy"] == outputs["top_p_tiny"]
+    assert outputs["seed_1"] == outputs["seed_1_again"]
+    assert outputs["seed_1"] != outputs["seed_2"] and outputs["seed_1"] != outputs["greedy"]  # 4096 tokens, flat
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--max-new-tokens", "0"], "--max-new-tokens 0: expected an integer >= 1"),
+    (["--temperature", "-1"], "--temperature -1.0: expected a number >= 0"),
+    (["--top-k", "0"], "--top-k 0: expected an integer >= 1"),
+    (["--top-p", "0"], r"--top-p 0.0: expected a number in (0, 1]"),
+    (["--top-p", "1.5"], r"--top-p 1.5: expected a number in (0, 1]"),
+    (["--prompt-file", "no/such/prompts.txt"], "--prompt-file no/such/prompts.txt: no such file"),
+])  # fmt: skip
+def test_bad_generate_flags_exit_2(checkpoints, capsys, flags, message):
+    prompt = [] if "--prompt-file" in flags else ["--prompt", "Emma"]
+    code, out, err = _run(["generate", str(checkpoints["llama"]), *prompt, *flags], capsys)
+    assert code == 2 and err.startswith(f"error: {message}") and err.count("\n") == 1 and out == ""
+
+
+def test_generate_without_a_prompt_exits_2(checkpoints, capsys):
+    code, _, err = _run(["generate", str(checkpoints["llama"])], capsys)
+    assert code == 2 and "no prompt: pass --prompt TEXT" in err
+
+
+@pytest.mark.parametrize("flags, message", [
+    ([], "nothing to evaluate: pass --data PATH and/or --tasks NAME"),
+    (["--data", "no/such.jsonl"], "--data no/such.jsonl: no such file or directory"),
+    (["--data", "data/sample", "--batch-size", "0"], "--batch-size 0: expected an integer >= 1"),
+    (["--data", "data/sample", "--kv-pairs", "8"], "--kv-pairs and --lengths apply to checkpoints of synthetic"),
+    (["--data", "data/sample", "--lengths", "9"], "--lengths '9': expected MIN:MAX"),
+    (["--data", "data/sample", "--device", "tpu"], "--device 'tpu': expected auto, cpu, cuda or cuda:N"),
+])  # fmt: skip
+def test_bad_eval_flags_exit_2(checkpoints, capsys, flags, message):
+    code, out, err = _run(["eval", str(checkpoints["xlstm_blocks"]), *flags], capsys)
+    assert code == 2 and err.startswith("error: ") and message in err and err.count("\n") == 1 and out == ""

@@ -2,6 +2,9 @@
 the paper's scaled accuracy, MQAR per number of key-value pairs and with Zoology's spread queries,
 evaluation at longer lengths than training."""
 
+import re
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -105,3 +108,31 @@ def test_mqar_queries_spread_over_the_context_length():
 
     with pytest.raises(DataError, match="context_length = 20"):
         make_task(DataConfig(source="synthetic", task="mqar", task_options={**options, "context_length": 20}))
+
+
+RECIPES = sorted((Path(__file__).resolve().parents[2] / "recipes" / "synthetic").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=[p.stem for p in RECIPES])
+def test_each_synthetic_recipe_loads_for_the_four_architectures(recipe):
+    """Every recipe with the overrides its header documents (xLSTM[1:1], [1:0], [0:1], Llama) is a
+    valid run whose validation sequences fit the model, at lengths beyond training's."""
+    from xlstm_train.models import build_model
+    from xlstm_train.train.config import load_config
+
+    llama = re.search(r"Llama: '(model=\{.*\})'", recipe.read_text())
+    assert llama, f"{recipe.name}: no Llama override in its header"
+    variants = [([], [1]), (["model.slstm_at=[]"], []), (["model.slstm_at=[0,1]"], [0, 1]), ([llama.group(1)], None)]
+    for overrides, slstm_at in variants:
+        cfg = load_config(recipe, overrides)
+        assert cfg.data.source == "synthetic" and cfg.data.task == recipe.stem
+        task = make_task(cfg.data)
+        assert task.longest() - 1 <= cfg.data.seq_len, overrides
+        if slstm_at is None:
+            assert cfg.model.arch == "llama" and task.longest() - 1 <= cfg.model.max_seq_len
+        else:
+            assert cfg.model.arch == "xlstm_blocks" and cfg.model.slstm_at == slstm_at and cfg.model.num_blocks == 2
+        with torch.device("meta"):
+            build_model(cfg.model)
+        if recipe.stem != "mqar":  # the formal languages extrapolate: validation starts where training ends
+            assert task.val_min_len >= task.options["max_len"] > task.options["min_len"]

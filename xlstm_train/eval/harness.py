@@ -9,8 +9,10 @@
 - ``generate_until``: greedy (or sampled, when the task asks) generation through the models' states,
   cut at the task's stop strings.
 
-It is registered under the name ``xlstm-train``, so the harness's own command line takes it too:
-``lm_eval --model xlstm-train --model_args checkpoint=runs/tiny/step-0000350 --tasks lambada_openai``.
+It is registered under the name ``xlstm-train``; the harness's own command line takes it when run
+through this module (importing it registers the class):
+``python -m xlstm_train.eval.harness --model xlstm-train --model_args checkpoint=runs/tiny/step-0000350
+--device cpu --tasks lambada_openai``.
 This module imports ``lm_eval``; nothing in training imports it.
 """
 
@@ -207,3 +209,12 @@ def run_harness_tasks(loaded: LoadedModel, tasks: list[str], *, include_path: st
         results[task] = {name.split(",")[0]: value for name, value in metrics.items()
                          if "," in name and "_stderr" not in name and isinstance(value, (int, float))}
     return results
+
+
+if __name__ == "__main__":
+    # The harness's own command line with this model class registered. lm_eval finds models by name
+    # in its registry and discovers no plugins, so a plain `lm_eval --model xlstm-train` does not
+    # know it; `python -m xlstm_train.eval.harness --model xlstm-train ...` does.
+    from lm_eval.__main__ import cli_evaluate
+
+    cli_evaluate()
