@@ -2,6 +2,9 @@
 
 import json
 import math
+import os
+import signal
+from pathlib import Path
 
 import pytest
 import torch
@@ -26,7 +29,9 @@ BASE_RECIPE = {
     "train": {"steps": 8, "micro_batch_size": 4, "eval_interval": 4, "eval_batches": 2, "sample_tokens": 0},
     "logging": {"interval": 1, "wandb": "disabled"},
     "checkpoint": {"interval": 4, "keep": 3},
+    "eval": {"synthetic_samples": 16},  # the task's accuracy at every validation, kept cheap
 }
+REPO = Path(__file__).resolve().parents[2]
 
 
 def make_config(tmp_path, *overrides, run="run"):
@@ -36,12 +41,26 @@ def make_config(tmp_path, *overrides, run="run"):
     return load_config(recipe, [f"run_dir={tmp_path / run}", *overrides])
 
 
+def make_shards_config(tmp_path, *overrides, run="run"):
+    """The base recipe on the bundled text sample (many loss tokens per step, and a tokenizer to sample
+    with) instead of the synthetic task."""
+    recipe = tmp_path / "shards.yaml"
+    if not recipe.exists():
+        base = {k: v for k, v in BASE_RECIPE.items() if k not in ("data", "eval")}
+        base["data"] = {"source": "shards", "datasets": [{"path": str(REPO / "data/sample")}], "verify": "size",
+                        "tokenizer": str(REPO / "data/tokenizer/austen_sp4096.model"), "seq_len": 32}
+        base["model"] = {**base["model"], "vocab_size": 4096}
+        recipe.write_text(yaml.safe_dump(base))
+    return load_config(recipe, [f"run_dir={tmp_path / run}", *overrides])
+
+
 def read_metrics(run_dir, kind="train"):
-    """The last record of each step (a resumed run appends the steps it repeats)."""
+    """The record of each step; a step logged twice fails (a resume drops the records it repeats)."""
     records = {}
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
         record = json.loads(line)
         if record["kind"] == kind:
+            assert record["step"] not in records, f"step {record['step']} logged twice in {run_dir}"
             records[record["step"]] = record
     return records
 
@@ -107,6 +126,9 @@ def test_metrics_jsonl(tmp_path):
     val = read_metrics(cfg.run_path, "val")
     assert sorted(val) == [0, 4, 8]
     assert val[8]["val_ppl"] == pytest.approx(math.exp(val[8]["val_loss"]))
+    # the eval section (a synthetic task: its accuracy) rides on every validation record
+    for record in val.values():
+        assert 0 <= record["eval/parity/accuracy"] <= 1 and "eval/parity/scaled_accuracy" in record
     assert summary["val_loss"] == val[8]["val_loss"]
     assert yaml.safe_load((cfg.run_path / "config.yaml").read_text())["train"]["steps"] == 8
     assert [p.name for p in ckpt.list_checkpoints(cfg.run_path)] == ["step-0000004", "step-0000008"]
@@ -316,3 +338,240 @@ def test_engine_step_with_a_nonfinite_loss_leaves_the_weights():
     assert len(calls) == 2 and not result.finite and not result.applied
     assert all(torch.equal(p, b) for p, b in zip(step_engine.model.parameters(), before))
     assert all(p.grad is None for p in step_engine.model.parameters())
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation off, skipped-step limit, spike guard, stop signals, self-recovery
+
+
+def test_validation_off_builds_no_validation_set(tmp_path, monkeypatch):
+    def no_evaluate(*args, **kwargs):
+        raise AssertionError("evaluate() called with validation off")
+
+    monkeypatch.setattr(trainer, "evaluate", no_evaluate)
+    cfg = make_config(tmp_path, "train.eval_batches=0", "train.steps=4")
+    summary = trainer.train(cfg)
+    assert summary["step"] == 4 and summary["val_loss"] is None
+    # the eval section still runs at the validation points, alone in the record
+    val = read_metrics(cfg.run_path, "val")
+    assert sorted(val) == [0, 4] and all("val_loss" not in r and "eval/parity/accuracy" in r for r in val.values())
+
+
+def poison_all_training_forwards_from(monkeypatch, first_call, factor=float("nan")):
+    """Multiply the logits of every training forward from call ``first_call`` (1-based) by ``factor``."""
+    build = trainer.build_model
+    calls = []
+
+    def build_poisoned(model_cfg):
+        model = build(model_cfg)
+
+        def hook(module, args, output):
+            if module.training:
+                calls.append(1)
+                if len(calls) >= first_call:
+                    return output * factor
+            return output
+
+        model.register_forward_hook(hook)
+        return model
+
+    monkeypatch.setattr(trainer, "build_model", build_poisoned)
+
+
+def weights(checkpoint_dir, cfg):
+    model = build_model(cfg.model)
+    optimizer = torch.optim.AdamW(model.parameters())
+    ckpt.Checkpointer.load(checkpoint_dir, model, optimizer)
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def test_too_many_skipped_steps_stop_with_the_good_weights_saved(tmp_path, monkeypatch):
+    poison_all_training_forwards_from(monkeypatch, first_call=3)  # steps 3, 4, 5 ... diverge
+    cfg = make_config(tmp_path, "train.on_nonfinite=skip", "train.max_skipped_steps=3", "train.eval_interval=0",
+                      "checkpoint.interval=2")
+    with pytest.raises(trainer.SkippedStepsError, match=r"3 updates in a row were skipped, steps 3-5 "
+                       r"\(train.max_skipped_steps = 3\).*step-0000005.*weights are those after step 2"):
+        trainer.train(cfg)
+    assert ckpt.latest_checkpoint(cfg.run_path).name == "step-0000005"
+    assert torch.equal(weights(cfg.run_path / "step-0000005", cfg), weights(cfg.run_path / "step-0000002", cfg))
+    train = read_metrics(cfg.run_path)
+    assert train[5]["loss"] is None and train[5]["skipped_steps"] == 3
+    assert read_metrics(cfg.run_path, "val") == {}  # no evaluation of the stopped run
+
+
+def test_skipped_step_limit_ends_the_command_with_exit_code_1(tmp_path, monkeypatch, capsys):
+    from xlstm_train.cli import main as cli_main
+
+    poison_all_training_forwards_from(monkeypatch, first_call=2)
+    make_config(tmp_path)  # writes the recipe
+    code = cli_main(["train", "--recipe", str(tmp_path / "recipe.yaml"), f"run_dir={tmp_path / 'run'}",
+                     "train.on_nonfinite=skip", "train.max_skipped_steps=2", "train.eval_interval=0"])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "error: 2 updates in a row were skipped, steps 2-3" in err and "Traceback" not in err
+
+
+def test_nonfinite_model_evaluates_and_samples_without_crashing(tmp_path, monkeypatch, capsys):
+    """Every logit NaN, training and evaluation alike: the run skips its updates, logs a NaN validation
+    loss as null, and says why there are no samples instead of failing in the sampler."""
+    build = trainer.build_model
+
+    def build_nan(model_cfg):
+        model = build(model_cfg)
+
+        def hook(module, args, output):
+            if isinstance(output, tuple):  # (logits, state) of generation
+                return (output[0] * float("nan"), *output[1:])
+            return output * float("nan")
+
+        model.register_forward_hook(hook)
+        return model
+
+    monkeypatch.setattr(trainer, "build_model", build_nan)
+    summary = trainer.train(make_shards_config(tmp_path, "train.sample_tokens=4", "train.on_nonfinite=skip",
+                                               "train.max_skipped_steps=0", "train.steps=3", "train.eval_interval=0"))
+    assert summary["skipped_steps"] == 3 and summary["samples"] == []
+    out = capsys.readouterr().out
+    assert "samples: none; the model's logits are not finite" in out
+    assert read_metrics(tmp_path / "run", "val")[3]["val_loss"] is None
+
+
+def spike_at_training_calls(monkeypatch, at_calls, factor=30.0):
+    """Scale the logits of the training forward calls numbered ``at_calls`` (1-based, per process) by
+    ``factor``: a finite loss far above the others. Records the parameters at every training call."""
+    build = trainer.build_model
+    fingerprints = []
+
+    def build_spiky(model_cfg):
+        model = build(model_cfg)
+
+        def hook(module, args, output):
+            if module.training:
+                fingerprints.append(torch.cat([p.detach().flatten() for p in module.parameters()]).clone())
+                if len(fingerprints) in at_calls:
+                    return output * factor
+            return output
+
+        model.register_forward_hook(hook)
+        return model
+
+    monkeypatch.setattr(trainer, "build_model", build_spiky)
+    return fingerprints
+
+
+GUARD = ("train.spike_guard.window=3", "train.spike_guard.loss_sigmas=6", "train.spike_guard.grad_norm_sigmas=6",
+         "train.eval_interval=0")
+
+
+def test_spike_guard_skips_a_loss_spike(tmp_path, monkeypatch, capsys):
+    fingerprints = spike_at_training_calls(monkeypatch, at_calls={6})
+    cfg = make_shards_config(tmp_path, *GUARD)
+    summary = trainer.train(cfg)
+    assert summary["skipped_steps"] == 1 and summary["spike_steps"] == 1
+    assert torch.equal(fingerprints[5], fingerprints[6])  # step 6 left the weights alone
+    train = read_metrics(cfg.run_path)
+    assert [train[s]["spike_steps"] for s in range(1, 9)] == [0, 0, 0, 0, 0, 1, 1, 1]
+    assert train[6]["loss"] > 3 * train[5]["loss"]
+    assert "step 6: loss spike: loss" in capsys.readouterr().out
+    # the same run without the guard takes the update
+    monkeypatch.undo()
+    spike_at_training_calls(monkeypatch, at_calls={6})
+    unguarded = trainer.train(make_shards_config(tmp_path, "train.eval_interval=0", run="unguarded"))
+    assert unguarded["skipped_steps"] == 0
+
+
+def test_spike_guard_window_resumes_exactly(tmp_path, monkeypatch):
+    """The spike at step 7 is judged by the window of steps 4-6, three of which ran before the
+    checkpoint at step 4 was resumed: without the window in the checkpoint it would pass."""
+    spike_at_training_calls(monkeypatch, at_calls={7})
+    straight = trainer.train(make_shards_config(tmp_path, *GUARD, run="straight"))
+    assert straight["spike_steps"] == 1
+    monkeypatch.undo()
+
+    kill_after_batches(monkeypatch, 5)  # dies in step 6
+    with pytest.raises(SimulatedKill):
+        trainer.train(make_shards_config(tmp_path, *GUARD, run="resumed"))
+    monkeypatch.undo()
+    spike_at_training_calls(monkeypatch, at_calls={3})  # the resumed process starts at step 5
+    resumed = trainer.train(make_shards_config(tmp_path, *GUARD, run="resumed"))
+    assert resumed["spike_steps"] == 1
+    a, b = read_metrics(tmp_path / "straight"), read_metrics(tmp_path / "resumed")
+    assert [a[s]["loss"] for s in range(1, 9)] == [b[s]["loss"] for s in range(1, 9)]
+    assert [a[s]["spike_steps"] for s in range(1, 9)] == [b[s]["spike_steps"] for s in range(1, 9)]
+
+
+def signal_self_at_step(monkeypatch, step, sig):
+    """Send ``sig`` to this process while step ``step`` is training (from its forward pass)."""
+    build = trainer.build_model
+    calls = []
+
+    def build_signalling(model_cfg):
+        model = build(model_cfg)
+
+        def hook(module, args, output):
+            if module.training:
+                calls.append(1)
+                if len(calls) == step:
+                    os.kill(os.getpid(), sig)
+            return output
+
+        model.register_forward_hook(hook)
+        return model
+
+    monkeypatch.setattr(trainer, "build_model", build_signalling)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_stop_signal_saves_and_returns_then_resumes_exactly(tmp_path, monkeypatch, capsys, sig):
+    signal_self_at_step(monkeypatch, 3, sig)
+    summary = trainer.train(make_config(tmp_path, run="stopped"))
+    assert summary["stopped"] == sig.name and summary["step"] == 3
+    assert ckpt.latest_checkpoint(tmp_path / "stopped").name == "step-0000003"
+    assert f"stop requested ({sig.name}): stopped after step 3 of 8" in capsys.readouterr().out
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers are put back
+    monkeypatch.undo()
+    trainer.train(make_config(tmp_path, run="stopped"))
+    trainer.train(make_config(tmp_path, run="clean"))
+    stopped, clean = read_metrics(tmp_path / "stopped"), read_metrics(tmp_path / "clean")
+    assert [stopped[s]["loss"] for s in range(1, 9)] == [clean[s]["loss"] for s in range(1, 9)]
+
+
+def test_a_run_killed_before_its_first_checkpoint_starts_over(tmp_path, monkeypatch):
+    kill_after_batches(monkeypatch, 2)  # dies in step 3, before the checkpoint at step 4
+    with pytest.raises(SimulatedKill):
+        trainer.train(make_config(tmp_path))
+    monkeypatch.undo()
+    run_dir = tmp_path / "run"
+    assert ckpt.latest_checkpoint(run_dir) is None and (run_dir / "metrics.jsonl").exists()
+    (run_dir / "step-0000004.tmp").mkdir()  # a save that never completed
+    (run_dir / "step-0000004.tmp" / "partial").write_text("")
+    (run_dir / "wandb").mkdir()
+    config_before = (run_dir / "config.yaml").read_bytes()
+
+    summary = trainer.train(make_config(tmp_path))
+    assert summary["step"] == 8
+    assert (run_dir / "config.yaml").read_bytes() == config_before
+    assert not (run_dir / "step-0000004.tmp").exists()
+    trainer.train(make_config(tmp_path, run="clean"))
+    restarted, clean = read_metrics(run_dir), read_metrics(tmp_path / "clean")  # each step once
+    assert [restarted[s]["loss"] for s in range(1, 9)] == [clean[s]["loss"] for s in range(1, 9)]
+    assert sorted(read_metrics(run_dir, "val")) == [0, 4, 8]
+
+
+def test_a_foreign_file_or_another_config_is_still_refused(tmp_path, monkeypatch):
+    kill_after_batches(monkeypatch, 1)
+    with pytest.raises(SimulatedKill):
+        trainer.train(make_config(tmp_path))
+    monkeypatch.undo()
+    run_dir = tmp_path / "run"
+    (run_dir / "notes.txt").write_text("mine")
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir()}
+    with pytest.raises(ConfigError, match=r"no complete checkpoint.*Not written by a run before its first "
+                                          r"checkpoint: notes.txt"):
+        trainer.train(make_config(tmp_path))
+    (run_dir / "notes.txt").unlink()
+    del before["notes.txt"]
+    with pytest.raises(ConfigError, match=r"config.yaml is another run's; it differs from this recipe in: "
+                                          r"train.steps = 6 \(there: 8\)"):
+        trainer.train(make_config(tmp_path, "train.steps=6"))
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir()} == before

@@ -47,6 +47,32 @@ class OptimConfig:
 
 
 @dataclass
+class SpikeGuardConfig:
+    """Skips the update of a step whose loss or gradient norm jumps above the recent steps (see
+    ``xlstm_train.train.engine.SpikeGuard``). Off unless ``window`` > 0."""
+
+    window: int = 0  # accepted steps the mean and standard deviation are taken over; 0: off
+    loss_sigmas: float = 6.0  # a loss above mean + loss_sigmas * std is a spike; 0: loss not checked
+    grad_norm_sigmas: float = 6.0  # the same for the gradient norm (before clipping); 0: not checked
+
+    def validate(self, prefix: str) -> None:
+        _check(prefix, "window", self.window, self.window >= 0, ">= 0 (0: off)")
+        if self.window == 1:
+            raise ConfigError(f"{prefix}.window = 1: one step has no spread to measure a spike by; "
+                              "expected 0 (off) or an integer >= 2")
+        _check(prefix, "loss_sigmas", self.loss_sigmas, self.loss_sigmas >= 0, ">= 0 (0: loss not checked)")
+        _check(prefix, "grad_norm_sigmas", self.grad_norm_sigmas, self.grad_norm_sigmas >= 0,
+               ">= 0 (0: gradient norm not checked)")
+        if self.window > 0 and self.loss_sigmas == 0 and self.grad_norm_sigmas == 0:
+            raise ConfigError(f"{prefix}.window = {self.window} with {prefix}.loss_sigmas = 0 and "
+                              f"{prefix}.grad_norm_sigmas = 0 checks nothing; set one of them > 0, or window = 0")
+
+    @property
+    def enabled(self) -> bool:
+        return self.window > 0
+
+
+@dataclass
 class TrainConfig:
     steps: int = 1000
     micro_batch_size: int = 8
@@ -55,8 +81,12 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["bf16", "fp32"] = "bf16"  # bf16 autocast on GPU; CPU always runs fp32
     on_nonfinite: Literal["stop", "skip"] = "stop"
-    eval_interval: int = 100
-    eval_batches: int = 8
+    # consecutive skipped updates (non-finite steps under on_nonfinite=skip, spike-guard skips) after
+    # which the run saves its state and stops with an error; 0: no limit
+    max_skipped_steps: int = 10
+    spike_guard: SpikeGuardConfig = field(default_factory=SpikeGuardConfig)
+    eval_interval: int = 100  # steps between validations; 0: at the end only
+    eval_batches: int = 8  # validation micro-batches per rank; 0: no validation loss at all
     sample_tokens: int = 64  # tokens sampled per prompt when training ends (0: none)
     sample_prompts: list[str] = field(default_factory=lambda: ["The"])
     sample_temperature: float = 0.8
@@ -67,7 +97,8 @@ class TrainConfig:
         _check(prefix, "micro_batch_size", self.micro_batch_size, self.micro_batch_size >= 1, "an integer >= 1")
         _check(prefix, "grad_accum_steps", self.grad_accum_steps, self.grad_accum_steps >= 1, "an integer >= 1")
         _check(prefix, "eval_interval", self.eval_interval, self.eval_interval >= 0, ">= 0 (0: evaluate at the end only)")
-        _check(prefix, "eval_batches", self.eval_batches, self.eval_batches >= 1, "an integer >= 1")
+        _check(prefix, "eval_batches", self.eval_batches, self.eval_batches >= 0, ">= 0 (0: no validation)")
+        _check(prefix, "max_skipped_steps", self.max_skipped_steps, self.max_skipped_steps >= 0, ">= 0 (0: no limit)")
         _check(prefix, "sample_tokens", self.sample_tokens, self.sample_tokens >= 0, ">= 0")
         _check(prefix, "sample_temperature", self.sample_temperature, self.sample_temperature > 0, "> 0")
         top_k = self.sample_top_k
@@ -130,6 +161,12 @@ class Config:
             raise ConfigError(
                 "train.on_nonfinite = 'skip' with parallel.engine = 'deepspeed': DeepSpeed applies the update "
                 "inside engine.step() and cannot skip it in fp32/bf16; allowed: stop (or engine 'fsdp')"
+            )
+        if self.parallel.engine == "deepspeed" and self.train.spike_guard.enabled:
+            raise ConfigError(
+                f"train.spike_guard.window = {self.train.spike_guard.window} with parallel.engine = 'deepspeed': "
+                "DeepSpeed knows the gradient norm only after its update and cannot skip a spike; "
+                "allowed: window 0 (or engine 'fsdp')"
             )
 
 

@@ -3,7 +3,7 @@
 An engine owns the parallelised model and its optimizer. Per optimizer step it runs
 
     forward_backward(micro_batches)   the exact token-normalised loss of the whole step
-    step(micro_batches)               forward_backward -> clip -> finite check -> update or skip
+    step(micro_batches, accept)       forward_backward -> clip -> finite check -> accept? -> update or skip
 
 and it saves and loads its model and optimizer state through ``train.checkpoint``. The trainer's loop
 and ``scripts/bench_train.py`` both drive ``step``, so a benchmark's step is the trainer's step. The
@@ -18,6 +18,7 @@ micro-batches gives exactly the gradient of one batch k times larger, whatever t
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import math
 from collections.abc import Callable, Iterator
@@ -38,7 +39,7 @@ if TYPE_CHECKING:
 
     from xlstm_train.parallel import ParallelConfig
     from xlstm_train.train.checkpoint import Checkpointer
-    from xlstm_train.train.config import Config
+    from xlstm_train.train.config import Config, SpikeGuardConfig
 
 MicroBatch = dict[str, torch.Tensor]  # input_ids, labels (IGNORE_INDEX where no loss), doc_ids: (B, S)
 
@@ -100,6 +101,61 @@ class StepResult:
         return math.isfinite(self.loss) and math.isfinite(self.grad_norm)
 
 
+# Decides, from a finite step's loss and gradient norm, whether its update is applied (a spike guard).
+AcceptStep = Callable[[StepResult], bool]
+
+
+class SpikeGuard:
+    """Rejects the update of a step whose loss or gradient norm jumps above the recent steps.
+
+    A value is a spike when it exceeds the mean of the last ``window`` accepted steps by more than
+    ``sigmas`` of their standard deviations (OLMo's skip-step rule; Megatron checks spiky losses
+    against recent ones too). Only accepted steps enter the window, so a spike does not widen the
+    band that the next one is judged by. Nothing is rejected until the window is full: early
+    training, where the loss falls fastest, always passes. Every rank sees the same loss and norm
+    (both are reduced over the ranks), so every rank decides the same way. The window is part of
+    the checkpointed train state, which keeps a resumed run's decisions those of an uninterrupted one.
+    """
+
+    def __init__(self, cfg: SpikeGuardConfig):
+        self.cfg = cfg
+        self.losses: collections.deque[float] = collections.deque(maxlen=cfg.window)
+        self.grad_norms: collections.deque[float] = collections.deque(maxlen=cfg.window)
+        self.rejected: str | None = None  # why the last step was rejected, for the console
+
+    def __call__(self, result: StepResult) -> bool:
+        self.rejected = None
+        if len(self.losses) == self.cfg.window:
+            for name, value, window, sigmas in (
+                ("loss", result.loss, self.losses, self.cfg.loss_sigmas),
+                ("gradient norm", result.grad_norm, self.grad_norms, self.cfg.grad_norm_sigmas),
+            ):
+                mean, std = _mean_std(window)
+                if sigmas > 0 and value > mean + sigmas * std:
+                    self.rejected = (f"{name} {value:.4g} is more than {sigmas:g} standard deviations above "
+                                     f"the mean of the last {len(window)} steps ({mean:.4g} +- {std:.3g})")
+                    return False
+        self.losses.append(result.loss)
+        self.grad_norms.append(result.grad_norm)
+        return True
+
+    def state_dict(self) -> dict:
+        return {"losses": list(self.losses), "grad_norms": list(self.grad_norms)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.losses.clear()
+        self.losses.extend(state["losses"])
+        self.grad_norms.clear()
+        self.grad_norms.extend(state["grad_norms"])
+
+
+def _mean_std(values) -> tuple[float, float]:
+    """Mean and population standard deviation, in plain Python floats (the same on every rank and
+    every resume)."""
+    mean = math.fsum(values) / len(values)
+    return mean, math.sqrt(math.fsum((v - mean) ** 2 for v in values) / len(values))
+
+
 class Engine:
     """The parallelised model and its optimizer (see the module docstring).
 
@@ -120,7 +176,9 @@ class Engine:
         """Accumulate the gradient of the step's mean token loss; return this rank's share of it."""
         raise NotImplementedError
 
-    def step(self, micro_batches: list[MicroBatch]) -> StepResult:
+    def step(self, micro_batches: list[MicroBatch], accept: AcceptStep | None = None) -> StepResult:
+        """One optimizer step. The update is applied when the loss and gradient norm are finite and
+        ``accept`` (if given) agrees; otherwise the weights and optimizer state stay as they were."""
         raise NotImplementedError
 
     def save(self, checkpointer: Checkpointer, step: int, train_state: dict, config: dict) -> Path:
@@ -175,11 +233,11 @@ class FSDPEngine(Engine):
     def forward_backward(self, micro_batches: list[MicroBatch]) -> torch.Tensor:
         return forward_backward(self.model, micro_batches, self.autocast, self.mesh, self.parallel_cfg)
 
-    def step(self, micro_batches: list[MicroBatch]) -> StepResult:
+    def step(self, micro_batches: list[MicroBatch], accept: AcceptStep | None = None) -> StepResult:
         loss = self.forward_backward(micro_batches)
         norm = clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
         result = StepResult(dp_mean(loss, self.mesh).item(), norm.item(), applied=False)
-        if result.finite:
+        if result.finite and (accept is None or accept(result)):
             self.optimizer.step()
             result.applied = True
         self.optimizer.zero_grad(set_to_none=True)
@@ -229,7 +287,10 @@ class DeepSpeedEngine(Engine):
             total = total + loss.detach()
         return total
 
-    def step(self, micro_batches: list[MicroBatch]) -> StepResult:
+    def step(self, micro_batches: list[MicroBatch], accept: AcceptStep | None = None) -> StepResult:
+        if accept is not None:  # refused when the config is read (train.spike_guard)
+            raise ValueError("the DeepSpeed engine learns the gradient norm only after its update: it cannot "
+                             "skip a step by its loss and norm")
         loss = dp_mean(self.forward_backward(micro_batches), self.mesh).item()
         if not math.isfinite(loss):
             return StepResult(loss, math.nan, applied=False)

@@ -150,8 +150,39 @@ class Throughput:
 
 
 def format_val_line(m: dict, total_steps: int) -> str:
+    """The validation loss and the recipe's ``eval`` metrics (``eval/...``) of one record; either may
+    be absent (validation off, no evaluation due)."""
     width = len(str(total_steps))
-    return f"step {m['step']:>{width}}/{total_steps} | val loss {m['val_loss']:.4f} | val ppl {m['val_ppl']:.2f}"
+    parts = [f"step {m['step']:>{width}}/{total_steps}"]
+    if m.get("val_loss") is not None:
+        parts += [f"val loss {m['val_loss']:.4f}", f"val ppl {m['val_ppl']:.2f}"]
+    parts += [f"{k} {v:.4g}" for k, v in m.items() if k.startswith("eval/") and isinstance(v, (int, float))]
+    return " | ".join(parts)
+
+
+def drop_records_after(path: Path, step: int) -> int:
+    """Remove from metrics file ``path`` the records of steps after ``step`` and any line cut short by a
+    kill; returns how many lines went. A run resumed from its checkpoint at ``step`` logs the later
+    steps again, so each step keeps one record (``step = -1``: a run starting over keeps none).
+    The file is replaced whole, so a kill during this leaves the old one."""
+    if not path.exists():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # a partial last line of a killed process
+            dropped += 1
+            continue
+        if isinstance(record, dict) and record.get("step", -1) > step:
+            dropped += 1
+        else:
+            kept.append(line + "\n")
+    if dropped:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, path)
+    return dropped
 
 
 def new_wandb_id() -> str:
@@ -216,8 +247,9 @@ class MetricsLogger:
         run = self._wandb()
         if run is not None:
             prefix = "train" if kind == "train" else "val"
-            run.log({f"{prefix}/{k}": v for k, v in metrics.items() if k != "step" and v is not None},
-                    step=metrics["step"])
+            # the eval section's metrics are named in full already (eval/<data or task>/<metric>)
+            run.log({k if k.startswith("eval/") else f"{prefix}/{k}": v
+                     for k, v in metrics.items() if k != "step" and v is not None}, step=metrics["step"])
 
     def close(self) -> None:
         """Idempotent."""

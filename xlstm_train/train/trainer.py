@@ -7,18 +7,32 @@
     -> log -> evaluate -> checkpoint
 
 and finally sample a few lines of text from the trained model. The step itself lives in
-``xlstm_train.train.engine`` (FSDP2 or DeepSpeed, as ``parallel.engine`` says).
+``xlstm_train.train.engine`` (FSDP2 or DeepSpeed, as ``parallel.engine`` says). Evaluating is the
+validation loss plus the recipe's ``eval`` section (``xlstm_train.eval.training``), at step 0, every
+``train.eval_interval`` steps and at the end.
+
+The loop ends early, with a checkpoint, when
+
+* a stop signal arrives (SIGTERM, SIGUSR1, SIGINT; see ``train.preemption``): every rank finishes
+  the same step, saves, and ``train`` returns normally (exit code 0);
+* ``train.max_skipped_steps`` updates in a row were skipped (non-finite steps under
+  ``on_nonfinite: skip``, or the spike guard): ``SkippedStepsError``, exit code 1. The weights
+  saved are those before the skipped steps, since a skipped step leaves them alone.
 
 The run directory (``cfg.run_path``) is never deleted or overwritten. A run whose directory holds a
-complete checkpoint continues from the latest one (``checkpoint.resume: auto``); a new run needs an
-absent or empty directory, otherwise it is refused with a message (pick another ``name`` or
-``run_dir``). ``checkpoint.resume: never`` always asks for an empty directory; a checkpoint path
-starts from that checkpoint.
+complete checkpoint continues from the latest one (``checkpoint.resume: auto``); so does a run
+killed before its first checkpoint, whose directory holds only what the run writes before then
+(``config.yaml`` equal to the recipe's, ``metrics.jsonl``, ``wandb/``, ``step-*.tmp``): it starts
+over. Anything else in it is refused with a message (pick another ``name`` or ``run_dir``).
+``checkpoint.resume: never`` always asks for an empty directory; a checkpoint path starts from that
+checkpoint. After a resume ``metrics.jsonl`` holds each step once: the records of the steps after the
+checkpoint, which are trained again, are dropped.
 """
 
 from __future__ import annotations
 
 import random
+import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -34,9 +48,12 @@ from xlstm_train.data import (
     build_train_loader,
     build_val_loader,
     load_tokenizer,
+    relative_path_note,
 )
+from xlstm_train.data.loader import check_dataset_paths
+from xlstm_train.eval.training import run_training_evals
 from xlstm_train.models import build_model, count_params
-from xlstm_train.models.generate import generate
+from xlstm_train.models.generate import NonFiniteLogitsError, generate
 from xlstm_train.parallel import (
     build_mesh,
     destroy_distributed,
@@ -49,10 +66,11 @@ from xlstm_train.parallel import (
 )
 from xlstm_train.train import checkpoint as ckpt
 from xlstm_train.train.config import Config
-from xlstm_train.train.engine import Engine, StepResult, build_engine, token_loss
+from xlstm_train.train.engine import Engine, SpikeGuard, StepResult, build_engine, token_loss
 from xlstm_train.train.flops import flops_per_token
-from xlstm_train.train.metrics import MetricsLogger, memory_gib, peak_flops, perplexity
+from xlstm_train.train.metrics import MetricsLogger, drop_records_after, memory_gib, peak_flops, perplexity
 from xlstm_train.train.optim import build_scheduler
+from xlstm_train.train.preemption import StopSignals
 
 
 class _SilentLogger:
@@ -73,12 +91,18 @@ class NonFiniteError(RuntimeError):
     """The loss or gradient norm of a step was NaN or infinite and the recipe says to stop."""
 
 
+class SkippedStepsError(NonFiniteError):
+    """``train.max_skipped_steps`` updates in a row were skipped; the state is saved."""
+
+
 @dataclass
 class TrainState:
-    step: int = 0  # optimizer steps taken (skipped non-finite steps included)
+    step: int = 0  # optimizer steps taken (skipped steps included)
     consumed_samples: int = 0  # sequences drawn from the training data, over all ranks
     tokens_seen: int = 0
-    skipped_steps: int = 0
+    skipped_steps: int = 0  # updates not applied: non-finite steps and spikes
+    spike_steps: int = 0  # of those, the spike guard's
+    consecutive_skipped: int = 0  # skipped updates since the last applied one
 
 
 # ----------------------------------------------------------------------------------------------
@@ -99,17 +123,11 @@ def check_data_paths(cfg: Config) -> None:
         return
     if not data.datasets:
         raise ConfigError("data.datasets is empty: data.source 'shards' needs at least one prepared dataset")
-    for section in ("datasets", "validation"):
-        for n, spec in enumerate(getattr(data, section)):
-            if not Path(spec.path).is_dir():
-                raise DataError(
-                    f"data.{section}[{n}].path = '{spec.path}': no such directory; expected a "
-                    "directory written by `xlstm-train prepare-data` (holding manifest.json)"
-                )
+    check_dataset_paths(data)
     if data.tokenizer is not None and not Path(data.tokenizer).exists():
         raise DataError(
-            f"data.tokenizer = '{data.tokenizer}': no such file; expected a SentencePiece .model "
-            "or a Hugging Face tokenizer.json (or its directory)"
+            f"data.tokenizer = '{data.tokenizer}': no such file{relative_path_note(data.tokenizer)}; expected "
+            "a SentencePiece .model or a Hugging Face tokenizer.json (or its directory)"
         )
 
 
@@ -120,6 +138,53 @@ def check_tokenizer_fits(tokenizer, cfg: Config) -> None:
             f"data.tokenizer = '{cfg.data.tokenizer}' ({tokenizer.vocab_size} tokens); "
             f"set model.vocab_size >= {tokenizer.vocab_size}"
         )
+
+
+# What a run writes into its directory before its first checkpoint (besides config.yaml).
+_START_FILES = {"metrics.jsonl", "metrics.jsonl.tmp", "wandb"}
+_UNFINISHED_CHECKPOINT = re.compile(r"step-\d+\.tmp")
+
+
+def check_own_start(run_dir: Path, cfg: Config) -> None:
+    """Pass when ``run_dir`` holds only what this run writes before its first checkpoint, with a
+    ``config.yaml`` equal to ``cfg``'s (an earlier start of the same command, killed or stopped by a
+    data error before it saved); otherwise raise a ConfigError naming what is foreign."""
+    refused = (f"run directory '{run_dir}' already holds files and no complete checkpoint to resume from "
+               "(checkpoint.resume = 'auto'); it is left untouched. ")
+    remedy = "Choose another name or run_dir, or remove the directory yourself"
+    entries = sorted(p.name for p in run_dir.iterdir())
+    foreign = [name for name in entries if name != ckpt.CONFIG_FILE and name not in _START_FILES
+               and not _UNFINISHED_CHECKPOINT.fullmatch(name)]
+    if foreign:
+        raise ConfigError(
+            f"{refused}Not written by a run before its first checkpoint: {', '.join(foreign)} (a run restarts "
+            f"by itself only from {ckpt.CONFIG_FILE}, metrics.jsonl, wandb/ and step-*.tmp). {remedy}"
+        )
+    config_file = run_dir / ckpt.CONFIG_FILE
+    if not config_file.is_file():
+        raise ConfigError(f"{refused}It has no {ckpt.CONFIG_FILE} to show that it is this run's. {remedy}")
+    try:
+        saved = yaml.safe_load(config_file.read_text())
+    except yaml.YAMLError:
+        saved = None
+    now = yaml.safe_load(yaml.safe_dump(to_dict(cfg), sort_keys=False))  # as it would be written
+    if saved != now:
+        differing = _differing_keys(saved, now) if isinstance(saved, dict) else [f"{ckpt.CONFIG_FILE} (unreadable)"]
+        raise ConfigError(
+            f"{refused}Its {ckpt.CONFIG_FILE} is another run's; it differs from this recipe in: "
+            f"{', '.join(differing[:8])}{' ...' if len(differing) > 8 else ''}. {remedy}"
+        )
+
+
+def _differing_keys(saved: dict, now: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for key in dict.fromkeys([*saved, *now]):
+        a, b = saved.get(key), now.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            keys += _differing_keys(a, b, f"{prefix}{key}.")
+        elif a != b:
+            keys.append(f"{prefix}{key} = {b!r} (there: {a!r})")
+    return keys
 
 
 def find_resume_checkpoint(cfg: Config) -> Path | None:
@@ -150,12 +215,13 @@ def find_resume_checkpoint(cfg: Config) -> Path | None:
             )
         return path
     latest = ckpt.latest_checkpoint(run_dir) if resume == "auto" else None
+    if latest is None and occupied and resume == "auto":
+        check_own_start(run_dir, cfg)  # an earlier start of this run: it starts over
+        return None
     if latest is None and occupied:
         raise ConfigError(
-            f"run directory '{run_dir}' already holds files"
-            + (" and no complete checkpoint to resume from" if resume == "auto" else "")
-            + f" (checkpoint.resume = '{resume}'); it is left untouched. "
-            "Choose another name or run_dir, or remove the directory yourself"
+            f"run directory '{run_dir}' already holds files (checkpoint.resume = '{resume}'); it is left "
+            "untouched. Choose another name or run_dir, or remove the directory yourself"
         )
     if latest is not None and ckpt.is_deepspeed(latest) != (cfg.parallel.engine == "deepspeed"):
         raise ConfigError(
@@ -241,7 +307,8 @@ def seed_everything(seed: int) -> None:
 
 
 def train(cfg: Config) -> dict:
-    """Train as ``cfg`` says; return a summary (final step, last validation loss, paths, samples)."""
+    """Train as ``cfg`` says; return a summary (final step, last validation loss, paths, samples, and
+    ``stopped``: the stop signal that ended the run early, or None)."""
     # --- checks: every bad input ends here, before anything is written ---
     device = resolve_device(cfg.train.device)
     env = init_distributed(cfg.parallel.timeout_s, device.type)  # no-op for one process
@@ -258,13 +325,36 @@ def train(cfg: Config) -> dict:
         check_checkpoint_matches(resume_from, cfg)
     saved_state = ckpt.read_train_state(resume_from) if resume_from is not None else {}
     state = TrainState(**saved_state.get("progress", {}))
+    complete = state.step >= cfg.train.steps  # a finished run, started again: nothing to do
 
     samples_per_step = cfg.train.micro_batch_size * cfg.train.grad_accum_steps * dp_size
     loader_args = dict(micro_batch_size=cfg.train.micro_batch_size, vocab_size=cfg.model.vocab_size,
                        dp_rank=dp_rank, dp_size=dp_size, device=str(device), tokenizer=tokenizer)  # fmt: skip
     train_loader = build_train_loader(cfg.data, consumed_samples=state.consumed_samples, **loader_args)
-    val_loader = build_val_loader(cfg.data, num_batches=cfg.train.eval_batches, **loader_args)
+    try:
+        # eval_batches 0 (validation off) builds an empty loader without reading any data
+        val_loader = build_val_loader(cfg.data, num_batches=0 if complete else cfg.train.eval_batches, **loader_args)
+    except BaseException:
+        close_loader(train_loader)
+        raise
+    try:
+        return _run(cfg, env, mesh, device, dp_size, tokenizer, resume_from, saved_state, state,
+                    samples_per_step, train_loader, val_loader)
+    finally:
+        # the prefetch threads end before the interpreter does (see ShardLoader.close)
+        close_loader(train_loader)
+        close_loader(val_loader)
 
+
+def close_loader(loader) -> None:
+    close = getattr(loader, "close", None)
+    if close is not None:
+        close()
+
+
+def _run(cfg: Config, env, mesh, device: torch.device, dp_size: int, tokenizer, resume_from: Path | None,
+         saved_state: dict, state: TrainState, samples_per_step: int, train_loader, val_loader) -> dict:
+    """``train`` once its inputs are checked and its loaders built."""
     # --- build ---
     seed_everything(cfg.train.seed)
     model = build_model(cfg.model).to(device)
@@ -272,42 +362,66 @@ def train(cfg: Config) -> dict:
     num_params = count_params(model)  # before sharding
     engine = build_engine(model, cfg, mesh, device)
     scheduler = build_scheduler(engine.optimizer, cfg.optim, cfg.train.steps)
+    spike_guard = SpikeGuard(cfg.train.spike_guard) if cfg.train.spike_guard.enabled else None
     flops_token = flops_per_token(cfg.model, cfg.data.seq_len)
     peak = peak_flops(device)
 
     run_dir = cfg.run_path
     if env.world_size > 1:
         torch.distributed.barrier()  # every rank has looked at the run directory before rank 0 writes
+    config_dict = to_dict(cfg)
+    starting_over = resume_from is None and run_dir.exists() and any(run_dir.iterdir())
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-    config_dict = to_dict(cfg)
+        # the steps after the checkpoint are trained (and logged) again; a run starting over keeps none
+        drop_records_after(run_dir / "metrics.jsonl", state.step if resume_from is not None else -1)
     checkpointer = ckpt.Checkpointer(run_dir, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
     if resume_from is not None:
         engine.load(resume_from)
         scheduler.load_state_dict(saved_state["scheduler"])
         ckpt.restore_rng_state(saved_state["rng"])
-    elif env.is_main:
+        if spike_guard is not None and "spike_guard" in saved_state:
+            spike_guard.load_state_dict(saved_state["spike_guard"])
+    elif env.is_main and not starting_over:  # starting over: config.yaml is there and equal
         (run_dir / ckpt.CONFIG_FILE).write_text(yaml.safe_dump(config_dict, sort_keys=False))
     # rank 0 logs (console, JSONL, wandb) for the whole run
     logger = MetricsLogger(
         run_dir, total_steps=cfg.train.steps, wandb_mode=cfg.logging.wandb,
         wandb_project=cfg.logging.wandb_project, wandb_entity=cfg.logging.wandb_entity,
-        run_name=cfg.name, config=config_dict, wandb_id=saved_state.get("wandb_id"),
+        wandb_group=cfg.logging.wandb_group, run_name=cfg.name, config=config_dict,
+        wandb_id=saved_state.get("wandb_id"),
     ) if env.is_main else _SilentLogger()
     say = print if env.is_main else (lambda *args, **kwargs: None)
+    saved_step = state.step if resume_from is not None else None
 
     def save() -> Path:
-        train_state = {
-            "progress": asdict(state),
-            "scheduler": scheduler.state_dict(),
-            "rng": ckpt.capture_rng_state(),
-            "wandb_id": logger.wandb_id,
-        }
-        return engine.save(checkpointer, state.step, train_state, config_dict)
+        """A checkpoint of this step (once), written and committed before it returns."""
+        nonlocal saved_step
+        if saved_step != state.step:
+            train_state = {
+                "progress": asdict(state),
+                "scheduler": scheduler.state_dict(),
+                "rng": ckpt.capture_rng_state(),
+                "wandb_id": logger.wandb_id,
+            }
+            if spike_guard is not None:
+                train_state["spike_guard"] = spike_guard.state_dict()
+            engine.save(checkpointer, state.step, train_state, config_dict)
+            saved_step = state.step
+        checkpointer.wait()
+        return run_dir / ckpt.checkpoint_name(state.step)
 
-    def run_eval() -> float:
-        val_loss = evaluate(engine, val_loader)
-        logger.log_val({"step": state.step, "val_loss": val_loss, "val_ppl": perplexity(val_loss)})
+    def run_evals(final: bool) -> float | None:
+        """The validation loss (None when validation is off) and the eval section's metrics, logged."""
+        record = {}
+        val_loss = None
+        if len(val_loader) > 0:
+            val_loss = evaluate(engine, val_loader)
+            record.update(val_loss=val_loss, val_ppl=perplexity(val_loss))
+        record.update(run_training_evals(engine.model, cfg, state.step, tokenizer=tokenizer, device=device,
+                                         final=final))
+        if record:
+            logger.log_val({"step": state.step, **record})
         return val_loss
 
     def stop_at_nonfinite(result: StepResult, rng_before_step: dict) -> None:
@@ -321,10 +435,23 @@ def train(cfg: Config) -> dict:
             )
         ckpt.restore_rng_state(rng_before_step)  # the state as it was before this step
         path = save()
-        checkpointer.wait()
         skip = ", or set train.on_nonfinite=skip to skip such steps" if engine.can_skip else ""
         raise NonFiniteError(
             f"{what}; the optimizer step was not taken. The last good state is saved in {path}. {advice}{skip}"
+        )
+
+    def stop_after_skips(reason: str) -> None:
+        """``max_skipped_steps`` updates in a row were skipped: save (the weights are those before the
+        first of them) and end the run."""
+        path = save()
+        n = state.consecutive_skipped
+        first = state.step - n + 1
+        raise SkippedStepsError(
+            f"{n} updates in a row were skipped, steps {first}-{state.step} (train.max_skipped_steps = "
+            f"{cfg.train.max_skipped_steps}); the last: {reason}. The state is saved in {path}; its weights "
+            f"are those after step {first - 1}, as the skipped updates were never applied. Lower optim.lr or "
+            "raise optim.warmup_steps and resume"
+            + (", or loosen train.spike_guard" if spike_guard is not None else "")
         )
 
     say(
@@ -333,87 +460,151 @@ def train(cfg: Config) -> dict:
         f"run directory {run_dir}",
         flush=True,
     )
-    if resume_from is not None:
-        say(f"resumed from {resume_from} at step {state.step}", flush=True)
-        logger.log_event("resume", step=state.step, checkpoint=str(resume_from))
-        if state.step >= cfg.train.steps:
-            say(f"the run is complete at step {state.step} (train.steps = {cfg.train.steps}); "
-                "raise train.steps to train further", flush=True)
-    else:
-        logger.log_event("start", step=0, params=num_params)
-
-    val_loss = None
-    if state.step == 0 and cfg.train.eval_interval > 0:
-        val_loss = run_eval()  # the untrained baseline
-
-    # --- the loop ---
-    train_iter = iter(train_loader)
-    window_tokens, window_time = 0, 0.0
+    final = resume_from
+    samples, val_loss, stopped = [], None, None
     try:
-        while state.step < cfg.train.steps:
-            step_start = time.perf_counter()
-            rng_before_step = ckpt.capture_rng_state() if cfg.train.on_nonfinite == "stop" else None
-            micro_batches = [next(train_iter) for _ in range(cfg.train.grad_accum_steps)]
-            lr = scheduler.get_last_lr()[0]  # the rate this update uses
-            result = engine.step(micro_batches)
-            if not result.finite:
-                if cfg.train.on_nonfinite == "stop":
-                    stop_at_nonfinite(result, rng_before_step)
-                state.skipped_steps += 1
-                say(f"step {state.step + 1}: non-finite loss {result.loss} or gradient norm "
-                    f"{result.grad_norm}; update skipped ({state.skipped_steps} so far)", flush=True)
-            scheduler.step()
-            state.step += 1
-            state.consumed_samples += samples_per_step
-            step_tokens = sum(mb["input_ids"].numel() for mb in micro_batches) * dp_size
-            state.tokens_seen += step_tokens
-            window_tokens += step_tokens
-            window_time += time.perf_counter() - step_start
+        if resume_from is not None:
+            say(f"resumed from {resume_from} at step {state.step}", flush=True)
+            if state.step >= cfg.train.steps:
+                say(f"the run is complete at step {state.step} (train.steps = {cfg.train.steps}), its last "
+                    f"checkpoint {resume_from}; raise train.steps to train further", flush=True)
+                logger.close()
+                destroy_distributed()
+                return _summary(state, val_loss, run_dir, final, samples, stopped)
+            logger.log_event("resume", step=state.step, checkpoint=str(resume_from))
+        else:
+            if starting_over:
+                say(f"{run_dir} holds no complete checkpoint, only what an earlier start of this run wrote: "
+                    "starting over", flush=True)
+            logger.log_event("start", step=0, params=num_params)
 
-            last_step = state.step == cfg.train.steps
-            if state.step % cfg.logging.interval == 0 or last_step:
-                tokens_per_s = window_tokens / max(window_time, 1e-9)
-                logger.log_train({
-                    "step": state.step,
-                    "loss": result.loss,
-                    "ppl": perplexity(result.loss),
-                    "lr": lr,
-                    "grad_norm": result.grad_norm,
-                    "tokens_per_s": tokens_per_s,
-                    "mfu": flops_token * tokens_per_s / (peak * env.world_size) if peak else None,
-                    "memory_gib": memory_gib(device),
-                    "tokens_seen": state.tokens_seen,
-                    "skipped_steps": state.skipped_steps,
-                })
-                window_tokens, window_time = 0, 0.0
-            interval = cfg.train.eval_interval
-            if (interval > 0 and state.step % interval == 0) or last_step:
-                val_loss = run_eval()
-            interval = cfg.checkpoint.interval
-            if (interval > 0 and state.step % interval == 0) or last_step:
-                save()
-        checkpointer.wait()
-        final = ckpt.latest_checkpoint(run_dir)
-        say(f"checkpoint: {final}", flush=True)
+        with StopSignals() as stop:
+            if state.step == 0 and cfg.train.eval_interval > 0:
+                val_loss = run_evals(final=False)  # the untrained baseline
 
-        samples = []
-        # Every rank generates (FSDP's gathers need them all); under tensor parallelism the logits
-        # are vocabulary-sharded DTensors that the sampler does not take, so there is no sample.
-        tp_sharded = mesh is not None and mesh["tp"].size() > 1
-        if tokenizer is not None and cfg.train.sample_tokens > 0 and cfg.train.sample_prompts and not tp_sharded:
-            samples = sample_text(engine.model, tokenizer, cfg, device, engine.autocast)
-            for n, text in enumerate(samples):
-                say(f"--- sample {n + 1} ---\n{text}", flush=True)
-            logger.log_event("samples", step=state.step, prompts=cfg.train.sample_prompts, texts=samples)
+            # --- the loop ---
+            train_iter = iter(train_loader)
+            window_tokens, window_time = 0, 0.0
+            while state.step < cfg.train.steps:
+                step_start = time.perf_counter()
+                rng_before_step = ckpt.capture_rng_state() if cfg.train.on_nonfinite == "stop" else None
+                micro_batches = [next(train_iter) for _ in range(cfg.train.grad_accum_steps)]
+                lr = scheduler.get_last_lr()[0]  # the rate this update uses
+                result = engine.step(micro_batches, accept=spike_guard)
+                skip_reason = None
+                if not result.finite:
+                    if cfg.train.on_nonfinite == "stop":
+                        stop_at_nonfinite(result, rng_before_step)
+                    skip_reason = f"non-finite loss {result.loss} or gradient norm {result.grad_norm}"
+                elif not result.applied:  # the spike guard rejected it
+                    skip_reason = f"loss spike: {spike_guard.rejected}"
+                    state.spike_steps += 1
+                if skip_reason is None:
+                    state.consecutive_skipped = 0
+                else:
+                    state.skipped_steps += 1
+                    state.consecutive_skipped += 1
+                    say(f"step {state.step + 1}: {skip_reason}; update skipped ({state.skipped_steps} so far)",
+                        flush=True)
+                scheduler.step()
+                state.step += 1
+                state.consumed_samples += samples_per_step
+                step_tokens = sum(mb["input_ids"].numel() for mb in micro_batches) * dp_size
+                state.tokens_seen += step_tokens
+                window_tokens += step_tokens
+                window_time += time.perf_counter() - step_start
+
+                last_step = state.step == cfg.train.steps
+                limit = cfg.train.max_skipped_steps
+                too_many_skipped = limit > 0 and state.consecutive_skipped >= limit
+                if state.step % cfg.logging.interval == 0 or last_step or too_many_skipped:
+                    tokens_per_s = window_tokens / max(window_time, 1e-9)
+                    record = {
+                        "step": state.step,
+                        "loss": result.loss,
+                        "ppl": perplexity(result.loss),
+                        "lr": lr,
+                        "grad_norm": result.grad_norm,
+                        "tokens_per_s": tokens_per_s,
+                        "mfu": flops_token * tokens_per_s / (peak * env.world_size) if peak else None,
+                        "memory_gib": memory_gib(device),
+                        "tokens_seen": state.tokens_seen,
+                        "skipped_steps": state.skipped_steps,
+                    }
+                    if spike_guard is not None:
+                        record["spike_steps"] = state.spike_steps
+                    logger.log_train(record)
+                    window_tokens, window_time = 0, 0.0
+                if too_many_skipped:
+                    stop_after_skips(skip_reason)
+                interval = cfg.train.eval_interval
+                if (interval > 0 and state.step % interval == 0) or last_step:
+                    val_loss = run_evals(final=last_step)
+                interval = cfg.checkpoint.interval
+                if (interval > 0 and state.step % interval == 0) or last_step:
+                    final = save()
+                if not last_step and stop.stop_agreed():
+                    stopped = _received_signals(stop, env.world_size)
+                    final = save()
+                    say(f"stop requested ({stopped}): stopped after step {state.step} of {cfg.train.steps} with "
+                        f"checkpoint {final}; the same command resumes from it", flush=True)
+                    logger.log_event("stop", step=state.step, signal=stopped, checkpoint=str(final))
+                    break
+            final = save()
+            if stopped is None:
+                say(f"checkpoint: {final}", flush=True)
+                if stop.stop_agreed():  # during the last step: no samples, just exit
+                    stopped = _received_signals(stop, env.world_size)
+                else:
+                    samples = _samples(engine, tokenizer, cfg, device, mesh, state, logger, say)
     finally:
         logger.close()
     destroy_distributed()
+    return _summary(state, val_loss, run_dir, final, samples, stopped)
+
+
+def _samples(engine: Engine, tokenizer, cfg: Config, device: torch.device, mesh, state: TrainState, logger,
+             say) -> list[str]:
+    """The end-of-run samples, printed and logged; none when the logits are not finite (a note says so).
+
+    Every rank generates (FSDP's gathers need them all); under tensor parallelism the logits are
+    vocabulary-sharded DTensors that the sampler does not take, so there is no sample.
+    """
+    tp_sharded = mesh is not None and mesh["tp"].size() > 1
+    if tokenizer is None or cfg.train.sample_tokens == 0 or not cfg.train.sample_prompts or tp_sharded:
+        return []
+    try:
+        samples = sample_text(engine.model, tokenizer, cfg, device, engine.autocast)
+    except NonFiniteLogitsError as e:
+        say(f"samples: none; {e}", flush=True)
+        logger.log_event("samples", step=state.step, prompts=cfg.train.sample_prompts, texts=[], error=str(e))
+        return []
+    for n, text in enumerate(samples):
+        say(f"--- sample {n + 1} ---\n{text}", flush=True)
+    logger.log_event("samples", step=state.step, prompts=cfg.train.sample_prompts, texts=samples)
+    return samples
+
+
+def _received_signals(stop: StopSignals, world_size: int) -> str:
+    """The signals any rank received, e.g. ``SIGTERM`` (a signal may have reached one rank only)."""
+    if world_size == 1:
+        return stop.describe()
+    described = [None] * world_size
+    torch.distributed.all_gather_object(described, stop.describe())
+    names = [name for d in described for name in d.split(", ") if name != "none"]
+    return ", ".join(dict.fromkeys(names)) or "none"
+
+
+def _summary(state: TrainState, val_loss: float | None, run_dir: Path, final: Path | None, samples: list[str],
+             stopped: str | None) -> dict:
     return {
         "step": state.step,
         "val_loss": val_loss,
         "val_ppl": perplexity(val_loss) if val_loss is not None else None,
         "skipped_steps": state.skipped_steps,
+        "spike_steps": state.spike_steps,
         "run_dir": str(run_dir),
         "checkpoint": str(final) if final else None,
         "samples": samples,
+        "stopped": stopped,
     }
