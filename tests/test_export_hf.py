@@ -2,6 +2,7 @@
 official ``xlstm`` package and compare logits with ours (fp32, CPU) on fresh random tokens."""
 
 import argparse
+import dataclasses
 import json
 import os
 import re
@@ -550,20 +551,33 @@ def test_every_export_loads_with_our_logits(arch, tied, tmp_path):
         assert rel_error(theirs, ours(ids)) <= 1e-4
 
 
-def test_tied_xlstm_large_export_writes_the_head_and_imports_tied(tmp_path):
-    """transformers' xLSTM does not tie: the head is written in full, and our import ties it again."""
-    from xlstm_train.archs.xlstm_large import load_hf_checkpoint
+def test_only_classes_that_tie_on_loading_store_a_tied_head_once():
+    """transformers' xLSTM does not tie, so its export writes the head in full; Llama ties."""
+    from xlstm_train.archs import get_spec
 
-    checkpoint, ours = _saved_checkpoint(tmp_path, {**TINY_MODELS["xlstm_large"], "tie_embeddings": True})
+    assert not get_spec("xlstm_large").export.ties_head()
+    assert get_spec("llama").export.ties_head()
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+@pytest.mark.parametrize("arch", ["xlstm_large", "llama"])
+def test_transformers_exports_import_back_exactly(arch, tied, tmp_path):
+    """export-hf, then our import of the directory: the same config (tying included) and weights."""
+    import importlib
+
+    load_hf_checkpoint = importlib.import_module(f"xlstm_train.archs.{arch}").load_hf_checkpoint
+    checkpoint, ours = _saved_checkpoint(tmp_path, {**TINY_MODELS[arch], "tie_embeddings": tied})
     out = export_hf(checkpoint, tmp_path / "out")
-    with safe_open(out / "model.safetensors", "pt") as f:
-        assert torch.equal(f.get_tensor("lm_head.weight"), f.get_tensor("backbone.embeddings.weight"))
-    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is True
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is tied
     cfg, state = load_hf_checkpoint(out)
+    assert cfg.tie_embeddings == tied
     again = build_model(cfg).eval()
     again.load_state_dict(state, strict=True)
-    assert cfg.tie_embeddings and again.lm_head.weight is again.embedding.weight
-    ids = torch.randint(0, 96, (1, 12))
+    for name, tensor in ours.state_dict().items():
+        assert torch.equal(again.state_dict()[name], tensor), name
+    head, embedding = (again.lm_head, again.embedding) if arch == "xlstm_large" else (again.output, again.tok_embeddings)
+    assert (head.weight is embedding.weight) == tied
+    ids = torch.randint(0, 96, (2, 12))
     with torch.no_grad():
         torch.testing.assert_close(again(ids), ours(ids), rtol=0, atol=0)
 
@@ -594,32 +608,92 @@ def test_import_of_a_transformers_xlstm_said_tied_but_with_its_own_head(tmp_path
     hf_model.config.save_pretrained(tmp_path / "headless")
     weights = {k: v for k, v in hf_model.state_dict().items() if k != "lm_head.weight"}
     adapter.write_safetensors(weights, tmp_path / "headless", "float32", "5GB")
-    with pytest.raises(ValueError, match="no lm_head.weight .* tie_word_embeddings is false"):
+    with pytest.raises(ValueError, match="tie_word_embeddings is false but .* no lm_head.weight"):
         load_hf_checkpoint(tmp_path / "headless")
 
 
-def test_official_xlstm_blocks_tied_import(tmp_path):
-    """The official package ties its head: a tied export (head left out) and a tied official state
-    dict both import into our tied model exactly; a head that differs is refused."""
+def test_import_of_a_transformers_llama_said_tied_but_stored_untied(tmp_path):
+    """transformers keeps both matrices when a tied config's stored head differs from the embedding
+    (it warns): the import does the same and computes its logits; settings our Llama lacks are refused."""
+    from transformers import AutoModelForCausalLM, LlamaForCausalLM
+    from transformers import LlamaConfig as HFLlamaConfig
+
+    from xlstm_train.archs.llama import load_hf_checkpoint
+
+    torch.manual_seed(0)
+    hf_cfg = HFLlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+                           tie_word_embeddings=False, rope_parameters={"rope_type": "default", "rope_theta": 500.0})
+    LlamaForCausalLM(hf_cfg).save_pretrained(tmp_path / "hf")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
+    hf_model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert hf_model.config.tie_word_embeddings
+    assert not torch.equal(hf_model.lm_head.weight, hf_model.model.embed_tokens.weight)
+    cfg, state = load_hf_checkpoint(tmp_path / "hf")
+    assert not cfg.tie_embeddings and cfg.ffn_dim == 48 and cfg.kv_heads == 2
+    ours = build_model(cfg).eval()
+    ours.load_state_dict(state, strict=True)
+    ids = torch.randint(0, 96, (2, 20))
+    with torch.no_grad():
+        assert rel_error(ours(ids), hf_model(ids, use_cache=False).logits) <= 1e-5
+
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, "attention_bias": True}))
+    with pytest.raises(ValueError, match="attention_bias = True: our llama supports only False"):
+        load_hf_checkpoint(tmp_path / "hf")
+
+
+@pytest.mark.parametrize("backend", ["vanilla", "cuda"])
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_official_xlstm_blocks_exports_import_back_exactly(tied, backend, tmp_path):
+    from xlstm_train.archs.xlstm_blocks import load_official_checkpoint
+
+    checkpoint, ours = _saved_checkpoint(tmp_path, {**TINY_MODELS["xlstm_blocks"], "tie_embeddings": tied})
+    out = export_hf(checkpoint, tmp_path / "out", slstm_backend=backend)
+    cfg, state = load_official_checkpoint(out)
+    # the same model: every setting but how the cells are computed (which the format does not hold)
+    expected = read_checkpoint_config(checkpoint).model
+    assert cfg == dataclasses.replace(expected, kernel=cfg.kernel, chunk_size=cfg.chunk_size)
+    cfg = dataclasses.replace(cfg, kernel=expected.kernel, chunk_size=expected.chunk_size)  # bitwise the same sums
+    again = build_model(cfg).eval()
+    again.load_state_dict(state, strict=True)
+    assert (again.lm_head.weight is again.token_embedding.weight) == tied
+    for name, tensor in ours.state_dict().items():
+        assert torch.equal(again.state_dict()[name], tensor), name
+    ids = torch.randint(0, 96, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids), ours(ids), rtol=0, atol=0)
+
+
+def test_official_xlstm_blocks_import_checks_the_head_and_the_config(tmp_path):
+    """The official package ties its head: its own tied state dict imports exactly; a head that
+    differs from the embedding, an untied model without a head and settings we lack are refused."""
     from safetensors.torch import load_file
 
-    from xlstm_train.archs.xlstm_blocks import from_official_blocks_state_dict
+    from xlstm_train.archs.xlstm_blocks import from_official_blocks_state_dict, load_official_checkpoint
 
     checkpoint, ours = _saved_checkpoint(tmp_path, {**TINY_MODELS["xlstm_blocks"], "tie_embeddings": True})
     out = export_hf(checkpoint, tmp_path / "out")
     official, _, _ = _load_export(out)
+    again = build_model(read_checkpoint_config(checkpoint).model).eval()
+    again.load_state_dict(from_official_blocks_state_dict(official.state_dict(), "vanilla", tie_embeddings=True))
     ids = torch.randint(0, 96, (2, 16))
-    for saved in (load_file(out / "model.safetensors"), official.state_dict()):
-        again = build_model(read_checkpoint_config(checkpoint).model).eval()
-        again.load_state_dict(from_official_blocks_state_dict(saved, "vanilla", tie_embeddings=True), strict=True)
-        with torch.no_grad():
-            torch.testing.assert_close(again(ids), ours(ids), rtol=0, atol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids), ours(ids), rtol=0, atol=0)
     saved = dict(official.state_dict())
     saved["lm_head.weight"] = saved["lm_head.weight"] + 1
     with pytest.raises(ValueError, match="lm_head.weight differs from token_embedding.weight"):
         from_official_blocks_state_dict(saved, "vanilla", tie_embeddings=True)
-    with pytest.raises(ValueError, match="no lm_head.weight"):
-        from_official_blocks_state_dict(load_file(out / "model.safetensors"), "vanilla", tie_embeddings=False)
+
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    (out / "config.yaml").write_text(yaml.safe_dump({**config, "tie_weights": False}))
+    with pytest.raises(ValueError, match=f"{re.escape(str(out))}: tie_weights is false but .* no lm_head.weight"):
+        load_official_checkpoint(out)
+    assert "lm_head.weight" not in load_file(out / "model.safetensors")
+    config["slstm_block"]["feedforward"]["act_fn"] = "relu"
+    (out / "config.yaml").write_text(yaml.safe_dump(config))
+    with pytest.raises(ValueError, match="slstm_block.feedforward.act_fn = 'relu': our xlstm_blocks supports only 'gelu'"):
+        load_official_checkpoint(out)
 
 
 def test_settings_the_target_cannot_hold_exit_2_by_name(tmp_path, capsys):

@@ -1,13 +1,16 @@
 """``xlstm_blocks``: the xLSTM paper's mLSTM/sLSTM stacks (``xlstm_train.models.xlstm_blocks``).
 
-Exported to, and imported from, the official ``xlstm`` package's ``xLSTMLMModel`` (transformers has
-no class for it). Our names, shapes and parametrisations (norm weights stored as gamma - 1) are
-the official ones with the CUDA sLSTM backend, so for ``backend="cuda"`` the state dict maps as is.
+Exported to, and imported from (``load_official_checkpoint``), the official ``xlstm`` package's
+``xLSTMLMModel`` (transformers has no class for it). Our names, shapes and parametrisations (norm
+weights stored as gamma - 1) are the official ones with the CUDA sLSTM backend, so for
+``backend="cuda"`` the state dict maps as is.
 The ``vanilla`` backend stores the sLSTM recurrent kernel as ``(NH, 4*DH, DH)`` [head, gate*out, in]
 and the bias gate-major ``(4, NH, DH)``; those two tensors are permuted.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 import yaml
@@ -15,7 +18,13 @@ from torch.distributed.tensor import Replicate, Shard
 from torch.distributed.tensor.parallel import ParallelStyle, SequenceParallel
 
 from xlstm_train.archs import ArchSpec, register_spec
-from xlstm_train.export.adapter import SLSTM_BACKENDS, ExportAdapter, ExportedModel, write_safetensors
+from xlstm_train.export.adapter import (
+    SLSTM_BACKENDS,
+    ExportAdapter,
+    ExportedModel,
+    read_safetensors,
+    write_safetensors,
+)
 from xlstm_train.models.xlstm_blocks import mLSTMBlock, sLSTMCell, xLSTMBlocksConfig, xLSTMBlocksModel
 from xlstm_train.parallel.tensor_parallel import (
     Compose,
@@ -219,6 +228,70 @@ def official_config(cfg: xLSTMBlocksConfig, context_length: int, slstm_backend: 
             },
         }
     return official
+
+
+def _official_value(section: dict, where: str, name: str, allowed, default=None):
+    """``section[name]`` (``default`` when absent); ValueError unless it is ``allowed``."""
+    value = section.get(name, default)
+    if value != allowed:
+        raise ValueError(f"{where}.{name} = {value!r}: our xlstm_blocks supports only {allowed!r}")
+    return value
+
+
+def blocks_config_from_official(official: dict) -> tuple[xLSTMBlocksConfig, str]:
+    """Our ``xlstm_blocks`` config and the sLSTM backend (weight layout) of an official
+    ``xLSTMLMModelConfig`` mapping (``config.yaml``); absent fields take the official defaults.
+    ValueError names a field our model cannot represent."""
+    _official_value(official, "config", "bias", False, False)
+    _official_value(official, "config", "add_post_blocks_norm", True, True)
+    mlstm = (official.get("mlstm_block") or {}).get("mlstm") or {}
+    slstm_block = official.get("slstm_block") or {}
+    slstm, ffn = slstm_block.get("slstm") or {}, slstm_block.get("feedforward") or {}
+    _official_value(mlstm, "mlstm_block.mlstm", "round_proj_up_dim_up", True, True)
+    _official_value(slstm, "slstm_block.slstm", "function", "slstm", "slstm")
+    _official_value(slstm, "slstm_block.slstm", "forward_clipval", None)
+    _official_value(slstm, "slstm_block.slstm", "group_norm_weight", True, True)
+    _official_value(ffn, "slstm_block.feedforward", "round_proj_up_dim_up", True, True)
+    _official_value(ffn, "slstm_block.feedforward", "act_fn", "gelu", "gelu")
+    _official_value(ffn, "slstm_block.feedforward", "ff_type", "ffn_gated", "ffn_gated")
+    backend = slstm.get("backend", "cuda")
+    _check_backend(backend)
+    # the official dataclasses' defaults, which are also ours
+    cfg = xLSTMBlocksConfig(
+        vocab_size=official["vocab_size"],
+        embedding_dim=official.get("embedding_dim", 128),
+        num_blocks=official.get("num_blocks", 1),
+        slstm_at=list(official.get("slstm_at") or []),
+        tie_embeddings=bool(official.get("tie_weights", False)),
+        dropout=official.get("dropout", 0.0),
+        mlstm_num_heads=mlstm.get("num_heads", 4),
+        mlstm_proj_factor=mlstm.get("proj_factor", 2.0),
+        mlstm_round_proj_up_to_multiple_of=mlstm.get("round_proj_up_to_multiple_of", 64),
+        qkv_proj_blocksize=mlstm.get("qkv_proj_blocksize", 4),
+        mlstm_conv1d_kernel_size=mlstm.get("conv1d_kernel_size", 4),
+        cell_eps=OFFICIAL_MLSTM_EPS,
+        slstm_num_heads=slstm.get("num_heads", 4),
+        slstm_conv1d_kernel_size=slstm.get("conv1d_kernel_size", 4),
+        ffn_proj_factor=ffn.get("proj_factor", 1.3),
+        ffn_round_up_to_multiple_of=ffn.get("round_proj_up_to_multiple_of", 64),
+    )
+    cfg.validate("model")
+    return cfg, backend
+
+
+def load_official_checkpoint(directory: str | Path) -> tuple[xLSTMBlocksConfig, dict[str, torch.Tensor]]:
+    """An official ``xLSTMLMModel`` directory as ``export-hf`` writes it (``config.yaml`` with the
+    ``xLSTMLMModelConfig`` fields, ``model.safetensors`` or shards) -> ``(config, state dict for our
+    xlstm_blocks)``. A tied model's head may be absent; an untied one needs its own."""
+    directory = Path(directory)
+    if not (directory / "config.yaml").is_file():
+        raise FileNotFoundError(f"{directory}: no config.yaml (expected an official xlstm model directory)")
+    cfg, backend = blocks_config_from_official(yaml.safe_load((directory / "config.yaml").read_text()))
+    weights = read_safetensors(directory)
+    try:
+        return cfg, from_official_blocks_state_dict(weights, backend, tie_embeddings=cfg.tie_embeddings)
+    except ValueError as e:
+        raise ValueError(f"{directory}: {e}") from None
 
 
 LOAD_SNIPPET = """import glob

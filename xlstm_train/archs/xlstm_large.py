@@ -4,13 +4,12 @@ Exported as, and imported from, transformers' ``xLSTMForCausalLM``: the names ar
 ones except ``embedding.weight`` <-> ``backbone.embeddings.weight``, and all norms store gamma.
 transformers' class never ties its head to the embedding, whatever ``tie_word_embeddings`` says: a
 tied model is exported with ``lm_head.weight`` written out, and a checkpoint is imported as the
-model transformers runs (``resolve_tied_head``).
+model transformers runs (``export.adapter.resolve_tied_head``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 import torch
@@ -18,7 +17,7 @@ from torch.distributed.tensor import Shard
 from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, SequenceParallel
 
 from xlstm_train.archs import ArchSpec, register_spec
-from xlstm_train.export.adapter import TransformersExport
+from xlstm_train.export.adapter import TransformersExport, read_safetensors, resolve_tied_head
 from xlstm_train.models.xlstm_large import xLSTMLarge, xLSTMLargeConfig
 from xlstm_train.parallel.tensor_parallel import HeadLocal, embedding_and_head_plan, region_input, row_output
 
@@ -158,46 +157,15 @@ def large_config_from_hf(hf_cfg) -> xLSTMLargeConfig:
 def load_hf_checkpoint(path: str | Path) -> tuple[xLSTMLargeConfig, dict[str, torch.Tensor]]:
     """Read a Hugging Face xLSTM directory (``config.json`` + ``model.safetensors`` or sharded
     ``model-*.safetensors`` with an index) -> ``(config, state dict for our xlstm_large)``."""
-    from safetensors.torch import load_file
     from transformers import xLSTMConfig
 
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path}: no config.json (expected a Hugging Face xLSTM checkpoint directory)")
     cfg = large_config_from_hf(xLSTMConfig.from_pretrained(path))
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    elif (path / "model.safetensors").is_file():
-        files = ["model.safetensors"]
-    else:
-        raise FileNotFoundError(f"{path}: neither model.safetensors nor model.safetensors.index.json")
-    state_dict = {}
-    for name in files:
-        state_dict.update(load_file(path / name))
-    state_dict = from_hf_state_dict(state_dict)
-    return resolve_tied_head(cfg, state_dict, path)
-
-
-def resolve_tied_head(cfg: xLSTMLargeConfig, state_dict: dict, source) -> tuple[xLSTMLargeConfig, dict]:
-    """The config and weights of the model transformers actually runs for a checkpoint.
-
-    transformers' xLSTM keeps ``lm_head`` a parameter of its own even with ``tie_word_embeddings``:
-    a head stored in the checkpoint is loaded as it is. So a tied config whose stored head differs
-    from the embedding is imported untied, with both matrices (tying would overwrite one with the
-    other). A tied config without a stored head (a writer that saved the shared matrix once) is
-    imported tied, the head being the embedding as the config says."""
-    head, embedding = state_dict.get("lm_head.weight"), state_dict.get(_OUR_EMBEDDING)
-    if embedding is None:
-        raise ValueError(f"{source}: no {_HF_EMBEDDING} in the checkpoint's weights")
-    if head is None:
-        if not cfg.tie_embeddings:
-            raise ValueError(f"{source}: no lm_head.weight in the checkpoint's weights and tie_word_embeddings "
-                             "is false: the output head is missing")
-        return cfg, {**state_dict, "lm_head.weight": embedding}
-    if cfg.tie_embeddings and not torch.equal(head, embedding):
-        cfg = dataclasses.replace(cfg, tie_embeddings=False)
-    return cfg, state_dict
+    state_dict = from_hf_state_dict(read_safetensors(path))
+    tied = resolve_tied_head(cfg.tie_embeddings, state_dict, _OUR_EMBEDDING, "lm_head.weight", path)
+    return dataclasses.replace(cfg, tie_embeddings=tied), state_dict
 
 
 SPEC = register_spec(ArchSpec(

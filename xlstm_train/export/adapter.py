@@ -58,6 +58,24 @@ def write_safetensors(state: dict[str, torch.Tensor], directory: Path, dtype: st
     save_torch_state_dict(state, directory, max_shard_size=max_shard_size)
 
 
+def read_safetensors(directory: Path) -> dict[str, torch.Tensor]:
+    """All weights of a Hugging Face directory: ``model.safetensors``, or the shards its
+    ``model.safetensors.index.json`` lists."""
+    from safetensors.torch import load_file
+
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (directory / "model.safetensors").is_file():
+        files = ["model.safetensors"]
+    else:
+        raise FileNotFoundError(f"{directory}: neither model.safetensors nor model.safetensors.index.json")
+    state = {}
+    for name in files:
+        state.update(load_file(directory / name))
+    return state
+
+
 HF_LOAD_SNIPPET = """from transformers import AutoModelForCausalLM
 
 model = AutoModelForCausalLM.from_pretrained("{name}")
@@ -119,3 +137,26 @@ class TransformersExport(ExportAdapter):
         snippet = HF_TOKENIZER_SNIPPET if tokenizer.auto_tokenizer else HF_LOAD_SNIPPET
         prompt = json.dumps((cfg.train.sample_prompts or ["The"])[0], ensure_ascii=False)  # a Python literal too
         return ExportedModel(f"transformers `{self.class_name}`", f"```python\n{snippet.format(name=name, prompt=prompt)}```")
+
+
+def resolve_tied_head(tied: bool, state: dict[str, torch.Tensor], embedding: str, head: str, source) -> bool:
+    """Whether the model that transformers runs for a checkpoint ties its head, filling a tied head
+    missing from ``state`` (our names ``embedding`` and ``head``) in place.
+
+    transformers uses a stored head that differs from the embedding as it is, even under
+    ``tie_word_embeddings`` (Llama says so in a warning, xLSTM never ties): such a checkpoint is
+    imported untied, with both matrices; tying would overwrite one with the other. A tied config
+    whose head is missing or equal to the embedding is imported tied. An untied config without a
+    head is refused: transformers would start from a random one."""
+    if embedding not in state:
+        raise ValueError(f"{source}: the checkpoint's weights have no input embedding")
+    if head not in state:
+        if not tied:
+            raise ValueError(f"{source}: tie_word_embeddings is false but the checkpoint's weights have no "
+                             "lm_head.weight: the output head is missing")
+        state[head] = state[embedding]
+        return True
+    import torch
+
+    return tied and torch.equal(state[head], state[embedding])
+

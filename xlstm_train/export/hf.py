@@ -15,6 +15,15 @@ What is written is up to the export adapter of the checkpoint's architecture (``
 Every directory also gets a ``README.md`` (how to load it and how to tokenize) and the run's
 resolved configuration as ``training_config.yaml``.
 
+Exports are exact or refused. A setting the target class cannot represent (e.g. a sigmoid input
+gate) is named before any weights are read (ConfigError, exit 2). A tied head is stored once only
+where the target ties it on loading (transformers' Llama, the official ``xLSTMLMModel``); transformers'
+xLSTM keeps its head a parameter of its own whatever its config says, so there ``lm_head.weight`` is
+written out. The reverse direction reads such directories back into our configs and weights
+(``archs.xlstm_large.load_hf_checkpoint``, ``archs.llama.load_hf_checkpoint``,
+``archs.xlstm_blocks.load_official_checkpoint``) as the model the target library runs: a config
+that says tied but stores a different head is imported untied.
+
 Only the model weights are read from the checkpoint (``train.checkpoint.load_model_state``, which
 reads every checkpoint format), into a single-process model built from the checkpoint's own
 ``config.yaml``; checkpoints of sharded (FSDP/TP) runs export the same way. Everything is written into ``OUT_DIR.tmp`` and renamed when complete: a failed
