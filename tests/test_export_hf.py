@@ -19,6 +19,7 @@ from torch.distributed.checkpoint import FileSystemReader
 from xlstm_train.config import ConfigError
 from xlstm_train.data.tokenizer import open_tokenizer, train_byte_level_bpe
 from xlstm_train.archs.llama import llama_qk_to_rotate_half
+from xlstm_train.eval.loading import load_for_inference
 from xlstm_train.export import adapter, hf
 from xlstm_train.export.hf import export_hf
 from xlstm_train.train.checkpoint import load_model_state, read_checkpoint_config
@@ -283,6 +284,8 @@ def test_checkpoint_of_a_tensor_parallel_run(tmp_path):
     ids = torch.randint(0, cfg.vocab_size, (2, 20))
     with torch.no_grad():
         assert rel_error(model(ids, use_cache=False).logits, ours.eval()(ids)) <= 1e-4
+        # xlstm-train eval and generate read the same sharded checkpoint
+        assert torch.equal(load_for_inference(checkpoint, device="cpu").model(ids), ours(ids))
     assert "after" not in (out / "README.md").read_text().split("\n")[2]  # no train_state.pt: no step count
 
 
@@ -485,6 +488,8 @@ def test_deepspeed_checkpoint_with_tensor_parallelism_exports(tmp_path):
     ids = torch.randint(0, cfg.model.vocab_size, (2, 40))
     with torch.no_grad():
         assert rel_error(model(ids, use_cache=False).logits, ours(ids)) <= 1e-4
+        # xlstm-train eval and generate read the DeepSpeed checkpoint too
+        assert rel_error(load_for_inference(checkpoint, device="cpu").model(ids), ours(ids)) <= 1e-4
     assert "after 2 steps" in (tmp_path / "hf" / "README.md").read_text()
 
 
