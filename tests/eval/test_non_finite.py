@@ -76,7 +76,7 @@ def test_generate_command_exits_2_with_one_message(broken, capsys):
     out, err = capsys.readouterr()
     assert code == 2 and "Traceback" not in err
     assert out.startswith("Emma")  # the streamed prompt, then the line is ended
-    assert err.strip().startswith(f"error: checkpoint '{broken}': the model's logits are not finite")
+    assert err.startswith(f"error: checkpoint '{broken}': the model's logits are not finite") and err.count("\n") == 1
     code = main(["generate", str(broken), "--prompt", "Emma", "--prompt", "Anne", "--max-new-tokens", "3"])
     assert code == 2 and "prompt(s) [1, 2]" in capsys.readouterr().err
 

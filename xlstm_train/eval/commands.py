@@ -300,7 +300,9 @@ def run_generate(args: argparse.Namespace) -> int:
     except NonFiniteLogitsError as e:  # broken weights are bad input too: one message, exit 2
         if stream:
             print(flush=True)  # end the streamed prompt's line
-        print(f"\nerror: checkpoint '{args.checkpoint}': {e}", file=sys.stderr)
+        elif first_token_s is not None:
+            print(file=sys.stderr)  # end the progress line
+        print(f"error: checkpoint '{args.checkpoint}': {e}", file=sys.stderr)
         return 2
     elapsed = time.perf_counter() - start
     if stream:
