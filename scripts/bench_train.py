@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -97,14 +98,19 @@ def load_bench_config(args: argparse.Namespace, *extra: str):
 
 
 def random_micro_batches(cfg, dp_rank: int, device):
-    """Endless micro-batches of uniform random tokens, one document per row (TP ranks share them)."""
+    """Endless micro-batches of random tokens (TP ranks share them), the same sequence in every run of
+    one configuration: Zipf-distributed, so that the loss falls as a model learns the unigram
+    frequencies and two runs' losses can be compared, with two document boundaries in each row."""
     import torch
 
-    B, S = cfg.train.micro_batch_size, cfg.data.seq_len
+    B, S, V = cfg.train.micro_batch_size, cfg.data.seq_len, cfg.model.vocab_size
     gen = torch.Generator(device=device).manual_seed(1 + dp_rank)
-    doc_ids = torch.zeros(B, S, dtype=torch.int32, device=device)
+    probs = 1.0 / torch.arange(1, V + 1, device=device, dtype=torch.float32)
+    positions = torch.arange(S, device=device)
     while True:
-        tokens = torch.randint(0, cfg.model.vocab_size, (B, S + 1), device=device, generator=gen)
+        tokens = torch.multinomial(probs, B * (S + 1), replacement=True, generator=gen).view(B, S + 1)
+        cuts = torch.randint(1, S, (B, 2), device=device, generator=gen)
+        doc_ids = (positions[None, :, None] >= cuts[:, None, :]).sum(-1, dtype=torch.int32)
         yield {"input_ids": tokens[:, :-1], "labels": tokens[:, 1:], "doc_ids": doc_ids}
 
 
@@ -139,8 +145,10 @@ def bench_one(args: argparse.Namespace) -> dict | None:
         micro_batches = random_micro_batches(cfg, dp_rank, env.device)
     accum = cfg.train.grad_accum_steps
 
+    losses = []
+
     def step() -> None:
-        engine.step([next(micro_batches) for _ in range(accum)])
+        losses.append(engine.step([next(micro_batches) for _ in range(accum)]).loss)
         scheduler.step()
 
     cuda = env.device.type == "cuda"
@@ -163,7 +171,8 @@ def bench_one(args: argparse.Namespace) -> dict | None:
         torch.distributed.destroy_process_group()
     if env.rank != 0:
         return None
-    return summarise(cfg, env.world_size, env.device, step_time, tokens_per_step, memory.item())
+    result = summarise(cfg, env.world_size, env.device, step_time, tokens_per_step, memory.item())
+    return {**result, "losses": losses[: args.warmup + args.steps]}
 
 
 def env_device_type() -> str | None:
@@ -280,7 +289,7 @@ def parse_key_sweep(spec: str) -> tuple[str, list[str]]:
     key, sep, values = spec.partition("=")
     if not sep or not key or not values:
         raise SystemExit(f"--sweep {spec!r}: expected KEY=V1,V2,... (e.g. model.chunk_size=64,128), or no value")
-    return key, values.split(",")
+    return key, re.split(r",(?![^\[]*\])", values)  # commas inside [...] belong to a list value
 
 
 def run_layouts(args: argparse.Namespace) -> list[dict]:
@@ -324,6 +333,13 @@ def print_table(rows: list[dict]) -> None:
         print(f"{r['name']:<{width}} {r['gpus']:>4} {r['step_time_s']:>8.3f} {r['tokens_per_s_per_gpu']:>10.0f} "
               f"{mfu:>6} {r['peak_memory_gib']:>9.1f}")  # fmt: skip
     by_name = {r["name"]: r for r in rows if "error" not in r}
+    with_losses = [r for r in by_name.values() if r.get("losses")]
+    if len(with_losses) > 1:  # the same micro-batches in every run: how far the loss curves are apart
+        first = with_losses[0]
+        for r in with_losses[1:]:
+            rel = max(abs(a - b) / abs(a) for a, b in zip(first["losses"], r["losses"]))
+            print(f"losses of {r['name']} vs {first['name']}: largest relative difference over "
+                  f"{len(r['losses'])} steps {rel:.2e}, final {first['losses'][-1]:.4f} vs {r['losses'][-1]:.4f}")
     one = by_name.get("1 GPU")
     for dp in ("FSDP dp=2", "FSDP dp=4"):
         if one and dp in by_name:

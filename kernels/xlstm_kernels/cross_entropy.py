@@ -102,13 +102,19 @@ def linear_cross_entropy(
         raise ValueError(f"linear_cross_entropy: chunk_rows must be >= 1, got {chunk_rows!r}")
     hidden = hidden.reshape(-1, hidden.shape[-1])
     labels = labels.reshape(-1)
+    needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     if impl == "auto":
         on_gpu = hidden.is_cuda and hidden.dtype in (torch.float32, torch.bfloat16, torch.float16)
-        impl = "liger" if on_gpu and _liger_function() is not None else "chunked"
+        # Liger computes the gradients during the forward: without a backward that is wasted work
+        impl = "liger" if on_gpu and needs_grad and _liger_function() is not None else "chunked"
     if impl == "liger":
         liger = _liger_function()
         if liger is None:
             raise ValueError("linear_cross_entropy: impl='liger' needs the liger-kernel package, which does not import here")
+        if torch.is_autocast_enabled("cuda"):
+            # an autograd.Function runs outside autocast: cast its matmul operands as nn.Linear would
+            dtype = torch.get_autocast_dtype("cuda")
+            hidden, weight = hidden.to(dtype), weight.to(dtype)
         # Liger keeps the weight's gradient in the weight's dtype unless told otherwise: accumulate
         # the blocks' contributions in fp32 (bf16 parameters, e.g. under FSDP's mixed precision).
         loss, *_ = liger.apply(

@@ -18,7 +18,9 @@ class ParallelConfig:
     # deepspeed: ZeRO stage 1, 2 or 3.
     zero_stage: int = 3
     activation_checkpointing: Literal["none", "full", "selective"] = "none"
-    compile: bool = False
+    # torch.compile of each block. "auto": on CUDA (it fuses the blocks' elementwise work and cuts
+    # kernel launches), off elsewhere (on CPU compiling costs more than a short run gains).
+    compile: bool | Literal["auto"] = "auto"
     # Tensor parallel extras (only with tp > 1): norms and residual stream sharded over the
     # sequence between the TP regions, and a cross-entropy on vocabulary-sharded logits.
     sequence_parallel: bool = False
@@ -27,6 +29,12 @@ class ParallelConfig:
     offload_optimizer: bool = False
     # Seconds a collective may wait before the job fails instead of hanging.
     timeout_s: int = 600
+
+    def compile_on(self, device_type: str) -> bool:
+        """Whether blocks are compiled on this kind of device."""
+        if self.compile == "auto":
+            return self.engine == "fsdp" and device_type == "cuda"
+        return self.compile
 
     def validate(self, prefix: str = "parallel") -> None:
         p = f"{prefix}." if prefix else ""
@@ -61,7 +69,7 @@ class ParallelConfig:
                 f"not compose with tensor parallelism here; allowed: {p}zero_stage = 1 or 2 with tp > 1, or "
                 f"{p}engine = 'fsdp' (ZeRO-3 sharding with TP)"
             )
-        if self.engine == "deepspeed" and (self.compile or self.sequence_parallel):
-            raise ConfigError(f"{p}compile and {p}sequence_parallel are fsdp-engine options")
+        if self.engine == "deepspeed" and (self.compile is True or self.sequence_parallel):
+            raise ConfigError(f"{p}compile = true and {p}sequence_parallel are fsdp-engine options")
         if self.timeout_s < 1:
             raise ConfigError(f"{p}timeout_s = {self.timeout_s}: expected seconds >= 1")

@@ -45,9 +45,10 @@ def block_list(model: nn.Module, model_cfg: Any) -> nn.ModuleList:
 # ------------------------------------------------------------------------------------------------
 # Activation checkpointing
 
-# Outputs of these ops are kept by selective checkpointing; everything else in a block (norms,
-# activations, gates, the recurrent cells' elementwise work) is recomputed in the backward. The
-# matmuls are most of a block's FLOPs but a small share of its activation memory.
+# Outputs of these ops are kept by selective checkpointing, and so are those of the mLSTM and sLSTM
+# kernels (the ``xlstm_kernels`` custom ops); everything else in a block (norms, activations, gates,
+# soft-caps, casts) is recomputed in the backward. The matmuls and the cells are most of a block's
+# time but a small share of its activation memory.
 _SAVE_OPS = {
     torch.ops.aten.mm.default,
     torch.ops.aten.addmm.default,
@@ -57,7 +58,9 @@ _SAVE_OPS = {
 
 
 def _selective_policy(_ctx, op, *_args, **_kwargs) -> CheckpointPolicy:
-    return CheckpointPolicy.MUST_SAVE if op in _SAVE_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+    if op in _SAVE_OPS or getattr(op, "namespace", None) == "xlstm_kernels":
+        return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
 
 
 def apply_activation_checkpointing(blocks: nn.ModuleList, mode: str, reentrant: bool = False) -> None:
@@ -113,12 +116,14 @@ def parallelize_model(
     cfg: ParallelConfig,
     model_cfg: Any,
     param_dtype: torch.dtype | None = None,
+    device_type: str = "cpu",
 ) -> nn.Module:
     """Apply TP, activation checkpointing, compile and FSDP2 (as configured) to ``model`` in place.
 
     ``mesh`` is ``build_mesh``'s (None for one process: only checkpointing and compile apply).
     ``param_dtype`` is the dtype FSDP gathers parameters in for compute (e.g. bf16 on GPU; the
-    sharded master copy stays fp32); None computes in the parameters' own dtype.
+    sharded master copy stays fp32); None computes in the parameters' own dtype. ``device_type``
+    decides ``parallel.compile = auto``.
     """
     if cfg.engine != "fsdp":
         raise ConfigError(f"parallelize_model is the fsdp engine; parallel.engine = {cfg.engine!r}")
@@ -126,7 +131,7 @@ def parallelize_model(
         apply_tensor_parallel(model, mesh["tp"], cfg, model_cfg)
     blocks = block_list(model, model_cfg)
     apply_activation_checkpointing(blocks, cfg.activation_checkpointing)
-    if cfg.compile:
+    if cfg.compile_on(device_type):
         for block in blocks:
             block.compile()
     if mesh is not None and dp_mesh(mesh).size() > 1:

@@ -81,6 +81,9 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["bf16", "fp32"] = "bf16"  # bf16 autocast on GPU; CPU always runs fp32
     on_nonfinite: Literal["stop", "skip"] = "stop"
+    # The loss from the final hidden states block by block (head and cross-entropy fused), never
+    # holding the whole micro-batch's fp32 logits; false materialises them (the reference path).
+    fused_cross_entropy: bool = True
     # consecutive skipped updates (non-finite steps under on_nonfinite=skip, spike-guard skips) after
     # which the run saves its state and stops with an error; 0: no limit
     max_skipped_steps: int = 10

@@ -48,18 +48,24 @@ MicroBatch = dict[str, torch.Tensor]  # input_ids, labels (IGNORE_INDEX where no
 # The loss
 
 
-def token_loss(model: Callable[..., torch.Tensor], micro_batch: MicroBatch) -> tuple[torch.Tensor, torch.Tensor]:
+def token_loss(model: Callable[..., torch.Tensor], micro_batch: MicroBatch, fused: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed cross-entropy over the micro-batch's valid tokens, number of valid tokens).
 
-    ``model`` is whatever runs the forward (a module, or DeepSpeed's engine around it). The sum is
-    computed in fp32 or wider whatever the logits' dtype; under tensor parallelism with a
-    vocabulary-parallel loss it is a replicated DTensor (call it inside ``loss_context``).
+    ``model`` is whatever runs the forward (a module, or DeepSpeed's engine around it). ``fused``:
+    the model computes the loss in its forward from the labels (head and soft-capped cross-entropy
+    fused, see ``models.layers.head_loss_sum``), so the logits are never materialised; otherwise the
+    forward returns the logits and the loss is taken from them here (the reference path). Either way
+    the sum is computed in fp32 or wider; under tensor parallelism with a vocabulary-parallel loss it
+    is a replicated DTensor (call it inside ``loss_context``).
     """
+    labels = micro_batch["labels"]
+    num_tokens = (labels != IGNORE_INDEX).sum()
+    if fused:
+        return model(micro_batch["input_ids"], doc_ids=micro_batch["doc_ids"], labels=labels), num_tokens
     logits = model(micro_batch["input_ids"], doc_ids=micro_batch["doc_ids"])
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    labels = micro_batch["labels"]
     loss_sum = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
-    return loss_sum, (labels != IGNORE_INDEX).sum()
+    return loss_sum, num_tokens
 
 
 def count_valid_tokens(micro_batches: list[MicroBatch]) -> torch.Tensor:
@@ -67,7 +73,7 @@ def count_valid_tokens(micro_batches: list[MicroBatch]) -> torch.Tensor:
 
 
 def normalised_losses(model, micro_batches: list[MicroBatch], autocast, mesh=None,
-                      parallel_cfg: ParallelConfig | None = None) -> Iterator[torch.Tensor]:  # fmt: skip
+                      parallel_cfg: ParallelConfig | None = None, fused: bool = True) -> Iterator[torch.Tensor]:  # fmt: skip
     """Each micro-batch's summed loss divided by the step's valid tokens, yielded inside the loss
     context so that the caller's backward runs there too.
 
@@ -78,7 +84,7 @@ def normalised_losses(model, micro_batches: list[MicroBatch], autocast, mesh=Non
     for mb in micro_batches:
         with loss_context(mesh, parallel_cfg):
             with autocast():
-                loss_sum, _ = token_loss(model, mb)
+                loss_sum, _ = token_loss(model, mb, fused)
             yield loss_sum / num_tokens
 
 
@@ -171,6 +177,7 @@ class Engine:
     def __init__(self, cfg: Config, mesh: DeviceMesh | None, autocast):
         self.mesh, self.parallel_cfg, self.autocast = mesh, cfg.parallel, autocast
         self.max_grad_norm = cfg.optim.clip_grad_norm
+        self.fused_loss = cfg.train.fused_cross_entropy
 
     def forward_backward(self, micro_batches: list[MicroBatch]) -> torch.Tensor:
         """Accumulate the gradient of the step's mean token loss; return this rank's share of it."""
@@ -208,11 +215,11 @@ def build_engine(model: nn.Module, cfg: Config, mesh: DeviceMesh | None, device:
 
 
 def forward_backward(model: nn.Module, micro_batches: list[MicroBatch], autocast=contextlib.nullcontext,
-                     mesh=None, parallel_cfg=None) -> torch.Tensor:  # fmt: skip
+                     mesh=None, parallel_cfg=None, fused: bool = True) -> torch.Tensor:  # fmt: skip
     """``FSDPEngine.forward_backward`` on any module: accumulate the gradient of the step's mean
     token loss into ``.grad``; return this rank's share of that loss."""
     total = 0.0
-    for loss in normalised_losses(model, micro_batches, autocast, mesh, parallel_cfg):
+    for loss in normalised_losses(model, micro_batches, autocast, mesh, parallel_cfg, fused):
         loss.backward()
         total = total + to_full(loss.detach())  # a DTensor under vocabulary-parallel loss
     return total
@@ -227,11 +234,13 @@ class FSDPEngine(Engine):
     def __init__(self, model: nn.Module, cfg: Config, mesh: DeviceMesh | None, device: torch.device):
         super().__init__(cfg, mesh, autocast_for(cfg, device))
         param_dtype = torch.bfloat16 if device.type == "cuda" and cfg.train.dtype == "bf16" else None
-        self.model = parallelize_model(model, mesh, cfg.parallel, cfg.model, param_dtype=param_dtype)
+        self.model = parallelize_model(model, mesh, cfg.parallel, cfg.model, param_dtype=param_dtype,
+                                       device_type=device.type)
         self.optimizer = build_optimizer(self.model, cfg.optim)
 
     def forward_backward(self, micro_batches: list[MicroBatch]) -> torch.Tensor:
-        return forward_backward(self.model, micro_batches, self.autocast, self.mesh, self.parallel_cfg)
+        return forward_backward(self.model, micro_batches, self.autocast, self.mesh, self.parallel_cfg,
+                                self.fused_loss)
 
     def step(self, micro_batches: list[MicroBatch], accept: AcceptStep | None = None) -> StepResult:
         loss = self.forward_backward(micro_batches)
@@ -278,7 +287,8 @@ class DeepSpeedEngine(Engine):
         ``step`` takes the last (the update) after its finite check. Our loss is already divided by
         the step's tokens, so DeepSpeed's division by the accumulation steps is switched off."""
         total = 0.0
-        losses = normalised_losses(self.engine, micro_batches, self.autocast, self.mesh, self.parallel_cfg)
+        losses = normalised_losses(self.engine, micro_batches, self.autocast, self.mesh, self.parallel_cfg,
+                                   self.fused_loss)
         for n, loss in enumerate(losses):
             loss = to_full(loss)  # DeepSpeed takes a plain scalar
             self.engine.backward(loss, scale_wrt_gas=False)
