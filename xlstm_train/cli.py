@@ -114,7 +114,82 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("generate", help="sample text from a checkpoint (streamed, several prompts batched)")
     eval_commands.add_generate_arguments(p)
     p.set_defaults(func=eval_commands.run_generate)
+
+    p = commands.add_parser("sweep", help="run a scaling sweep (a recipe with a sweep: block), then fit it")
+    p.add_argument("recipe", help="sweep recipe, e.g. recipes/sweeps/tiny.yaml")
+    p.add_argument("--dry-run", action="store_true", help="print the table of points and run nothing")
+    p.add_argument("--sweep-dir", default=None, help="where the runs go (default: the recipe's sweep_dir)")
+    p.add_argument("--launcher", choices=["local", "slurm", "sbatch"], default="local",
+                   help="local: one point after another here (also under torchrun/deepspeed); slurm: a "
+                        "submitit array job; sbatch: write SWEEP_DIR/sweep.sbatch")
+    p.add_argument("--point", action="append", default=None, metavar="NAME", help="run only this point")
+    p.add_argument("--collect", action="store_true", help="only write results.csv (and fit) from the runs")
+    p.add_argument("--retry-failed", action="store_true", help="run points stopped by a non-finite loss again")
+    p.add_argument("--no-fit", action="store_true", help="do not fit and plot once every point is done")
+    p.add_argument("--bootstrap", type=int, default=None, help="bootstrap resamples of the fit (default: "
+                   "the recipe's fit.bootstrap, else 1000)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides applied to every point")
+    p.set_defaults(func=cmd_sweep)
+
+    p = commands.add_parser("fit", help="fit scaling laws to a results CSV (arch,params,tokens,flops,loss)")
+    p.add_argument("results", help="results CSV, e.g. SWEEP_DIR/results.csv")
+    p.add_argument("--out", required=True, help="directory for fit.json, isoflop.json and the plots")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the intervals")
+    p.add_argument("--huber-delta", type=float, default=1e-3)
+    p.add_argument("--params-column", default="params", help="params or non_embedding_params")
+    p.add_argument("--predict-flops", type=float, action="append", default=[], metavar="C",
+                   help="compute-optimal N, D and loss per arch at this budget")
+    p.add_argument("--no-plots", action="store_true")
+    p.set_defaults(func=cmd_fit)
     return parser
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from xlstm_train.sweep.fit import run_fit
+    from xlstm_train.sweep.plan import format_table, load_sweep
+    from xlstm_train.sweep.run import collect_results, point_status, read_failed, run_sweep, submit_slurm, \
+        write_results, write_sbatch
+
+    for_slurm = args.launcher != "local"
+    sweep = load_sweep(args.recipe, args.overrides, sweep_dir=args.sweep_dir, for_slurm=for_slurm)
+    if args.dry_run:
+        failed = read_failed(sweep)
+        print(format_table(sweep, {p.name: point_status(p, failed) for p in sweep.points}))
+        return 0
+    if args.launcher == "slurm":
+        submit_slurm(sweep, args.recipe, args.overrides)
+        return 0
+    if args.launcher == "sbatch":
+        write_sbatch(sweep, args.recipe, args.overrides)
+        return 0
+    if args.collect:
+        rows = collect_results(sweep)
+        print(f"wrote {write_results(sweep, rows)}")
+    else:
+        rows = run_sweep(sweep, only=args.point, retry_failed=args.retry_failed)
+    if int(os.environ.get("RANK", "0")) != 0 or args.no_fit or args.point:
+        return 0
+    if all(r["status"] == "done" for r in rows):
+        bootstrap = args.bootstrap if args.bootstrap is not None else int(sweep.fit.get("bootstrap", 1000))
+        predict = [float(c) for c in sweep.fit.get("predict_flops", [])]
+        run_fit(sweep.sweep_dir / "results.csv", sweep.sweep_dir / "fit", bootstrap=bootstrap,
+                params_column=sweep.fit.get("params_column", "params"), predict_flops=predict,
+                delta=float(sweep.fit.get("huber_delta", 1e-3)))
+        print(f"fit and plots in {sweep.sweep_dir / 'fit'}")
+    else:
+        unfinished = [r["name"] for r in rows if r["status"] != "done"]
+        print(f"not fitted: {len(unfinished)} point(s) not finished ({', '.join(unfinished)}); `xlstm-train fit "
+              f"{sweep.sweep_dir / 'results.csv'} --out DIR` fits the finished ones")
+    return 0
+
+
+def cmd_fit(args: argparse.Namespace) -> int:
+    from xlstm_train.sweep.fit import run_fit
+
+    run_fit(args.results, args.out, bootstrap=args.bootstrap, delta=args.huber_delta,
+            params_column=args.params_column, predict_flops=args.predict_flops, plots=not args.no_plots)
+    print(f"fit written to {args.out}/fit.json")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

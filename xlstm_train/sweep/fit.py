@@ -16,6 +16,7 @@ D*(C) = k_D C^b, with bootstrap intervals (points resampled within each budget).
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import itertools
 import math
@@ -24,7 +25,6 @@ from pathlib import Path
 
 import numpy as np
 from scipy.optimize import minimize
-from scipy.special import logsumexp
 
 from xlstm_train.config import ConfigError
 
@@ -104,39 +104,57 @@ def read_results(path: str | Path, params_column: str = "params") -> dict[str, P
 # Approach 3
 
 
+def _log_sum_exp3(t0: np.ndarray, t1: np.ndarray, t2: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+    """log(e^t0 + e^t1 + e^t2) and the three softmax weights, element-wise. Written out rather than
+    scipy.special.logsumexp, whose per-call overhead dominates an objective over a few dozen points."""
+    m = np.maximum(np.maximum(t0, t1), t2)
+    w = [np.exp(t0 - m), np.exp(t1 - m), np.exp(t2 - m)]
+    total = w[0] + w[1] + w[2]
+    return m + np.log(total), [x / total for x in w]
+
+
+def _huber(r: np.ndarray, delta: float) -> np.ndarray:
+    return np.where(np.abs(r) <= delta, 0.5 * (r / delta) ** 2, np.abs(r) / delta - 0.5)
+
+
 def _objective(theta: np.ndarray, log_n: np.ndarray, log_d: np.ndarray, log_l: np.ndarray,
                delta: float) -> tuple[float, np.ndarray]:
     """Summed Huber loss of the log residuals and its gradient. The sum is divided by delta^2, which
     leaves the minimiser unchanged and keeps the objective away from the tiny values at which a
     relative stopping rule ends the search early (what Besiroglu et al. found in the original fit)."""
     a, b, e, alpha, beta = theta
-    terms = np.stack([a - alpha * log_n, b - beta * log_d, np.full_like(log_n, e)])
-    pred = logsumexp(terms, axis=0)
-    weights = np.exp(terms - pred)  # softmax: d pred / d term
+    pred, weights = _log_sum_exp3(a - alpha * log_n, b - beta * log_d, np.full_like(log_n, e))
     r = pred - log_l
-    small = np.abs(r) <= delta
-    loss = np.where(small, 0.5 * (r / delta) ** 2, np.abs(r) / delta - 0.5).sum()
-    d_r = np.where(small, r / delta**2, np.sign(r) / delta)
+    d_r = np.where(np.abs(r) <= delta, r / delta**2, np.sign(r) / delta)
     grad = np.array([
-        (d_r * weights[0]).sum(),
-        (d_r * weights[1]).sum(),
-        (d_r * weights[2]).sum(),
-        -(d_r * weights[0] * log_n).sum(),
-        -(d_r * weights[1] * log_d).sum(),
+        d_r @ weights[0],
+        d_r @ weights[1],
+        d_r @ weights[2],
+        -(d_r * weights[0]) @ log_n,
+        -(d_r * weights[1]) @ log_d,
     ])
-    return float(loss), grad
+    return float(_huber(r, delta).sum()), grad
 
 
 def _objective_many(thetas: np.ndarray, log_n, log_d, log_l, delta) -> np.ndarray:
     """The objective at many starting points at once (to rank a grid of initialisations)."""
     a, b, e, alpha, beta = (thetas[:, i:i + 1] for i in range(5))
-    terms = np.stack([a - alpha * log_n, b - beta * log_d, np.broadcast_to(e, (len(thetas), len(log_n)))])
-    r = logsumexp(terms, axis=0) - log_l
-    return np.where(np.abs(r) <= delta, 0.5 * (r / delta) ** 2, np.abs(r) / delta - 0.5).sum(axis=1)
+    pred, _ = _log_sum_exp3(a - alpha * log_n, b - beta * log_d, np.broadcast_to(e, (len(thetas), len(log_n))))
+    return _huber(pred - log_l, delta).sum(axis=1)
 
 
 def init_grid(grid: dict[str, np.ndarray] = INIT_GRID) -> np.ndarray:
     return np.array(list(itertools.product(grid["a"], grid["b"], grid["e"], grid["alpha"], grid["beta"])))
+
+
+def _one_blas_thread():
+    """L-BFGS-B calls BLAS on five-element vectors; with a multi-threaded BLAS every call pays for
+    waking its threads, which on a busy machine makes a fit many times slower."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return contextlib.nullcontext()
+    return threadpool_limits(limits=1, user_api="blas")
 
 
 def _fit_from(starts: np.ndarray, log_n, log_d, log_l, delta) -> np.ndarray:
@@ -196,20 +214,24 @@ class ParametricFit:
 
 
 def fit_parametric(points: Points, *, bootstrap: int = 1000, delta: float = HUBER_DELTA, level: float = 0.95,
-                   grid: dict[str, np.ndarray] = INIT_GRID, starts: int = 32, bootstrap_starts: int = 2,
+                   grid: dict[str, np.ndarray] = INIT_GRID, starts: int = 32, bootstrap_starts: int = 1,
                    seed: int = 0) -> ParametricFit:
     """Approach 3 on one architecture's points, with percentile bootstrap intervals.
 
     Every point of ``grid`` is scored by the objective; L-BFGS-B runs from the ``starts`` best of
     them and the lowest optimum wins. A bootstrap fit starts from the full fit's optimum and from
     the ``bootstrap_starts`` grid points best on that resample."""
+    with _one_blas_thread():
+        return _fit_parametric(points, bootstrap, delta, level, grid, starts, bootstrap_starts, seed)
+
+
+def _fit_parametric(points, bootstrap, delta, level, grid, starts, bootstrap_starts, seed) -> ParametricFit:
     log_n, log_d, log_l = np.log(points.N), np.log(points.D), np.log(points.L)
     grid_points = init_grid(grid)
     ranked = grid_points[np.argsort(_objective_many(grid_points, log_n, log_d, log_l, delta))]
     theta = _fit_from(ranked[:starts], log_n, log_d, log_l, delta)
     params = _to_params(theta)
-    residual = logsumexp(np.stack([theta[0] - theta[3] * log_n, theta[1] - theta[4] * log_d,
-                                   np.full_like(log_n, theta[2])]), axis=0) - log_l
+    residual = np.log(predict_loss(params, points.N, points.D)) - log_l
     rng = np.random.default_rng(seed)
     samples = []
     n = len(log_n)
@@ -337,6 +359,25 @@ def fit_isoflop(points: Points, *, bootstrap: int = 1000, level: float = 0.95, s
 # The `fit` command's outputs
 
 
+def _write_optimal_recipes(results: Path, predictions: dict, out: Path) -> None:
+    """``optimal_<arch>.yaml`` per architecture (``optimal_<arch>_C<budget>.yaml`` for several budgets)."""
+    from xlstm_train.sweep.optimal import write_optimal_recipe
+    from xlstm_train.sweep.plan import format_flops
+
+    with open(results, newline="") as f:
+        rows = list(csv.DictReader(f))
+    for arch, items in predictions.items():
+        for item in items:
+            suffix = f"_C{format_flops(item['flops'])}" if len(items) > 1 else ""
+            path = write_optimal_recipe(rows, results, arch, item["flops"], item["N"], item["D"], item["loss"],
+                                        item["ci"], out / f"optimal_{arch}{suffix}.yaml")
+            if path is None:
+                print(f"{arch}: no recipe written; {results} names no finished run of it with a config.yaml "
+                      "(and steps, tokens) to take the model's shape from")
+            else:
+                print(f"{arch} at C = {item['flops']:.3g}: recipe {path}")
+
+
 def run_fit(results: str | Path, out_dir: str | Path, *, bootstrap: int = 1000, delta: float = HUBER_DELTA,
             params_column: str = "params", predict_flops: list[float] = (), plots: bool = True) -> dict:
     """Fit every architecture in ``results``; write ``fit.json`` (Approach 3), ``isoflop.json``
@@ -375,6 +416,7 @@ def run_fit(results: str | Path, out_dir: str | Path, *, bootstrap: int = 1000, 
             print(f"{arch} at C = {C:.3g}: N = {N:.4g}, D = {D:.4g}, predicted loss {loss:.4f}")
     if predictions:
         (out / "predictions.json").write_text(json.dumps(predictions, indent=2))
+        _write_optimal_recipes(Path(results), predictions, out)
     if plots and parametric:
         from xlstm_train.sweep.plots import plot_all
 

@@ -25,12 +25,12 @@ def plot_all(data: dict, parametric: dict, isoflop: dict, out: Path) -> None:
     colors = dict(zip(sorted(data), plt.rcParams["axes.prop_cycle"].by_key()["color"]))
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for arch, points in data.items():
-        ax.scatter(points.C, points.L, s=18, color=colors[arch], label=f"{arch} runs")
-        if arch in parametric:
-            f = parametric[arch]
+    for name, points in data.items():
+        ax.scatter(points.C, points.L, s=18, color=colors[name], label=f"{name} runs")
+        if name in parametric:
+            f = parametric[name]
             C = np.geomspace(points.C.min() / 2, points.C.max() * 4, 60)
-            ax.plot(C, [f.optimum(c)[2] for c in C], color=colors[arch], label=f"{arch} compute-optimal fit")
+            ax.plot(C, [f.optimum(c)[2] for c in C], color=colors[name], label=f"{name} compute-optimal fit")
     ax.set(xscale="log", xlabel="training FLOPs C", ylabel="validation loss", title="Loss against compute")
     ax.legend(fontsize=7)
     _save(fig, out, "loss_vs_compute")
