@@ -10,6 +10,7 @@ A sweep recipe::
       models:                           # the model sizes, each with a readable name
         - {name: xlstm-w64, model: {arch: xlstm_blocks, embedding_dim: 64, ...}}  # replaces base's model
         - {name: llama-125m, recipe: recipes/llama/125m.yaml}                   # a whole recipe as base
+        - {name: x10-125m, label: xlstm-1-0, recipe: recipes/paper/125m_1-0.yaml}  # label: see below
       tokens: [2.0e9, 8.0e9]            # token budgets, or
       flops: [1.0e19, 3.0e19]           # IsoFLOP budgets: D = C / flops_per_token(model, seq_len)
       grid: {optim.lr: [1.0e-3, 3.0e-3]}  # more axes: the product of everything
@@ -19,6 +20,10 @@ A sweep recipe::
       min_steps: 20                     # IsoFLOP pairs with fewer steps are left out of the plan
     fit: {bootstrap: 1000, predict_flops: [1.0e21]}   # what `xlstm-train sweep` fits at the end
     slurm: {partition: gpu, gpus_per_node: 8, timeout_min: 1440}  # for --launcher slurm / sbatch
+
+A model's ``label`` (default: its ``model.arch``) is the curve it belongs to: the ``arch`` column of
+results.csv and the unit of every fit, so that xLSTM[1:0] and xLSTM[7:1], one architecture in the
+registry, get a law each.
 
 Every point is a ``Config`` that ``train(cfg)`` runs as it is: its steps follow from its token
 budget and the recipe's global batch, its warmup from ``warmup_fraction`` (cosine and WSD decay
@@ -39,7 +44,7 @@ from xlstm_train.config import ConfigError, from_dict, read_recipe, to_dict
 
 TOP_LEVEL_KEYS = {"name", "base", "sweep_dir", "overrides", "sweep", "fit", "slurm"}
 SWEEP_KEYS = {"models", "tokens", "flops", "grid", "points", "warmup_fraction", "min_steps"}
-MODEL_ENTRY_KEYS = {"name", "recipe", "model", "overrides"}
+MODEL_ENTRY_KEYS = {"name", "label", "recipe", "model", "overrides"}
 POINT_KEYS = {"model", "tokens", "flops", "overrides"}
 FIT_KEYS = {"bootstrap", "huber_delta", "predict_flops", "params_column"}
 SLURM_KEYS = {"partition", "account", "qos", "nodes", "gpus_per_node", "cpus_per_task", "mem_gb",
@@ -50,6 +55,7 @@ _NAME_OK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=-]*$")
 @dataclass
 class ModelEntry:
     name: str
+    label: str | None  # the curve in results.csv and the fit; None: the model's arch
     recipe: Path | None  # a whole recipe as this model's base, or None: the sweep's base
     model: dict | None  # the model section, replacing the base's
     overrides: dict
@@ -63,7 +69,7 @@ class SweepPoint:
     name: str
     model_name: str
     cfg: Any  # xlstm_train.train.config.Config
-    arch: str
+    arch: str  # the entry's label, else the model's architecture
     params: int
     non_embedding_params: int
     flops_per_token: float
@@ -214,6 +220,9 @@ def _model_entries(spec: dict, where: str, recipe_dir: Path) -> list[ModelEntry]
         if ("recipe" in item) == ("model" in item):
             raise ConfigError(f"{where}: {key} ('{name}'): give exactly one of 'model' (a model section) "
                               "or 'recipe' (a recipe file)")
+        label = item.get("label")
+        if label is not None and (not isinstance(label, str) or not _NAME_OK.match(label)):
+            raise ConfigError(f"{where}: {key}.label = {label!r}: expected a name of letters, digits and . _ = -")
         recipe = None
         if "recipe" in item:
             recipe = Path(item["recipe"])
@@ -222,7 +231,8 @@ def _model_entries(spec: dict, where: str, recipe_dir: Path) -> list[ModelEntry]
             if not recipe.is_file():
                 raise ConfigError(f"{where}: {key}.recipe = '{item['recipe']}': no such recipe file")
         model = _mapping(item.get("model"), f"{key}.model", where) if "model" in item else None
-        entries.append(ModelEntry(name, recipe, model, _mapping(item.get("overrides"), f"{key}.overrides", where)))
+        overrides = _mapping(item.get("overrides"), f"{key}.overrides", where)
+        entries.append(ModelEntry(name, label, recipe, model, overrides))
     return entries
 
 
@@ -421,7 +431,7 @@ def load_sweep(recipe: str | Path, overrides: list[str] = (), *, sweep_dir: str 
                 )
         cfg = build(entry, values, run_name, steps, warmup, what)
         points.append(SweepPoint(
-            index=len(points), name=run_name, model_name=entry.name, cfg=cfg, arch=cfg.model.arch,
+            index=len(points), name=run_name, model_name=entry.name, cfg=cfg, arch=entry.label or cfg.model.arch,
             params=n_all, non_embedding_params=n_non_emb, flops_per_token=fpt, steps=steps,
             tokens_per_step=tokens_per_step, flops_budget=budget, grid_values=dict(values),
         ))
