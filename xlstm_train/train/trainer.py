@@ -394,8 +394,9 @@ def _run(cfg: Config, env, mesh, device: torch.device, dp_size: int, tokenizer, 
     say = print if env.is_main else (lambda *args, **kwargs: None)
     saved_step = state.step if resume_from is not None else None
 
-    def save() -> Path:
-        """A checkpoint of this step (once), written and committed before it returns."""
+    def save(wait: bool = True) -> Path:
+        """A checkpoint of this step (once); ``wait``: written and committed before it returns (a
+        periodic asynchronous save goes on behind the next steps)."""
         nonlocal saved_step
         if saved_step != state.step:
             train_state = {
@@ -408,7 +409,8 @@ def _run(cfg: Config, env, mesh, device: torch.device, dp_size: int, tokenizer, 
                 train_state["spike_guard"] = spike_guard.state_dict()
             engine.save(checkpointer, state.step, train_state, config_dict)
             saved_step = state.step
-        checkpointer.wait()
+        if wait:
+            checkpointer.wait()
         return run_dir / ckpt.checkpoint_name(state.step)
 
     def run_evals(final: bool) -> float | None:
@@ -542,7 +544,7 @@ def _run(cfg: Config, env, mesh, device: torch.device, dp_size: int, tokenizer, 
                     val_loss = run_evals(final=last_step)
                 interval = cfg.checkpoint.interval
                 if (interval > 0 and state.step % interval == 0) or last_step:
-                    final = save()
+                    final = save(wait=False)
                 if not last_step and stop.stop_agreed():
                     stopped = _received_signals(stop, env.world_size)
                     final = save()
