@@ -66,8 +66,17 @@ def test_tp_must_divide_every_split_head_count():
             ),
         ),
         ({"activation_checkpointing": "some"}, r"parallel.activation_checkpointing = 'some'"),
+        ({"compile": "yes"}, r"parallel.compile = 'yes': expected bool \| 'auto'"),
+        ({"engine": "deepspeed", "compile": True}, r"parallel.compile = true and parallel.sequence_parallel are"),
     ],
 )
 def test_bad_parallel_sections_name_key_and_allowed_values(section, message):
     with pytest.raises(ConfigError, match=message):
         from_dict(ParallelConfig, section, prefix="parallel")
+
+
+def test_compile_auto_compiles_on_cuda_with_the_fsdp_engine_only():
+    auto = ParallelConfig()
+    assert auto.compile == "auto" and auto.compile_on("cuda") and not auto.compile_on("cpu")
+    assert not ParallelConfig(engine="deepspeed").compile_on("cuda")
+    assert ParallelConfig(compile=True).compile_on("cpu") and not ParallelConfig(compile=False).compile_on("cuda")

@@ -63,7 +63,8 @@ class xLSTMBlocksConfig:
     mlstm_conv1d_kernel_size: int = 4
     input_gate: Literal["exp", "sigmoid"] = "exp"
     cell_eps: float = 1e-6
-    chunk_size: int = 64
+    # the fastest in a measured training step (docs/benchmarks.md, "Training step on one GPU")
+    chunk_size: int = 128
     # sLSTM block (post up-projection)
     slstm_num_heads: int = 4
     slstm_conv1d_kernel_size: int = 4

@@ -51,7 +51,8 @@ class xLSTMLargeConfig:
     # mLSTM cell
     input_gate: Literal["exp", "sigmoid"] = "exp"
     cell_eps: float = 1e-6
-    chunk_size: int = 64
+    # the fastest in a measured training step (docs/benchmarks.md, "Training step on one GPU")
+    chunk_size: int = 128
     kernel: Literal["auto", "reference", "triton"] = "auto"
     reset_at_document_boundaries: bool = True
     tie_embeddings: bool = False

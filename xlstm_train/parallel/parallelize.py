@@ -45,10 +45,10 @@ def block_list(model: nn.Module, model_cfg: Any) -> nn.ModuleList:
 # ------------------------------------------------------------------------------------------------
 # Activation checkpointing
 
-# Outputs of these ops are kept by selective checkpointing, and so are those of the mLSTM and sLSTM
-# kernels (the ``xlstm_kernels`` custom ops); everything else in a block (norms, activations, gates,
-# soft-caps, casts) is recomputed in the backward. The matmuls and the cells are most of a block's
-# time but a small share of its activation memory.
+# Outputs of these ops are kept by selective checkpointing; everything else in a block (norms,
+# activations, gates, the recurrent cells) is recomputed in the backward. The matmuls are most of a
+# block's FLOPs but a small share of its activation memory. Keeping the cells' outputs as well was
+# measured faster but much larger (docs/benchmarks.md); selective checkpointing is for memory.
 _SAVE_OPS = {
     torch.ops.aten.mm.default,
     torch.ops.aten.addmm.default,
@@ -58,9 +58,7 @@ _SAVE_OPS = {
 
 
 def _selective_policy(_ctx, op, *_args, **_kwargs) -> CheckpointPolicy:
-    if op in _SAVE_OPS or getattr(op, "namespace", None) == "xlstm_kernels":
-        return CheckpointPolicy.MUST_SAVE
-    return CheckpointPolicy.PREFER_RECOMPUTE
+    return CheckpointPolicy.MUST_SAVE if op in _SAVE_OPS else CheckpointPolicy.PREFER_RECOMPUTE
 
 
 def apply_activation_checkpointing(blocks: nn.ModuleList, mode: str, reentrant: bool = False) -> None:
