@@ -687,20 +687,20 @@ class _Config:
         # term instead
         self.bwd_states = dict(self.fwd_states, num_stages=1)
         # tile kernels: one program per (tile, head) looping over head-dim slices; three pipeline
-        # stages where state tiles stream through the inner loop (-0.15 ms each in the output and dq
-        # kernels at the 7B layer's shape on an H100, none elsewhere)
+        # stages where state tiles stream through the inner loop (faster in the output and dq kernels
+        # at the 7B layer's shape, no different elsewhere: docs/benchmarks.md, mLSTM runs)
         tile_kernels = dict(BK=_tile(self.DQK, 64), BV=_tile(self.DV, 128), num_warps=4, num_stages=2)
         self.output = dict(tile_kernels, num_stages=3)
         self.scores = dict(tile_kernels)
         self.dq = dict(tile_kernels, num_stages=3)
         self.dkdv = dict(tile_kernels, num_stages=3)
         # the input gates' gradients: one program per head scanning blocks of tokens from the end;
-        # few programs at long sequences, so each takes wide blocks and many warps (at S=8192, 7B
-        # layer, H100: 0.071 ms with blocks of 1024 on 4 warps, 0.032 with 4096 on 16)
+        # few programs at long sequences, so each takes wide blocks and many warps (measured against
+        # narrower blocks on fewer warps in docs/benchmarks.md, mLSTM run G)
         self.input_gates = dict(BLOCK=4096, num_warps=16)
         # 2: the backward runs the scores and dq kernels on a second CUDA stream, beside the reverse
-        # recurrence (7B layer, H100: 0.04-0.08 ms off forward+backward at S=2048, 0.11-0.22 at
-        # 8192, docs/benchmarks.md run H); 1: every kernel on the caller's stream
+        # recurrence, which hides them (docs/benchmarks.md, mLSTM run H); 1: every kernel on the
+        # caller's stream
         self.streams = 2
 
     def override(self, settings: str) -> None:
