@@ -6,6 +6,8 @@
     xlstm-train export-hf CHECKPOINT OUT_DIR
     xlstm-train eval CHECKPOINT [--data PATH ...] [--tasks NAME,...]
     xlstm-train generate CHECKPOINT --prompt TEXT|--prompt-file FILE
+    xlstm-train sweep RECIPE [--dry-run] [--launcher local|slurm|sbatch] [key.sub=value ...]
+    xlstm-train fit RESULTS.csv --out DIR [--predict-flops C ...]
 
 Bad input (an unknown key, a wrong type, a missing file, a tokenizer or sequence length the model
 cannot take, an occupied run directory) ends with one line ``error: ...`` on stderr and exit code 2,

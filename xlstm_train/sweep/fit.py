@@ -386,6 +386,9 @@ def run_fit(results: str | Path, out_dir: str | Path, *, bootstrap: int = 1000, 
 
     if bootstrap < 0:
         raise ConfigError(f"--bootstrap {bootstrap}: expected an integer >= 0")
+    for C in predict_flops:
+        if not C > 0:
+            raise ConfigError(f"--predict-flops {C}: expected a positive number of FLOPs")
     data = read_results(results, params_column)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -407,8 +410,6 @@ def run_fit(results: str | Path, out_dir: str | Path, *, bootstrap: int = 1000, 
         (out / "isoflop.json").write_text(json.dumps({a: f.as_json() for a, f in isoflop.items()}, indent=2))
     predictions = {}
     for C in predict_flops:
-        if not C > 0:
-            raise ConfigError(f"--predict-flops {C}: expected a positive number of FLOPs")
         for arch, f in parametric.items():
             N, D, loss = f.optimum(C)
             predictions.setdefault(arch, []).append(

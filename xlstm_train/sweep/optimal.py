@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
 import yaml
 
 from xlstm_train.config import ConfigError, from_dict, read_recipe, to_dict
@@ -49,22 +50,32 @@ def _sized_model(template: dict, N: float) -> tuple[dict, int]:
     """The template's model section with the embedding_dim whose parameter count is closest to N."""
     from xlstm_train.train.config import Config
 
-    width = int(template["model"]["embedding_dim"])
-    n_template = model_counts(from_dict(Config, template).model)[0]
-    quantum = WIDTH_QUANTUM * _heads_lcm(template["model"])
-    # parameters grow about as width^2 at fixed depth (embeddings: linearly); start from that guess
-    # and look at the valid widths around it
-    guess = max(1, round(width * math.sqrt(N / n_template) / quantum))
-    best = None
-    for k in range(max(1, guess - 4), guess + 5):
-        data = {**template, "model": {**template["model"], "embedding_dim": k * quantum}}
+    def count(width: int) -> tuple[dict, int] | None:
+        data = {**template, "model": {**template["model"], "embedding_dim": width}}
         try:
             cfg = from_dict(Config, data)
-            n = model_counts(cfg.model)[0]
+            return to_dict(cfg.model), model_counts(cfg.model)[0]
         except (ConfigError, ValueError):
-            continue  # a width this architecture cannot take (a head or block size that does not divide)
-        if best is None or abs(math.log(n / N)) < abs(math.log(best[1] / N)):
-            best = (to_dict(cfg.model), n)
+            return None  # a width this architecture cannot take (a head or block size that does not divide)
+
+    width = int(template["model"]["embedding_dim"])
+    quantum = WIDTH_QUANTUM * _heads_lcm(template["model"])
+    # at fixed depth the count is a quadratic in the width (blocks) plus a linear part (embeddings,
+    # which dominate small models): fit it through three widths the template's divisibility allows,
+    # solve for N, and look at the valid widths around that
+    widths = [width, 2 * width, 3 * width]
+    counts = [count(w) for w in widths]
+    if any(c is None for c in counts):
+        raise ConfigError(f"{template['model']['arch']}: the template's embedding_dim {width} times 2 or 3 "
+                          "is not a valid width; write the recipe by hand from predictions.json")
+    c2, c1, c0 = np.polyfit(widths, [c[1] for c in counts], 2)
+    roots = [r.real for r in np.roots([c2, c1, c0 - N]) if abs(r.imag) < 1e-9 and r.real > 0]
+    guess = max(1, round((max(roots) if roots else width) / quantum))
+    best = None
+    for k in range(max(1, guess - 4), guess + 5):
+        found = count(k * quantum)
+        if found is not None and (best is None or abs(math.log(found[1] / N)) < abs(math.log(best[1] / N))):
+            best = found
     if best is None:
         raise ConfigError(f"no embedding_dim near {guess * quantum} gives a valid {template['model']['arch']} "
                           "model; write the recipe by hand from predictions.json")

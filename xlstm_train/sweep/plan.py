@@ -276,6 +276,16 @@ def load_sweep(recipe: str | Path, overrides: list[str] = (), *, sweep_dir: str 
         raise ConfigError(f"{where}: name = {name!r}: expected the sweep's name (letters, digits and . _ = -)")
     fit = _mapping(data.get("fit"), "fit", where)
     _check_keys(fit, FIT_KEYS, "fit", where)
+    bootstrap = fit.get("bootstrap", 1000)
+    if isinstance(bootstrap, bool) or not isinstance(bootstrap, int) or bootstrap < 0:
+        raise ConfigError(f"{where}: fit.bootstrap = {bootstrap!r}: expected an integer >= 0")
+    if "huber_delta" in fit:
+        fit["huber_delta"] = _number(fit["huber_delta"], "fit.huber_delta", where)
+    if "predict_flops" in fit:
+        fit["predict_flops"] = _numbers(fit["predict_flops"], "fit.predict_flops", where)
+    if fit.get("params_column", "params") not in ("params", "non_embedding_params"):
+        raise ConfigError(f"{where}: fit.params_column = {fit['params_column']!r}: expected params or "
+                          "non_embedding_params")
     slurm = _mapping(data.get("slurm"), "slurm", where)
     _check_keys(slurm, SLURM_KEYS, "slurm", where)
     for key in ("nodes", "gpus_per_node", "cpus_per_task", "timeout_min", "array_parallelism", "mem_gb"):
