@@ -204,7 +204,7 @@ def run_sweep(sweep: Sweep, *, only: list[str] | None = None, retry_failed: bool
              + (f", resuming at step {done_steps}" if latest is not None else ""))
         t0 = time.perf_counter()
         try:
-            train(point.cfg)
+            summary = train(point.cfg)
         except NonFiniteError as e:
             failed[point.name] = str(e)
             if _is_main():
@@ -213,6 +213,15 @@ def run_sweep(sweep: Sweep, *, only: list[str] | None = None, retry_failed: bool
             remaining.pop(point.name, None)
             continue
         elapsed = time.perf_counter() - t0
+        if summary.get("stopped"):
+            # a stop request (preemption, a time limit, Ctrl-C) ends the sweep, not just this point:
+            # the point has its checkpoint, and the same command resumes it and the points after it
+            rows = collect_results(sweep)
+            if _is_main():
+                write_results(sweep, rows)
+            _say(f"{tag}: stopped by {summary['stopped']} at step {summary['step']} of {point.steps}; the sweep "
+                 "stops here, and the same command resumes it")
+            return rows
         trained_flops += point.flops * (point.steps - done_steps) / point.steps
         trained_time += elapsed
         remaining.pop(point.name, None)
