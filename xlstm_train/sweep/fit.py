@@ -321,7 +321,8 @@ def _budget_minimum(points: Points, idx: np.ndarray) -> IsoFlopBudget | None:
         return None  # no minimum: the curve opens downwards
     x_opt = -c1 / (2 * c2)
     slope, intercept = np.polyfit(x, np.log10(points.D[idx]), 1)  # D falls as N grows at fixed C
-    budget = points.budget[idx[0]] if np.isfinite(points.budget[idx[0]]) else float(np.exp(np.mean(np.log(points.C[idx]))))
+    stated = points.budget[idx[0]]
+    budget = stated if np.isfinite(stated) else float(np.exp(np.mean(np.log(points.C[idx]))))
     return IsoFlopBudget(budget=float(budget), N_opt=float(10**x_opt), D_opt=float(10 ** (slope * x_opt + intercept)),
                          loss_opt=float(c0 - c1**2 / (4 * c2)), coeffs=[float(c2), float(c1), float(c0)],
                          inside=bool(x.min() <= x_opt <= x.max()))

@@ -391,7 +391,8 @@ def load_sweep(recipe: str | Path, overrides: list[str] = (), *, sweep_dir: str 
                 for source, mapping in (("sweep.grid", values), ("overrides", common),
                                         (f"sweep.models '{entry.name}' overrides", entry.overrides)):
                     if unknown.group(1) in mapping:
-                        raise ConfigError(f"{where}: {source} key '{unknown.group(1)}' is not a recipe key: {e}") from None
+                        raise ConfigError(f"{where}: {source} key '{unknown.group(1)}' is not a recipe key: "
+                                          f"{e}") from None
             raise
 
     points: list[SweepPoint] = []
