@@ -35,6 +35,7 @@ COMMON = {
     "train": {"steps": 2, "micro_batch_size": 2, "eval_interval": 0, "eval_batches": 1, "sample_tokens": 0},
     "logging": {"interval": 1, "wandb": "disabled"},
     "checkpoint": {"interval": 0},
+    "eval": {"synthetic_samples": 0},  # these runs only make checkpoints to export
 }
 SYNTHETIC = {"source": "synthetic", "task": "parity", "task_options": {"max_len": 12}, "seq_len": 16}
 RUNS = {

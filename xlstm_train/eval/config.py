@@ -23,7 +23,7 @@ class EvalConfig:
     num_fewshot: int | None = None
     limit: int | None = 200  # examples per harness task (null: all)
     # synthetic tasks (data.source: synthetic): accuracy on this many validation samples, at the
-    # validation lengths (data.task_options.val_min_len / val_max_len)
+    # validation lengths (data.task_options.val_min_len / val_max_len); 0: none during training
     synthetic_samples: int = 512
     kv_pairs: list[int] = field(default_factory=list)  # MQAR: pairs to evaluate at (empty: the trained number)
 
@@ -41,8 +41,8 @@ class EvalConfig:
             fail("limit", "null or an integer >= 1")
         if self.num_fewshot is not None and self.num_fewshot < 0:
             fail("num_fewshot", "null or an integer >= 0")
-        if self.synthetic_samples < 1:
-            fail("synthetic_samples", "an integer >= 1")
+        if self.synthetic_samples < 0:
+            fail("synthetic_samples", "an integer >= 0 (0: no accuracy during training)")
         if any(n < 1 for n in self.kv_pairs):
             fail("kv_pairs", "positive integers")
         for n, path in enumerate(self.data):

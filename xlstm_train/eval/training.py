@@ -20,7 +20,7 @@ from xlstm_train.eval.loading import LoadedModel
 
 def evals_due(cfg, step: int, final: bool) -> bool:
     ev = cfg.eval
-    wanted = ev.data or ev.tasks or (cfg.data.source == "synthetic")
+    wanted = ev.data or ev.tasks or (cfg.data.source == "synthetic" and ev.synthetic_samples > 0)
     return bool(wanted) and (final or ev.interval == 0 or step % ev.interval == 0)
 
 
@@ -52,7 +52,7 @@ def run_training_evals(model: nn.Module, cfg, step: int, *, tokenizer, device: t
     was_training = model.training
     model.eval()
     try:
-        if cfg.data.source == "synthetic":
+        if cfg.data.source == "synthetic" and ev.synthetic_samples > 0:
             from xlstm_train.eval.synthetic import evaluate_synthetic
 
             results = evaluate_synthetic(model, cfg.data, num_samples=ev.synthetic_samples, max_len=loaded.max_len,
