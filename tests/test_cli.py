@@ -195,3 +195,18 @@ def test_export_hf_is_wired(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error: ") and "never completed" in err
     assert not (tmp_path / "out").exists()
+
+
+
+def test_keyboard_interrupt_ends_in_one_line_and_exit_130(monkeypatch, capsys):
+    """A second Ctrl-C raises KeyboardInterrupt in the trainer (tests/train/test_preemption.py); the
+    command turns it into one line and the shell's exit code for SIGINT, not a traceback."""
+    import xlstm_train.cli as cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "cmd_info", interrupted)
+    assert cli.main(["info", "--recipe", TINY]) == 130
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "interrupted: stopped without a checkpoint" in err

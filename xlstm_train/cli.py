@@ -209,6 +209,11 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteError as e:
         print(f"{rank_prefix()}error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        # a second Ctrl-C (the first asks for a checkpoint and a clean stop): stop now, quietly
+        print(f"{rank_prefix()}interrupted: stopped without a checkpoint; rerun the command to resume "
+              "from the last one", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
