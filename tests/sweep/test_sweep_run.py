@@ -6,6 +6,8 @@ import csv
 import json
 from pathlib import Path
 
+import pytest
+import torch
 import yaml
 
 from xlstm_train.cli import main
@@ -22,7 +24,7 @@ DATA = {"data.datasets": [{"path": str(REPO / "data" / "sample")}],
 
 def small_tiny_sweep(tmp_path: Path) -> str:
     """The tiny sweep's models at two blocks (xLSTM: an mLSTM and an sLSTM block), on sequences of 32."""
-    data = tiny_sweep(**{"sweep.flops": [0.6e9, 1.2e9], "sweep.min_steps": 2})
+    data = tiny_sweep(**{"sweep.flops": [0.4e9, 0.8e9], "sweep.min_steps": 2})
     for entry in data["sweep"]["models"]:
         entry["model"]["num_blocks"] = 2
         if "slstm_at" in entry["model"]:
@@ -33,20 +35,29 @@ def small_tiny_sweep(tmp_path: Path) -> str:
     return write(tmp_path, data)
 
 
+@pytest.fixture
+def one_thread():
+    """Models this small train many times faster on one intra-op thread than on two busy cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def mtimes(directory: Path) -> dict:
     return {str(p): p.stat().st_mtime_ns for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
-def test_tiny_sweep_end_to_end_with_resume(tmp_path, capsys):
+def test_tiny_sweep_end_to_end_with_resume(tmp_path, capsys, one_thread):
     recipe = small_tiny_sweep(tmp_path)
     root = tmp_path / "runs"
-    first, second = "xlstm71-w16_C6e8", "llama-w16_C6e8"
+    first, second = "xlstm71-w16_C4e8", "llama-w16_C4e8"
 
     # a sweep stopped after two points: they finished, a third left a directory with no checkpoint
     assert main(["sweep", recipe, "--sweep-dir", str(root), "--point", first, "--point", second]) == 0
     before = {name: mtimes(root / name) for name in (first, second)}
     assert all(any("step-" in path for path in files) for files in before.values())
-    unresumable = root / "llama-w32_C6e8"
+    unresumable = root / "llama-w32_C4e8"
     unresumable.mkdir()
     (unresumable / "metrics.jsonl").write_text('{"kind": "event", "event": "start", "time": 0}\n')
     capsys.readouterr()
@@ -57,7 +68,7 @@ def test_tiny_sweep_end_to_end_with_resume(tmp_path, capsys):
     assert out.count("finished earlier, skipped") == 2 and "ETA" in out
     for name, files in before.items():
         assert mtimes(root / name) == files  # not one file of a finished point was touched
-    assert (root / "llama-w32_C6e8.incomplete-1" / "metrics.jsonl").is_file()
+    assert (root / "llama-w32_C4e8.incomplete-1" / "metrics.jsonl").is_file()
 
     with open(root / "results.csv", newline="") as f:
         reader = csv.DictReader(f)
@@ -111,8 +122,8 @@ def test_a_stop_request_ends_the_sweep_not_just_its_point(tmp_path, monkeypatch,
     recipe = small_tiny_sweep(tmp_path)
     assert main(["sweep", recipe, "--sweep-dir", str(tmp_path / "runs")]) == 0
     out = capsys.readouterr().out
-    assert calls == ["tiny-scaling-xlstm71-w16_C6e8"]
-    assert "stopped by SIGTERM at step 3 of 11; the sweep stops here" in out and "not fitted" in out
+    assert calls == ["tiny-scaling-xlstm71-w16_C4e8"]
+    assert "stopped by SIGTERM at step 3 of 7; the sweep stops here" in out and "not fitted" in out
     assert not (tmp_path / "runs" / "fit").exists()
     with open(tmp_path / "runs" / "results.csv", newline="") as f:
         assert [r["status"] for r in csv.DictReader(f)] == ["new"] * 12
