@@ -19,7 +19,11 @@ TOKENIZER = REPO / "data" / "tokenizer" / "austen_sp4096.model"
 
 def write_checkpoint(directory: Path, cfg: Config, seed: int = 0) -> Path:
     torch.manual_seed(seed)
-    model = perturb_(build_model(cfg.model), seed=seed)
+    return save_checkpoint(directory, perturb_(build_model(cfg.model), seed=seed), cfg)
+
+
+def save_checkpoint(directory: Path, model, cfg: Config) -> Path:
+    """``model``'s weights and ``cfg`` as a single-process checkpoint directory."""
     directory.mkdir(parents=True)
     with warnings.catch_warnings():  # "assuming the intent is to save in a single process": it is
         warnings.simplefilter("ignore", UserWarning)

@@ -4,18 +4,14 @@ harness tasks, synthetic accuracy) reports nan/inf with a warning instead of a t
 
 import json
 import math
-import warnings
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed.checkpoint as dcp
-import yaml
 
-from tests.eval.conftest import text_config
+from tests.eval.conftest import save_checkpoint, text_config
 from tests.models.utils import perturb_
 from xlstm_train.cli import main
-from xlstm_train.config import to_dict
 from xlstm_train.eval.loading import load_for_inference
 from xlstm_train.eval.perplexity import NonFiniteScoreWarning
 from xlstm_train.models import build_model
@@ -33,12 +29,7 @@ def _broken_checkpoint(directory: Path, cfg: Config, value: float = math.nan) ->
             "xlstm_blocks": "xlstm_block_stack.post_blocks_norm.weight"}[cfg.model.arch]  # fmt: skip
     with torch.no_grad():
         model.get_parameter(norm).fill_(value)
-    directory.mkdir(parents=True)
-    with warnings.catch_warnings():  # "assuming the intent is to save in a single process": it is
-        warnings.simplefilter("ignore", UserWarning)
-        dcp.save({"model": model.state_dict()}, checkpoint_id=directory, no_dist=True)
-    (directory / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    return directory
+    return save_checkpoint(directory, model, cfg)
 
 
 @pytest.fixture(scope="module")
