@@ -168,7 +168,13 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         rows = collect_results(sweep)
         print(f"wrote {write_results(sweep, rows)}")
     else:
-        rows = run_sweep(sweep, only=args.point, retry_failed=args.retry_failed)
+        from xlstm_train.config import ConfigError
+        from xlstm_train.data import DataError
+        from xlstm_train.parallel import run_on_every_rank
+
+        # as in cmd_train: an unexpected error on any rank is printed with the rank and ends the job
+        rows = run_on_every_rank(lambda: run_sweep(sweep, only=args.point, retry_failed=args.retry_failed),
+                                 expected=(ConfigError, DataError))
     if int(os.environ.get("RANK", "0")) != 0 or args.no_fit or args.point:
         return 0
     if all(r["status"] == "done" for r in rows):
