@@ -186,7 +186,7 @@ def test_triton_kernels_give_the_reference_model(arch):
 def test_loss_with_labels_equals_the_loss_of_the_logits(tiny_cfg):
     """``model(..., labels=)`` (head and soft-capped loss fused, in blocks of tokens) gives the
     summed cross-entropy of the logits path, and the same gradient for every parameter."""
-    from xlstm_train.models.layers import model_loss_sum
+    from xlstm_train.train.engine import token_loss
 
     if tiny_cfg.arch == "xlstm_large":
         tiny_cfg.output_logit_soft_cap = 2.0  # low enough that the cap shapes the loss
@@ -203,7 +203,7 @@ def test_loss_with_labels_equals_the_loss_of_the_logits(tiny_cfg):
     want_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
 
-    loss_sum, n_tokens = model_loss_sum(model, ids, labels, doc_ids)
+    loss_sum, n_tokens = token_loss(model, {"input_ids": ids, "labels": labels, "doc_ids": doc_ids})
     loss_sum.backward()
     assert n_tokens.item() == 2 * 23 - 5
     torch.testing.assert_close(loss_sum, want, rtol=1e-5, atol=1e-5)

@@ -73,20 +73,6 @@ def head_loss_sum(
     return linear_cross_entropy(x, head.weight, labels, soft_cap=logit_soft_cap, ignore_index=IGNORE_INDEX)
 
 
-def model_loss_sum(
-    model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor, doc_ids: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(loss_sum, n_tokens)``: the summed cross-entropy of ``model`` on one micro-batch and the
-    number of labels it sums over (those not ``IGNORE_INDEX``).
-
-    The loss is computed inside the model's forward (``model(..., labels=labels)``), so that
-    wrappers that act around the forward (FSDP2's parameter gathering, DeepSpeed's engine) see it
-    as part of it. Divide by the step's token count before ``backward``.
-    """
-    loss_sum = model(input_ids, doc_ids=doc_ids, labels=labels)
-    return loss_sum, (labels != IGNORE_INDEX).sum()
-
-
 # --------------------------------------------------------------------------------------------------
 # Norms
 
