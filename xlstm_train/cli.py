@@ -147,10 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from xlstm_train.sweep.fit import run_fit
     from xlstm_train.sweep.plan import format_table, load_sweep
-    from xlstm_train.sweep.run import collect_results, point_status, read_failed, run_sweep, submit_slurm, \
-        write_results, write_sbatch
+    from xlstm_train.sweep.run import collect_results, fit_finished_sweep, point_status, read_failed, run_sweep, \
+        submit_slurm, write_results, write_sbatch
 
     for_slurm = args.launcher != "local"
     sweep = load_sweep(args.recipe, args.overrides, sweep_dir=args.sweep_dir, for_slurm=for_slurm)
@@ -175,19 +174,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         # as in cmd_train: an unexpected error on any rank is printed with the rank and ends the job
         rows = run_on_every_rank(lambda: run_sweep(sweep, only=args.point, retry_failed=args.retry_failed),
                                  expected=(ConfigError, DataError))
-    if int(os.environ.get("RANK", "0")) != 0 or args.no_fit or args.point:
-        return 0
-    if all(r["status"] == "done" for r in rows):
-        bootstrap = args.bootstrap if args.bootstrap is not None else int(sweep.fit.get("bootstrap", 1000))
-        predict = [float(c) for c in sweep.fit.get("predict_flops", [])]
-        run_fit(sweep.sweep_dir / "results.csv", sweep.sweep_dir / "fit", bootstrap=bootstrap,
-                params_column=sweep.fit.get("params_column", "params"), predict_flops=predict,
-                delta=float(sweep.fit.get("huber_delta", 1e-3)))
-        print(f"fit and plots in {sweep.sweep_dir / 'fit'}")
-    else:
-        unfinished = [r["name"] for r in rows if r["status"] != "done"]
-        print(f"not fitted: {len(unfinished)} point(s) not finished ({', '.join(unfinished)}); `xlstm-train fit "
-              f"{sweep.sweep_dir / 'results.csv'} --out DIR` fits the finished ones")
+    if int(os.environ.get("RANK", "0")) == 0 and not (args.no_fit or args.point):
+        fit_finished_sweep(sweep, rows, bootstrap=args.bootstrap)
     return 0
 
 

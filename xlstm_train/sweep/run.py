@@ -248,6 +248,25 @@ def run_sweep(sweep: Sweep, *, only: list[str] | None = None, retry_failed: bool
 # SLURM: one array task per unfinished point
 
 
+def fit_finished_sweep(sweep: Sweep, rows: list[dict], *, bootstrap: int | None = None) -> None:
+    """Fit and plot ``results.csv`` into ``SWEEP_DIR/fit`` with the recipe's ``fit:`` settings once every
+    point is done; otherwise say which points are missing. ``bootstrap`` overrides ``fit.bootstrap``."""
+    from xlstm_train.sweep.fit import run_fit
+
+    unfinished = [r["name"] for r in rows if r["status"] != "done"]
+    if unfinished:
+        print(f"not fitted: {len(unfinished)} point(s) not finished ({', '.join(unfinished)}); `xlstm-train fit "
+              f"{sweep.sweep_dir / 'results.csv'} --out DIR` fits the finished ones")
+        return
+    if bootstrap is None:
+        bootstrap = int(sweep.fit.get("bootstrap", 1000))
+    run_fit(sweep.sweep_dir / "results.csv", sweep.sweep_dir / "fit", bootstrap=bootstrap,
+            params_column=sweep.fit.get("params_column", "params"),
+            predict_flops=[float(c) for c in sweep.fit.get("predict_flops", [])],
+            delta=float(sweep.fit.get("huber_delta", 1e-3)))
+    print(f"fit and plots in {sweep.sweep_dir / 'fit'}")
+
+
 def run_point_job(recipe: str, overrides: list[str], sweep_dir: str, point_name: str, cwd: str) -> dict:
     """The body of one SLURM array task (submitit): this task's rank of one point's run."""
     import submitit
