@@ -357,25 +357,30 @@ def test_validation_off_builds_no_validation_set(tmp_path, monkeypatch):
     assert sorted(val) == [0, 4] and all("val_loss" not in r and "eval/parity/accuracy" in r for r in val.values())
 
 
-def poison_all_training_forwards_from(monkeypatch, first_call, factor=float("nan")):
-    """Multiply the logits of every training forward from call ``first_call`` (1-based) by ``factor``."""
+def on_training_forwards(monkeypatch, action):
+    """Models that ``trainer.train`` builds call ``action(n, output)`` after their n-th training
+    forward (1-based) and return what it returns in place of the output."""
     build = trainer.build_model
     calls = []
 
-    def build_poisoned(model_cfg):
+    def build_hooked(model_cfg):
         model = build(model_cfg)
 
         def hook(module, args, output):
-            if module.training:
-                calls.append(1)
-                if len(calls) >= first_call:
-                    return output * factor
-            return output
+            if not module.training:
+                return output
+            calls.append(1)
+            return action(len(calls), output)
 
         model.register_forward_hook(hook)
         return model
 
-    monkeypatch.setattr(trainer, "build_model", build_poisoned)
+    monkeypatch.setattr(trainer, "build_model", build_hooked)
+
+
+def poison_all_training_forwards_from(monkeypatch, first_call, factor=float("nan")):
+    """Multiply the logits of every training forward from call ``first_call`` (1-based) by ``factor``."""
+    on_training_forwards(monkeypatch, lambda n, output: output * factor if n >= first_call else output)
 
 
 def weights(checkpoint_dir, cfg):
@@ -502,23 +507,13 @@ def test_spike_guard_window_resumes_exactly(tmp_path, monkeypatch):
 
 def signal_self_at_step(monkeypatch, step, sig):
     """Send ``sig`` to this process while step ``step`` is training (from its forward pass)."""
-    build = trainer.build_model
-    calls = []
 
-    def build_signalling(model_cfg):
-        model = build(model_cfg)
+    def send(n, output):
+        if n == step:
+            os.kill(os.getpid(), sig)
+        return output
 
-        def hook(module, args, output):
-            if module.training:
-                calls.append(1)
-                if len(calls) == step:
-                    os.kill(os.getpid(), sig)
-            return output
-
-        model.register_forward_hook(hook)
-        return model
-
-    monkeypatch.setattr(trainer, "build_model", build_signalling)
+    on_training_forwards(monkeypatch, send)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
